@@ -1,0 +1,29 @@
+# Two commands are all a newcomer needs: `make demo` and `make test`.
+PY ?= python3.11
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: setup demo test clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+
+# torch first: on CPU machines `torch==2.13.0` resolves to the CPU wheel; installing the
+# project first would let pip pick a multi-GB CUDA build. torchvision is never installed.
+$(STAMP): $(BIN)/python pyproject.toml
+	$(BIN)/pip install -q --disable-pip-version-check "torch==2.13.0"
+	$(BIN)/pip install -q --disable-pip-version-check -e ".[dev]"
+	@if $(BIN)/python -c "import torchvision" 2>/dev/null; then echo "warning: torchvision is installed in $(VENV); it breaks CPU torch imports"; fi
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/python -m dftrain.demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q -x --durations=10
+
+clean:
+	rm -rf $(VENV) runs/demo

@@ -1,0 +1,58 @@
+"""Generation backends: prompts in, per-sample token ids + sampled-token logprobs out.
+
+Every backend implements the same three calls (``Backend`` below) and returns the same
+``Sample`` record, so ``dfgen sample``, ``dfgen repair --repairer model`` and ``dftrain eval``
+do not know which engine ran. Seeds are per sample (derived by the caller from
+(seed, prompt id, sample index)), so a sample does not depend on which batch it landed in.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    temperature: float = 1.0  # 0 = greedy
+    top_p: float = 1.0
+    max_new_tokens: int = 64
+
+
+@dataclass
+class Sample:
+    token_ids: list  # sampled ids, EOS included when the sample stopped
+    logprobs: list  # log-prob of each sampled id under the distribution actually sampled from
+    text: str  # decoded, special tokens skipped
+    finish_reason: str  # "stop" (EOS) or "length"
+
+
+@dataclass
+class Prompt:
+    question: str
+    image: object  # PIL image or None
+
+
+class Backend(Protocol):
+    name: str
+
+    def prompt_ids(self, prompts: list[Prompt]) -> list[list[int]]: ...
+
+    def generate(self, prompts: list[Prompt], seeds: list[list[int]], cfg: SamplingConfig) -> list[list[Sample]]: ...
+
+    def score(self, prompts: list[Prompt], completions: list[list[int]], temperature: float = 1.0) -> list[list[float]]: ...
+
+
+def get_backend(name: str, model_dir, **kwargs) -> Backend:
+    from dfgen.errors import UserError
+
+    if name == "hf":
+        from dfgen.backends.hf import HFBackend
+
+        return HFBackend(model_dir, **kwargs)
+    if name == "vllm":
+        try:
+            from dfgen.backends.vllm import VLLMBackend
+        except ImportError as e:
+            raise UserError(f"the vllm backend needs vLLM installed (make setup-vllm): {e}") from None
+        return VLLMBackend(model_dir, **kwargs)
+    raise UserError(f"unknown backend {name!r} (hf or vllm)")

@@ -1,0 +1,110 @@
+"""The transformers backend: batched ``generate`` with KV cache, left padding, per-sample seeds.
+
+Sampling runs inside ``generate`` as its last logits processor (``_SeededSampler``): it applies
+the suppression mask, temperature and top-p, draws each row's token from that row's own
+``torch.Generator`` (seeded per sample), records the log-probability of the drawn token under
+exactly that distribution, and forces ``generate`` (in greedy mode) to take it. So:
+
+* behaviour logprobs are those of the distribution sampled from: ``log softmax(z / T)`` over
+  the non-suppressed tokens, renormalised over the top-p nucleus when ``top_p < 1``;
+* at ``top_p = 1`` they equal teacher-forced logprobs at the same temperature (tested to 1e-4);
+* a sample depends on its seed, not on the other rows of its batch (up to float noise of
+  left padding).
+Greedy (``temperature == 0``) takes the argmax and stores its log-probability at T = 1.
+"""
+from __future__ import annotations
+
+import torch
+from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
+
+from dfgen.backends import Prompt, Sample, SamplingConfig
+from dfgen.policy import completion_inputs, load_policy, prompt_inputs, suppress_ids, token_logprobs
+
+
+class _SeededSampler(LogitsProcessor):
+    def __init__(self, seeds: list[int], cfg: SamplingConfig, suppress: list[int]):
+        self.gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
+        self.cfg, self.suppress = cfg, suppress
+        self.logprobs: list[torch.Tensor] = []
+
+    def __call__(self, input_ids, scores):
+        z = scores.float()
+        if self.suppress:
+            z[:, self.suppress] = float("-inf")
+        if self.cfg.temperature <= 0:
+            tok = z.argmax(-1)
+            lp = torch.log_softmax(z, -1)
+        else:
+            z = z / self.cfg.temperature
+            if self.cfg.top_p < 1.0:
+                sz, si = z.sort(-1, descending=True)
+                cum = torch.softmax(sz, -1).cumsum(-1)
+                drop = cum - torch.softmax(sz, -1) >= self.cfg.top_p  # keep the smallest nucleus
+                sz = sz.masked_fill(drop, float("-inf"))
+                z = torch.full_like(z, float("-inf")).scatter(-1, si, sz)
+            lp = torch.log_softmax(z, -1)
+            cdf = lp.exp().cumsum(-1)
+            u = torch.stack([torch.rand((), generator=g) for g in self.gens]) * cdf[:, -1]
+            tok = torch.searchsorted(cdf, u.unsqueeze(-1)).squeeze(-1).clamp_max(z.shape[-1] - 1)
+        self.logprobs.append(lp.gather(-1, tok.unsqueeze(-1)).squeeze(-1))
+        forced = torch.full_like(scores, float("-inf"))
+        forced.scatter_(-1, tok.unsqueeze(-1), 0.0)
+        return forced
+
+
+class HFBackend:
+    name = "hf"
+
+    def __init__(self, model_dir, batch_size: int = 64, device: str = "cpu", dtype=None,
+                 trust_remote_code: bool = False, model=None, processor=None):
+        if model is None:
+            model, processor = load_policy(model_dir, dtype=dtype, device=device,
+                                           trust_remote_code=trust_remote_code)
+        self.model, self.processor = model.eval(), processor
+        self.tok = processor.tokenizer
+        self.suppress = suppress_ids(self.tok)
+        self.batch_size = batch_size
+
+    def _inputs(self, prompts: list[Prompt]):
+        return prompt_inputs(self.processor, [p.question for p in prompts], [p.image for p in prompts])
+
+    def prompt_ids(self, prompts):
+        ids = self._inputs(prompts)
+        return [row[m.bool()].tolist() for row, m in zip(ids["input_ids"], ids["attention_mask"])]
+
+    @torch.no_grad()
+    def generate(self, prompts, seeds, cfg: SamplingConfig):
+        flat = [(i, p, s) for i, (p, ss) in enumerate(zip(prompts, seeds)) for s in ss]
+        out: list[list[Sample]] = [[] for _ in prompts]
+        for k in range(0, len(flat), self.batch_size):
+            chunk = flat[k: k + self.batch_size]
+            for (i, _, _), smp in zip(chunk, self._generate([c[1] for c in chunk], [c[2] for c in chunk], cfg)):
+                out[i].append(smp)
+        return out
+
+    def _generate(self, prompts, seeds, cfg):
+        inputs = self._inputs(prompts).to(self.model.device)
+        sampler = _SeededSampler(seeds, cfg, self.suppress)
+        eos, pad = self.tok.eos_token_id, self.tok.pad_token_id
+        gc = GenerationConfig(max_new_tokens=cfg.max_new_tokens, do_sample=False, eos_token_id=eos,
+                              pad_token_id=pad, num_beams=1)
+        seqs = self.model.generate(**inputs, generation_config=gc, logits_processor=LogitsProcessorList([sampler]))
+        gen = seqs[:, inputs["input_ids"].shape[1]:].tolist()
+        lps = torch.stack(sampler.logprobs, 1).tolist() if sampler.logprobs else [[] for _ in gen]
+        res = []
+        for ids, lp in zip(gen, lps):
+            n = ids.index(eos) + 1 if eos in ids else len(ids)
+            ids = ids[:n]
+            res.append(Sample(token_ids=ids, logprobs=lp[:n], finish_reason="stop" if ids and ids[-1] == eos else "length",
+                              text=self.tok.decode(ids, skip_special_tokens=True)))
+        return res
+
+    @torch.no_grad()
+    def score(self, prompts, completions, temperature: float = 1.0):
+        out = []
+        for k in range(0, len(prompts), self.batch_size):
+            ps, cs = prompts[k: k + self.batch_size], completions[k: k + self.batch_size]
+            inputs, cmask = completion_inputs(self._inputs(ps), cs, self.tok.pad_token_id)
+            lp = token_logprobs(self.model, inputs, cmask.shape[1], self.suppress, temperature)
+            out += [row[: len(c)].tolist() for row, c in zip(lp, cs)]
+        return out

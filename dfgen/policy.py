@@ -1,0 +1,325 @@
+"""Policies: build the tiny offline Qwen2-VL, load any HF VLM folder, render prompts, score tokens.
+
+``build_tiny(out)`` makes, fully offline in about a second, a ~1M-parameter Qwen2-VL policy:
+a byte-level BPE tokenizer trained on the synthetic corpus (every digit its own token, so a
+wrong number is one masked token), a Qwen-style chat template, a Qwen2-VL image processor
+sized for 56-112 px images (4-16 image tokens, one per 28-px cell), and random weights. It is
+saved as a standard HF folder that ``transformers`` and vLLM load.
+
+``load_policy(path)`` returns ``(model, processor)`` for any HF image-text-to-text folder (the
+tiny one, Qwen2-VL, Qwen2.5-VL, ...). Without torchvision (our CPU environment) the Qwen2-VL
+processor cannot build its video processor; we then assemble the processor from its tokenizer
+and the PIL image processor with ``video_processor=None``. Weights load as safetensors only;
+``trust_remote_code`` is off unless asked for.
+
+``prompt_inputs`` renders chat prompts (image placeholder + question) through the processor;
+``completion_inputs`` appends exact completion token ids to those inputs (every token-aligned
+tensor is extended, so the dict stays opaque to callers); ``token_logprobs`` scores the
+completion tokens by teacher forcing under the same suppression mask and temperature used for
+sampling, so behaviour and current logprobs agree.
+
+Run: ``dfgen tiny --out runs/tiny``.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+from contextlib import contextmanager
+from pathlib import Path
+
+from dfgen.errors import UserError
+
+SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+           "<|image_pad|>", "<|video_pad|>"]
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for c in message['content'] %}{% if c['type'] == 'image' %}"
+    "<|vision_start|><|image_pad|><|vision_end|>{% elif c['type'] == 'text' %}{{ c['text'] }}"
+    "{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+MIN_PIXELS, MAX_PIXELS = 56 * 56, 112 * 112
+
+
+# ----------------------------------------------------------------------------- tiny model
+def build_tokenizer(texts: list[str], vocab_size: int = 1024):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    tk.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tk.train_from_iterator(texts, trainer)
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                  additional_special_tokens=SPECIAL[1:])
+    tok.chat_template = CHAT_TEMPLATE
+    tok.padding_side = "left"
+    return tok
+
+
+def build_tiny(out: Path, seed: int = 0, hidden: int = 128, layers: int = 2, heads: int = 4,
+               vision_depth: int = 2) -> Path:
+    """Build and save the tiny policy. ``hidden=256, layers=4`` gives the ~5M variant."""
+    import torch
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLImageProcessorPil
+
+    from dfgen.synth.grid import corpus_texts
+
+    out = Path(out)
+    torch.manual_seed(seed)
+    tok = build_tokenizer(corpus_texts(seed=seed))
+    ids = {t: tok.convert_tokens_to_ids(t) for t in SPECIAL}
+    head_dim = hidden // heads
+    vocab = (len(tok) + 63) // 64 * 64
+    cfg = Qwen2VLConfig(
+        text_config=dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=4 * hidden,
+                         num_hidden_layers=layers, num_attention_heads=heads,
+                         num_key_value_heads=max(1, heads // 2), max_position_embeddings=1024,
+                         # mrope_section must sum to head_dim/2 (the default assumes head_dim 128)
+                         rope_parameters={"rope_type": "default", "rope_theta": 1e4,
+                                          "mrope_section": [head_dim // 8, 3 * head_dim // 16,
+                                                            3 * head_dim // 16]},
+                         bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
+                         pad_token_id=ids["<|endoftext|>"]),
+        vision_config=dict(depth=vision_depth, embed_dim=64, hidden_size=hidden, num_heads=4, mlp_ratio=2,
+                           patch_size=14, spatial_merge_size=2, temporal_patch_size=2),
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=True,
+    )
+    model = Qwen2VLForConditionalGeneration(cfg)
+    model.generation_config.eos_token_id = ids["<|im_end|>"]
+    model.generation_config.pad_token_id = ids["<|endoftext|>"]
+    image_processor = Qwen2VLImageProcessorPil(min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS)
+    tmp = out.with_name(out.name + ".tmp")
+    _rmtree(tmp)
+    tmp.mkdir(parents=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    save_processor_files(tmp, tok, image_processor)
+    _rmtree(out)
+    os.replace(tmp, out)
+    return out
+
+
+def save_processor_files(d: Path, tokenizer, image_processor) -> None:
+    """Write what ``AutoProcessor`` needs, without instantiating a video processor (torchvision)."""
+    d = Path(d)
+    tokenizer.save_pretrained(d)
+    image_processor.save_pretrained(d)
+    chat = getattr(tokenizer, "chat_template", None) or CHAT_TEMPLATE
+    (d / "chat_template.jinja").write_text(chat)
+    (d / "processor_config.json").write_text(json.dumps({"processor_class": "Qwen2VLProcessor"}, indent=2))
+    vid = {"video_processor_type": "Qwen2VLVideoProcessor", "processor_class": "Qwen2VLProcessor",
+           "min_pixels": MIN_PIXELS, "max_pixels": MAX_PIXELS, "patch_size": 14, "temporal_patch_size": 2,
+           "merge_size": 2, "do_resize": True, "do_rescale": True, "do_normalize": True,
+           "image_mean": [0.48145466, 0.4578275, 0.40821073],
+           "image_std": [0.26862954, 0.26130258, 0.27577711]}
+    (d / "video_preprocessor_config.json").write_text(json.dumps(vid, indent=2))
+
+
+def _rmtree(p: Path) -> None:
+    import shutil
+
+    if p.exists():
+        shutil.rmtree(p)
+
+
+# ----------------------------------------------------------------------------- loading
+def _torchvision_ok() -> bool:
+    try:
+        import torchvision  # noqa: F401
+        return True
+    except Exception:
+        return False
+
+
+@contextmanager
+def _allow_missing_video_processor():
+    from transformers.processing_utils import ProcessorMixin
+
+    orig = ProcessorMixin.check_argument_for_proper_class
+
+    def check(self, name, arg):
+        return None if arg is None else orig(self, name, arg)
+
+    ProcessorMixin.check_argument_for_proper_class = check
+    try:
+        yield
+    finally:
+        ProcessorMixin.check_argument_for_proper_class = orig
+
+
+def check_policy_dir(path: Path) -> Path:
+    path = Path(path)
+    if not path.is_dir():
+        raise UserError(f"model folder not found: {path}")
+    cfg = path / "config.json"
+    if not cfg.is_file():
+        raise UserError(f"{path} is not a Hugging Face model folder (no config.json)")
+    try:
+        c = json.loads(cfg.read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"{cfg} is not valid JSON: {e}") from None
+    if "vision_config" not in c:
+        raise UserError(f"{path} is not a vision-language model (config.json has no vision_config)")
+    if not list(path.glob("*.safetensors")):
+        raise UserError(f"{path} has no .safetensors weights (only safetensors checkpoints are loaded)")
+    return path
+
+
+def load_processor(path: Path, trust_remote_code: bool = False):
+    """The model's processor; torchvision-free fallback for Qwen2-VL-family processors."""
+    import transformers
+
+    path = Path(path)
+    if _torchvision_ok():
+        proc = transformers.AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
+    else:
+        pc = {}
+        for name in ("processor_config.json", "preprocessor_config.json"):
+            if (path / name).is_file():
+                pc = {**json.loads((path / name).read_text()), **pc}
+        cls = getattr(transformers, pc.get("processor_class", "Qwen2VLProcessor"), None)
+        if cls is None:
+            raise UserError(f"unknown processor_class {pc.get('processor_class')!r} in {path}")
+        tok = transformers.AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        ip = transformers.AutoImageProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
+        chat = (path / "chat_template.jinja").read_text() if (path / "chat_template.jinja").is_file() else None
+        with _allow_missing_video_processor():
+            proc = cls(image_processor=ip, tokenizer=tok, video_processor=None,
+                       chat_template=chat or getattr(tok, "chat_template", None))
+    proc.tokenizer.padding_side = "left"
+    return proc
+
+
+def load_policy(path: Path, dtype=None, device: str = "cpu", trust_remote_code: bool = False):
+    """Return ``(model, processor)`` for an HF VLM folder. Raises UserError on a non-VLM folder."""
+    import torch
+    import transformers
+
+    path = check_policy_dir(path)
+    try:
+        model = transformers.AutoModelForImageTextToText.from_pretrained(
+            path, dtype=dtype or torch.float32, use_safetensors=True, trust_remote_code=trust_remote_code)
+    except (ValueError, KeyError, OSError) as e:
+        raise UserError(f"cannot load {path} as an image-text-to-text model: {str(e).splitlines()[0]}") from None
+    model.to(device)
+    return model, load_processor(path, trust_remote_code=trust_remote_code)
+
+
+# ----------------------------------------------------------------------------- fingerprints
+def tokenizer_fingerprint(tokenizer) -> str:
+    """Hash of the vocabulary and special tokens: shards are only valid for the same tokenizer."""
+    vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
+    blob = json.dumps([vocab, tokenizer.all_special_tokens, tokenizer.eos_token], ensure_ascii=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def model_fingerprint(path: Path) -> str:
+    """Cheap checkpoint identity: config plus size and head/tail bytes of every weight file."""
+    path = Path(path)
+    h = hashlib.sha256((path / "config.json").read_bytes())
+    for f in sorted(path.glob("*.safetensors")):
+        size = f.stat().st_size
+        h.update(f"{f.name}:{size}".encode())
+        with open(f, "rb") as fh:
+            h.update(fh.read(1 << 20))
+            if size > 2 << 20:
+                fh.seek(-(1 << 20), 2)
+                h.update(fh.read())
+    return h.hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------- inputs and logprobs
+def suppress_ids(tokenizer) -> list[int]:
+    """Special tokens that must never be sampled (all added special tokens but EOS):
+    a sampled ``<|image_pad|>`` breaks the next forward pass."""
+    ids = set(tokenizer.all_special_ids)
+    for tid, tok in getattr(tokenizer, "added_tokens_decoder", {}).items():
+        if getattr(tok, "special", False):
+            ids.add(int(tid))
+    ids.discard(tokenizer.eos_token_id)
+    return sorted(ids)
+
+
+def decode_image(data: bytes, max_pixels: int = 50_000_000):
+    """Bytes -> RGB PIL image, refusing decompression bombs and undecodable data (UserError)."""
+    from PIL import Image
+
+    if not data:
+        raise UserError("empty image")
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            w, h = im.size
+            if w * h > max_pixels:
+                raise UserError(f"image too large ({w}x{h} pixels; limit {max_pixels})")
+            if w == 0 or h == 0:
+                raise UserError("zero-sized image")
+            return im.convert("RGB")
+    except UserError:
+        raise
+    except Exception as e:  # PIL raises many types for corrupt data
+        raise UserError(f"undecodable image ({type(e).__name__})") from None
+
+
+def chat_text(processor, question: str, has_image: bool) -> str:
+    content = ([{"type": "image"}] if has_image else []) + [{"type": "text", "text": question}]
+    msgs = [{"role": "user", "content": content}]
+    return processor.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+
+
+def prompt_inputs(processor, questions: list[str], images: list):
+    """Left-padded model inputs for a batch of prompts (images: PIL or None per prompt)."""
+    texts = [chat_text(processor, q, im is not None) for q, im in zip(questions, images)]
+    imgs = [im for im in images if im is not None]
+    processor.tokenizer.padding_side = "left"
+    return processor(text=texts, images=imgs or None, return_tensors="pt", padding=True)
+
+
+def completion_inputs(inputs, completions: list[list[int]], pad_id: int):
+    """Append completion ids to left-padded prompt inputs (right-padded), extending every
+    token-aligned tensor; returns (inputs, completion_mask (B, Tc))."""
+    import torch
+
+    ids = inputs["input_ids"]
+    B, L = ids.shape
+    Tc = max(1, max((len(c) for c in completions), default=1))
+    comp = torch.full((B, Tc), pad_id, dtype=ids.dtype)
+    cmask = torch.zeros((B, Tc), dtype=torch.long)
+    for i, c in enumerate(completions):
+        comp[i, : len(c)] = torch.as_tensor(c, dtype=ids.dtype)
+        cmask[i, : len(c)] = 1
+    out = dict(inputs)
+    for k, v in inputs.items():
+        if not hasattr(v, "shape") or v.dim() != 2 or v.shape[0] != B or v.shape[1] != L:
+            continue
+        if k == "input_ids":
+            out[k] = torch.cat([v, comp], 1)
+        elif k == "attention_mask":
+            out[k] = torch.cat([v, cmask.to(v.dtype)], 1)
+        else:  # other per-token fields (e.g. mm_token_type_ids): text tokens are type 0
+            out[k] = torch.cat([v, torch.zeros((B, Tc), dtype=v.dtype)], 1)
+    return out, cmask
+
+
+def token_logprobs(model, inputs, n_completion: int, suppress: list[int] | None = None,
+                   temperature: float = 1.0):
+    """Logprobs (B, Tc) of the last ``n_completion`` input tokens under the model, with the
+    sampling suppression mask and temperature applied (same distribution as the sampler)."""
+    import torch
+
+    out = model(**inputs, use_cache=False, logits_to_keep=n_completion + 1)
+    logits = out.logits[:, -(n_completion + 1):-1, :].float()  # (B, Tc, V) predicts the completion
+    if temperature != 1.0:
+        logits = logits / temperature
+    if suppress:
+        logits[..., suppress] = float("-inf")
+    targets = inputs["input_ids"][:, -n_completion:]
+    lp = torch.log_softmax(logits, dim=-1)
+    return lp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)

@@ -1,0 +1,238 @@
+"""Shard I/O: the one definition of the on-disk schema, atomic writes, validating reads.
+
+Every stage writes a folder of zstd parquet shards plus manifests::
+
+    OUT/part-w000-00000.parquet     one row per prompt *group* (or per prompt, for prompt sets)
+    OUT/_manifest.w000.json         the shards this worker finished, with row counts
+    OUT/config.json                 the resolved command config
+
+* **Rows are groups.** Prompt fields (``id``, ``question``, ``answer``, ...), ``prompt_ids``,
+  ``image`` (bytes, stored once) and ``rollouts``: a list of structs. Fields of later stages
+  exist from the start and stay null until the stage that fills them runs, so one schema
+  serves every stage and ``explode("rollouts").unnest("rollouts")`` always works.
+* **Atomic.** A shard is written to ``.name.tmp`` and renamed into place after fsync; a killed
+  writer leaves no half shard, only a temp file that the next run deletes. Manifests are
+  replaced the same way.
+* **Provenance.** The parquet file metadata key ``dfkit`` holds JSON: ``schema_version``,
+  ``stage``, model and tokenizer fingerprints, sampling parameters, seed, backend, package
+  version. Readers refuse newer schema versions, mixed provenance within one folder, and
+  (when asked) a tokenizer fingerprint other than the model's.
+
+Polars view of a rollout set::
+
+    pl.read_parquet("S/*.parquet").explode("rollouts").unnest("rollouts")
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from dfgen.errors import UserError
+
+SCHEMA_VERSION = 1
+META_KEY = b"dfkit"
+STAGES = ("prompts", "sample", "repair", "mask")
+
+u8 = pa.list_(pa.uint8())
+i32 = pa.list_(pa.int32())
+f32 = pa.list_(pa.float32())
+
+PROMPT_FIELDS = [
+    pa.field("id", pa.string(), nullable=False),
+    pa.field("question", pa.string(), nullable=False),
+    pa.field("image", pa.binary()),
+    pa.field("image_path", pa.string()),
+    pa.field("answer", pa.string(), nullable=False),
+    pa.field("answer_type", pa.string()),
+    pa.field("choices", pa.list_(pa.string())),
+    pa.field("precision", pa.int32()),
+    pa.field("unit", pa.string()),
+    pa.field("source", pa.string()),
+    pa.field("category", pa.string()),
+    pa.field("solution", pa.string()),  # JSON: synthetic tasks' step-by-step solution
+    pa.field("meta", pa.string()),  # JSON: adapter-specific extras
+]
+PROMPT_SCHEMA = pa.schema(PROMPT_FIELDS)
+
+ROLLOUT = pa.struct([
+    # sample
+    ("text", pa.string()), ("token_ids", i32), ("logprobs", f32), ("reward", pa.float32()),
+    ("pred", pa.string()), ("finish_reason", pa.string()), ("seed", pa.int64()),
+    # repair
+    ("repair_status", pa.string()), ("repairer", pa.string()), ("repaired_text", pa.string()),
+    ("repaired_ids", i32), ("repaired_logprobs", f32), ("edit_ratio", pa.float32()),
+    # mask
+    ("mask_bad", u8), ("mask_repaired", u8), ("root_bad", u8), ("root_repaired", u8),
+    ("step_mask_bad", u8), ("step_mask_repaired", u8),
+])
+GROUP_SCHEMA = pa.schema(PROMPT_FIELDS + [pa.field("prompt_ids", i32), pa.field("rollouts", pa.list_(ROLLOUT))])
+
+
+def schema_for(stage: str) -> pa.Schema:
+    return PROMPT_SCHEMA if stage == "prompts" else GROUP_SCHEMA
+
+
+def package_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("dfkit")
+    except PackageNotFoundError:
+        return "0+unknown"
+
+
+# ----------------------------------------------------------------------------- writing
+def _fsync_replace(tmp: Path, final: Path) -> None:
+    with open(tmp, "rb") as fh:
+        os.fsync(fh.fileno())
+    os.replace(tmp, final)
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    path = Path(path)
+    tmp = path.with_name("." + path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
+    _fsync_replace(tmp, path)
+
+
+@dataclass
+class ShardWriter:
+    """Writes shards of one stage into ``out``; ``meta`` goes into every file's metadata."""
+
+    out: Path
+    stage: str
+    meta: dict
+    worker: int = 0
+    done: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.out = Path(self.out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        if not os.access(self.out, os.W_OK):
+            raise UserError(f"output folder is not writable: {self.out}")
+        for tmp in self.out.glob(f".part-w{self.worker:03d}-*.tmp"):
+            tmp.unlink()  # leftovers of a killed run of this worker
+        m = self.manifest_path
+        if m.is_file():
+            self.done = json.loads(m.read_text()).get("shards", {})
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.out / f"_manifest.w{self.worker:03d}.json"
+
+    def shard_name(self, chunk: int) -> str:
+        return f"part-w{self.worker:03d}-{chunk:05d}.parquet"
+
+    def is_done(self, chunk: int) -> bool:
+        name = self.shard_name(chunk)
+        return name in self.done and (self.out / name).is_file()
+
+    def write(self, chunk: int, rows: list[dict]) -> Path:
+        schema = schema_for(self.stage)
+        meta = {"schema_version": SCHEMA_VERSION, "stage": self.stage, "package_version": package_version(),
+                **self.meta}
+        table = pa.Table.from_pylist(rows, schema=schema).replace_schema_metadata(
+            {META_KEY: json.dumps(meta, sort_keys=True, default=str).encode()})
+        name = self.shard_name(chunk)
+        tmp = self.out / f".{name}.tmp"
+        try:
+            pq.write_table(table, tmp, compression="zstd", row_group_size=1024)
+            _fsync_replace(tmp, self.out / name)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        self.done[name] = {"rows": len(rows)}
+        write_json_atomic(self.manifest_path, {"schema_version": SCHEMA_VERSION, "stage": self.stage,
+                                               "meta": meta, "shards": self.done})
+        return self.out / name
+
+
+# ----------------------------------------------------------------------------- reading
+def _read_meta(f: Path) -> dict:
+    try:
+        md = pq.read_schema(f).metadata or {}
+    except Exception as e:
+        raise UserError(f"{f} is not a readable parquet file ({type(e).__name__}: {str(e)[:80]})") from None
+    if META_KEY not in md:
+        return {}
+    return json.loads(md[META_KEY])
+
+
+@dataclass
+class ShardSet:
+    """A validated folder (or file) of shards."""
+
+    files: list
+    meta: dict
+
+    @property
+    def stage(self) -> str:
+        return self.meta.get("stage", "prompts")
+
+    def iter_batches(self, batch_size: int = 256, columns: list[str] | None = None):
+        """Stream record batches (never the whole set in memory)."""
+        for f in self.files:
+            try:
+                pf = pq.ParquetFile(f)
+                yield from pf.iter_batches(batch_size=batch_size, columns=columns)
+            except UserError:
+                raise
+            except Exception as e:
+                raise UserError(f"{f} is corrupt or truncated ({type(e).__name__})") from None
+
+    def iter_rows(self, batch_size: int = 256, columns: list[str] | None = None):
+        for b in self.iter_batches(batch_size, columns):
+            yield from b.to_pylist()
+
+    def num_rows(self) -> int:
+        n = 0
+        for f in self.files:
+            try:
+                n += pq.ParquetFile(f).metadata.num_rows
+            except Exception as e:
+                raise UserError(f"{f} is corrupt or truncated ({type(e).__name__})") from None
+        return n
+
+
+# provenance keys that must agree across the files of one set
+CONSISTENT_KEYS = ("stage", "tokenizer_fingerprint", "model_fingerprint", "sampling")
+
+
+def open_shards(path: Path, stage: str | tuple | None = None, tokenizer_fp: str | None = None) -> ShardSet:
+    """Open and validate a shard folder (or a single parquet file)."""
+    path = Path(path)
+    if path.is_dir():
+        files = sorted(p for p in path.glob("*.parquet") if not p.name.startswith("."))
+    elif path.is_file():
+        files = [path]
+    else:
+        raise UserError(f"not found: {path}")
+    if not files:
+        raise UserError(f"no parquet shards in {path}")
+    meta: dict = {}
+    for f in files:
+        m = _read_meta(f)
+        v = m.get("schema_version", SCHEMA_VERSION)
+        if not isinstance(v, int) or v > SCHEMA_VERSION:
+            raise UserError(f"{f.name} has schema version {v}, newer than this dfkit supports "
+                            f"({SCHEMA_VERSION}); upgrade dfkit")
+        if not meta:
+            meta = m
+            continue
+        for k in CONSISTENT_KEYS:
+            if m.get(k) != meta.get(k):
+                raise UserError(f"{path} mixes shards with different {k} ({f.name}); use one folder per run")
+    if stage is not None:
+        want = (stage,) if isinstance(stage, str) else tuple(stage)
+        have = meta.get("stage", "prompts")
+        if have not in want:
+            raise UserError(f"{path} holds '{have}' shards; this command needs {' or '.join(want)} shards")
+    if tokenizer_fp is not None and meta.get("tokenizer_fingerprint") not in (None, tokenizer_fp):
+        raise UserError(f"{path} was tokenized by another tokenizer ({meta.get('tokenizer_fingerprint')}) "
+                        f"than the model's ({tokenizer_fp}); resample with this model")
+    return ShardSet(files=files, meta=meta)

@@ -1,0 +1,63 @@
+"""Shared fixtures: a tiny policy and small synthetic prompt sets, built once per session."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+
+
+def run_cli(*args, check=True, env=None, timeout=600):
+    """Run ``dfgen``/``dftrain`` as a user would (a subprocess of this interpreter)."""
+    prog = args[0]
+    cmd = [sys.executable, "-m", f"{prog}.cli", *map(str, args[1:])]
+    e = {**os.environ, **(env or {})}
+    p = subprocess.run(cmd, capture_output=True, text=True, env=e, timeout=timeout)
+    if check and p.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({p.returncode}):\n{p.stdout}\n{p.stderr}")
+    return p
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    import torch
+
+    from dfgen.policy import build_tiny
+
+    torch.set_num_threads(2)
+    return build_tiny(tmp_path_factory.mktemp("models") / "tiny", seed=0)
+
+
+@pytest.fixture(scope="session")
+def train_prompts(tmp_path_factory) -> Path:
+    from dfgen.synth.grid import write_synth
+
+    out = tmp_path_factory.mktemp("data") / "train"
+    write_synth(out, 64, seed=1, split="train")
+    return out
+
+
+@pytest.fixture(scope="session")
+def test_prompts(tmp_path_factory) -> Path:
+    from dfgen.synth.grid import write_synth
+
+    out = tmp_path_factory.mktemp("data") / "test"
+    write_synth(out, 64, seed=2, split="test")
+    return out
+
+
+@pytest.fixture(scope="session")
+def sft_model(tmp_path_factory, tiny_model, train_prompts) -> Path:
+    """A briefly warm-started policy (not accurate; enough to emit the step format sometimes)."""
+    from dftrain.sft import SFTConfig, run_sft
+
+    out = tmp_path_factory.mktemp("models") / "sft"
+    run_sft(SFTConfig(data=train_prompts, model=tiny_model, out=out, steps=60, batch_size=16, lr=3e-3))
+    return out

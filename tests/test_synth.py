@@ -1,0 +1,93 @@
+import io
+import json
+
+import polars as pl
+import pytest
+from PIL import Image
+
+from dfgen.answers import extract, score
+from dfgen.synth.grid import GridTask, make_problems, solution_text, split_of, to_record
+
+
+def test_same_seed_same_problems_other_seed_other_problems():
+    a = [p.content_hash() for p in make_problems(50, seed=3)]
+    b = [p.content_hash() for p in make_problems(50, seed=3)]
+    c = [p.content_hash() for p in make_problems(50, seed=4)]
+    assert a == b and a != c
+
+
+def test_train_and_test_splits_are_disjoint_for_any_seeds():
+    train = {p.content_hash() for s in range(3) for p in make_problems(400, seed=s, split="train")}
+    test = {p.content_hash() for s in range(3) for p in make_problems(200, seed=s, split="test")}
+    assert train and test and not (train & test)
+    assert all(split_of(p) == "test" for p in make_problems(20, seed=9, split="test"))
+
+
+def test_solution_steps_are_consistent_with_the_image_and_answer():
+    for p in make_problems(100, seed=0, task=GridTask(ops="+-", max_reads=4, colors=5, grid=4)):
+        counts = {}
+        for cell in p.cells:
+            if cell:
+                counts[cell[0]] = counts.get(cell[0], 0) + 1
+        reads = [s for s in p.steps if s["kind"] == "read"]
+        assert [s["value"] for s in reads] == [counts.get(c, 0) for c in p.colors]
+        value = reads[0]["value"]
+        for op_step in (s for s in p.steps if s["kind"] == "op"):
+            assert op_step["a"] == value
+            value = value + op_step["b"] if op_step["op"] == "+" else value - op_step["b"]
+            assert op_step["value"] == value
+        assert p.answer == value
+        assert 2 <= len(p.steps) <= 7 and len(reads) in (2, 3, 4)
+
+
+def test_image_size_matches_grid_and_cells_are_drawn():
+    for g in (2, 3, 4):
+        p = next(make_problems(1, seed=0, task=GridTask(grid=g, max_reads=2)))
+        im = Image.open(io.BytesIO(p.render()))
+        assert im.size == (28 * g, 28 * g)
+        # a non-empty cell has non-white pixels at its centre
+        for k, cell in enumerate(p.cells):
+            px = im.getpixel(((k % g) * 28 + 13, (k // g) * 28 + 13))
+            assert (px != (255, 255, 255)) == (cell is not None)
+
+
+def test_canonical_solution_scores_one_and_a_wrong_answer_zero():
+    p = next(make_problems(1, seed=5))
+    rec = to_record(p, 0, 5, "train", GridTask())
+    text = solution_text(p.steps, p.answer)
+    assert score(rec, text) == (str(p.answer), 1.0)
+    assert score(rec, text.replace(f"Answer: {p.answer}", f"Answer: {p.answer + 1}"))[1] == 0.0
+    assert score(rec, "no answer line")[1] == 0.0
+    assert extract("Answer: 7\nAnswer: 9") == "9"
+
+
+def test_synth_cli_writes_prompt_records_polars_can_read(tmp_path):
+    from tests.conftest import run_cli
+
+    run_cli("dfgen", "synth", "--out", tmp_path / "D", "--n", 64, "--seed", 1)
+    run_cli("dfgen", "synth", "--out", tmp_path / "T", "--n", 64, "--seed", 2, "--split", "test")
+    d = pl.read_parquet(str(tmp_path / "D" / "*.parquet"))
+    t = pl.read_parquet(str(tmp_path / "T" / "*.parquet"))
+    for col in ("id", "question", "image", "image_path", "answer", "answer_type", "choices", "precision",
+                "unit", "source", "solution"):
+        assert col in d.columns
+    assert d.height == 64 and t.height == 64
+    hashes_d = {json.loads(m)["hash"] for m in d["meta"]}
+    hashes_t = {json.loads(m)["hash"] for m in t["meta"]}
+    assert not hashes_d & hashes_t
+    assert (tmp_path / "D" / "config.json").is_file()
+
+
+@pytest.mark.parametrize("args,msg", [
+    (["--n", "0"], "--n must be positive"),
+    (["--n", "5", "--grid", "9"], "grid must be"),
+    (["--n", "5", "--max-reads", "7"], "min_reads"),
+])
+def test_synth_bad_arguments_give_one_line_error_and_no_output(tmp_path, args, msg):
+    from tests.conftest import run_cli
+
+    p = run_cli("dfgen", "synth", "--out", tmp_path / "X", *args, check=False)
+    assert p.returncode != 0
+    assert msg in p.stderr and "Traceback" not in p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1
+    assert not list((tmp_path).glob("X/*.parquet"))
