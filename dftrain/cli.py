@@ -18,6 +18,11 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=N
                        "Example: dftrain fit --data runs/df --model runs/sft --out runs/rl --steps 20")
 
 
+@app.callback()
+def _root():
+    """Differential Feedback training: warm start, masked GRPO, evaluation."""
+
+
 @app.command()
 @cli_errors
 def sft(

@@ -34,6 +34,7 @@ class Prompt:
 
 class Backend(Protocol):
     name: str
+    tokenizer: object  # the policy tokenizer (fingerprints, decoding, suppression ids)
 
     def prompt_ids(self, prompts: list[Prompt]) -> list[list[int]]: ...
 

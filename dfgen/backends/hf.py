@@ -61,7 +61,7 @@ class HFBackend:
             model, processor = load_policy(model_dir, dtype=dtype, device=device,
                                            trust_remote_code=trust_remote_code)
         self.model, self.processor = model.eval(), processor
-        self.tok = processor.tokenizer
+        self.tok = self.tokenizer = processor.tokenizer
         self.suppress = suppress_ids(self.tok)
         self.batch_size = batch_size
 

@@ -1,0 +1,170 @@
+"""``dfgen repair``: a verified, minimally edited correct trajectory for every failed rollout.
+
+Reads sample shards, asks a repairer (``dfgen.repairers``: ``oracle``, ``sibling``, ``model``)
+for a repaired text per failed rollout (reward < 1), and **verifies** every proposal the same
+way before keeping it:
+
+1. its extracted answer must be correct (the same checker as the reward);
+2. its token edit ratio, ``Levenshtein(bad_ids, repaired_ids) / len(bad_ids)`` on the policy
+   tokenizer's ids, must be at most ``max_edit_ratio`` (minimality).
+
+Per rollout it writes ``repair_status`` ("ok", or the rejection reason; null for rollouts that
+needed no repair), ``repairer``, ``repaired_text``, ``edit_ratio``, and for kept repairs
+``repaired_ids`` (the tokenized text plus EOS) and ``repaired_logprobs``: the *sampling*
+policy's teacher-forced log-probabilities of those ids (same suppression and temperature as
+sampling), the behaviour logprobs of the trainer's optional off-policy repaired term. Nothing
+is dropped: rejected repairs keep their reason and text.
+
+Shards map one to one (input ``part-w000-00003`` -> output ``part-w000-00003``), so a killed
+run resumes where it stopped.
+
+Run: ``dfgen repair --rollouts runs/r0/sample --out runs/r0/repair --repairer oracle``
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from dfgen.errors import UserError
+
+
+@dataclass
+class RepairConfig:
+    rollouts: Path  # sample shards
+    out: Path  # repair shards
+    repairer: str = "oracle"  # oracle | sibling | model
+    repair_model: Path | None = None  # model repairer's checkpoint (default: the sampling policy)
+    backend: str = "hf"  # engine for the model repairer
+    model: Path | None = None  # sampling policy for teacher-forced scoring (default: from the shards)
+    max_edit_ratio: float = 0.5  # a repair rewriting more than half the tokens is not minimal
+    template: Path | None = None  # model repairer's prompt template (default: dfgen/templates/repair_prompt.txt)
+    max_new_tokens: int = 96  # model repairer's budget
+    batch_size: int = 64
+
+    def validate(self):
+        from dfgen.repairers import REPAIRERS
+
+        if self.repairer not in REPAIRERS:
+            raise UserError(f"unknown repairer {self.repairer!r} ({', '.join(REPAIRERS)})")
+        if not 0 < self.max_edit_ratio:
+            raise UserError("--max-edit-ratio must be positive")
+
+
+def _template(cfg: RepairConfig) -> str:
+    p = cfg.template or Path(__file__).parent / "templates" / "repair_prompt.txt"
+    if not Path(p).is_file():
+        raise UserError(f"template not found: {p}")
+    t = Path(p).read_text()
+    for key in ("{question}", "{solution}"):
+        if key not in t:
+            raise UserError(f"template {p} lacks the {key} placeholder")
+    return t
+
+
+def run_repair(cfg: RepairConfig, progress=None) -> dict:
+    from rapidfuzz.distance import Levenshtein
+
+    from dfgen.answers import score
+    from dfgen.backends import Prompt, SamplingConfig, get_backend
+    from dfgen.policy import decode_image, model_fingerprint
+    from dfgen.repairers import Proposal, oracle, sibling
+    from dfgen.shards import ShardWriter, open_shards, write_json_atomic
+
+    cfg.validate()
+    ss = open_shards(cfg.rollouts, stage="sample")
+    model_dir = Path(cfg.model or ss.meta.get("model", ""))
+    if not (model_dir / "config.json").is_file():
+        raise UserError(f"sampling policy {model_dir} not found; pass --model with the checkpoint that sampled "
+                        f"{cfg.rollouts}")
+    if ss.meta.get("model_fingerprint") and model_fingerprint(model_dir) != ss.meta["model_fingerprint"]:
+        raise UserError(f"{model_dir} is not the checkpoint that sampled {cfg.rollouts} (fingerprint differs); "
+                        f"pass --model with the sampling checkpoint")
+    scorer = get_backend("hf", model_dir, batch_size=cfg.batch_size)
+    tok = scorer.tokenizer
+    temperature = float(ss.meta.get("sampling", {}).get("temperature", 1.0)) or 1.0
+    gen = None
+    if cfg.repairer == "model":
+        template = _template(cfg)
+        gen = scorer if cfg.repair_model is None and cfg.backend == "hf" else \
+            get_backend(cfg.backend, cfg.repair_model or model_dir, batch_size=cfg.batch_size)
+    meta = {**{k: v for k, v in ss.meta.items() if k not in ("stage", "schema_version", "package_version")},
+            "repair": {"repairer": cfg.repairer, "max_edit_ratio": cfg.max_edit_ratio,
+                       "repair_model": str(cfg.repair_model) if cfg.repair_model else None}}
+    out = Path(cfg.out)
+    if out.resolve() == Path(cfg.rollouts).resolve():
+        raise UserError("--out must differ from --rollouts (inputs are never overwritten)")
+    if out.exists() and any(out.glob("*.parquet")):
+        have = open_shards(out).meta
+        if have.get("stage") != "repair" or have.get("repair") != meta["repair"] or \
+                have.get("model_fingerprint") != meta.get("model_fingerprint"):
+            raise UserError(f"{out} holds shards of another run; use a new output folder (nothing was overwritten)")
+    writers: dict = {}
+    st = {"failed": 0, "ok": 0, "reasons": {}, "shards_skipped": 0, "repaired_per_s": 0.0}
+    t0 = time.time()
+    for f in ss.files:
+        name = f.name  # part-wXXX-NNNNN.parquet
+        try:
+            w_idx, chunk = int(name[6:9]), int(name[10:15])
+        except ValueError:
+            raise UserError(f"unexpected shard name {name}; rollouts must come from dfgen sample") from None
+        if w_idx not in writers:
+            writers[w_idx] = ShardWriter(out, "repair", meta, worker=w_idx)
+        writer = writers[w_idx]
+        if writer.is_done(chunk):
+            st["shards_skipped"] += 1
+            continue
+        rows = [r for r in open_shards(f).iter_rows()]
+        todo = []  # (row, rollout index)
+        for row in rows:
+            for i, r in enumerate(row["rollouts"]):
+                if r["reward"] is not None and r["reward"] < 1:
+                    todo.append((row, i))
+        proposals: list = []
+        if cfg.repairer == "oracle":
+            proposals = [oracle.repair(row, row["rollouts"][i]["text"]) for row, i in todo]
+        elif cfg.repairer == "sibling":
+            proposals = [sibling.repair(row["rollouts"], i) for row, i in todo]
+        elif todo:
+            prompts = [Prompt(template.format(question=row["question"], reference_answer=row["answer"],
+                                              solution=row["rollouts"][i]["text"]),
+                              decode_image(row["image"]) if row["image"] is not None else None) for row, i in todo]
+            outs = gen.generate(prompts, [[0]] * len(prompts), SamplingConfig(temperature=0.0,
+                                                                               max_new_tokens=cfg.max_new_tokens))
+            proposals = [Proposal(o[0].text) if o[0].finish_reason == "stop" else
+                         Proposal(o[0].text, "repair model hit max tokens") for o in outs]
+        keep = []  # (row, i, ids)
+        for (row, i), prop in zip(todo, proposals):
+            r = row["rollouts"][i]
+            r["repairer"] = cfg.repairer
+            st["failed"] += 1
+            status = prop.reason or "ok"
+            if prop.text is not None:
+                r["repaired_text"] = prop.text
+                ids = tok(prop.text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+                bad = list(r["token_ids"])
+                r["edit_ratio"] = Levenshtein.distance(bad, ids) / max(len(bad), 1)
+                if status == "ok" and score(row, prop.text)[1] < 1:
+                    status = "wrong answer after repair"
+                elif status == "ok" and r["edit_ratio"] > cfg.max_edit_ratio:
+                    status = "edit ratio above bound"
+                if status == "ok":
+                    keep.append((row, i, ids))
+            r["repair_status"] = status
+            st["reasons"][status] = st["reasons"].get(status, 0) + 1
+        if keep:
+            prompts = [Prompt(row["question"], decode_image(row["image"]) if row["image"] is not None else None)
+                       for row, _, _ in keep]
+            lps = scorer.score(prompts, [ids for _, _, ids in keep], temperature=temperature)
+            for (row, i, ids), lp in zip(keep, lps):
+                row["rollouts"][i]["repaired_ids"] = ids
+                row["rollouts"][i]["repaired_logprobs"] = lp
+            st["ok"] += len(keep)
+        writer.write(chunk, rows)
+        if progress:
+            progress(len(rows))
+    dt = time.time() - t0
+    st["seconds"] = round(dt, 2)
+    st["repaired_per_s"] = round(st["failed"] / dt, 1) if dt > 0 else 0.0
+    write_json_atomic(out / "config.json", {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()})
+    return st
