@@ -58,6 +58,55 @@ def sft(
     typer.echo(msg + ")")
 
 
+@app.command()
+@cli_errors
+def fit(
+    data: Path = typer.Option(..., help="DF shards (dfgen mask output); sample shards suffice for --objective grpo."),
+    model: Path = typer.Option(..., help="Policy to train (normally the checkpoint that sampled the shards)."),
+    out: Path = typer.Option(..., help="Output folder: final HF model, step_* checkpoints, metrics.jsonl."),
+    objective: str = typer.Option("df-grpo", help="df-grpo (masked) or grpo (plain baseline)."),
+    steps: int = typer.Option(20, help="Optimizer steps."),
+    groups_per_step: int = typer.Option(8, help="Prompt groups per step."),
+    grad_accum: int = typer.Option(1, help="Batches of groups accumulated per optimizer step."),
+    updates_per_batch: int = typer.Option(1, help="Optimizer updates on each batch (PPO epochs)."),
+    micro_batch: int = typer.Option(64, help="Sequences per forward/backward pass."),
+    lr: float = typer.Option(1e-4, help="Learning rate (AdamW, constant)."),
+    kappa: float = typer.Option(0.1, help="DF weight of unmarked tokens of a repaired failed rollout."),
+    marked: str = typer.Option("edit", help="Which tokens DF marks: edit, root, root+prop."),
+    delta: float = typer.Option(0.5, help="root+prop: weight of later edited tokens."),
+    mass: str = typer.Option("keep", help="keep or redistribute the failed rollout's blame."),
+    repaired_weight: float = typer.Option(0.0, help="Advantage of repaired samples (0 = off)."),
+    kappa_rep: float = typer.Option(0.0, help="Weight of unedited tokens of repaired samples."),
+    beta: float = typer.Option(0.0, help="k3 KL coefficient to the initial policy (0 = no reference)."),
+    adv_scale: str = typer.Option("group", help="group (GRPO) or none (Dr. GRPO)."),
+    agg: str = typer.Option("token-mean", help="Loss aggregation."),
+    lora_rank: int = typer.Option(0, help="LoRA rank (0 = full fine-tuning)."),
+    gradient_checkpointing: bool = typer.Option(False, help="Trade compute for memory."),
+    dtype: str = typer.Option("float32", help="float32 or bfloat16."),
+    save_every: int = typer.Option(0, help="Checkpoint every N steps (0 = at the end)."),
+    resume: bool = typer.Option(False, help="Continue from the latest checkpoint in --out."),
+    seed: int = typer.Option(0, help="Data order seed."),
+):
+    """Train the policy on DF shards with the masked GRPO objective (or plain GRPO).
+
+    Example: dftrain fit --data runs/r0/df --model runs/sft --out runs/r1 --steps 20
+    """
+    _quiet_hf()
+    from dftrain.fit import FitConfig, run_fit
+
+    cfg = FitConfig(data=data, model=model, out=out, objective=objective, steps=steps,
+                    groups_per_step=groups_per_step, grad_accum=grad_accum, updates_per_batch=updates_per_batch,
+                    micro_batch=micro_batch, lr=lr, kappa=kappa, marked=marked, delta=delta, mass=mass,
+                    repaired_weight=repaired_weight, kappa_rep=kappa_rep, beta=beta, adv_scale=adv_scale, agg=agg,
+                    lora_rank=lora_rank, gradient_checkpointing=gradient_checkpointing, dtype=dtype,
+                    save_every=save_every, resume=resume, seed=seed)
+    from rich.console import Console
+
+    con = Console(stderr=True)
+    res = run_fit(cfg, log=lambda m: con.print(m, highlight=False))
+    typer.echo(f"trained {res['steps']} steps in {res['seconds']:.1f}s; model saved to {out}")
+
+
 def main():
     app()
 

@@ -1,0 +1,371 @@
+"""``dftrain fit``: stream DF shards into the masked GRPO objective, write HF checkpoints.
+
+One optimizer step reads ``groups_per_step`` prompt groups (x ``grad_accum``), builds model
+inputs through the policy's own processor (the stored ``prompt_ids`` are checked against it),
+computes current log-probs of the stored rollout tokens, and minimises ``dftrain.loss``:
+
+* ``--objective grpo``: plain GRPO on the same data path (masks ignored, repaired samples off);
+* ``--objective df-grpo``: failed rollouts with a verified repair get DF token weights
+  (``--kappa``, ``--marked edit|root|root+prop``, ``--delta``, ``--mass keep|redistribute``);
+  with ``--repaired-weight A > 0`` each group's distinct repaired trajectories join the batch as
+  extra positive off-policy samples with advantage A (their behaviour log-probs come from the
+  shards), tokens weighted ``mask_repaired + kappa_rep * (1 - mask_repaired)``.
+
+Advantages are per group over the *rollouts* (``--adv-scale group|none``). The importance ratio
+uses the stored behaviour logprobs, so the first update of a batch is exactly on-policy when the
+checkpoint that sampled is the one being trained; ``--updates-per-batch`` > 1 reuses a batch
+(the clip then matters). Micro-batches (``--micro-batch`` sequences) are scaled so a step's
+loss equals the loss of the whole batch. Optional frozen reference for ``beta * k3`` (loaded only
+when ``--beta > 0``), LoRA (peft; the checkpoint is saved merged), gradient checkpointing, bf16.
+
+Checkpoints: ``OUT/step_000020/`` (HF folder + ``trainer_state.json`` + ``optimizer.pt``), and
+the final model in ``OUT/`` itself; ``--resume`` continues from the latest step folder with the
+same data order, optimizer and RNG. Under ``torchrun`` each rank trains on disjoint groups (DDP,
+gloo on CPU) and rank 0 writes. Metrics go to ``OUT/metrics.jsonl``, one line per step.
+
+Run: ``dftrain fit --data runs/r0/df --model runs/sft --out runs/r1 --steps 20``
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from dfgen.errors import UserError
+
+
+@dataclass
+class FitConfig:
+    data: Path  # DF shards (dfgen mask output); sample shards suffice for --objective grpo
+    model: Path  # policy to train (HF folder); normally the checkpoint that sampled the shards
+    out: Path  # output folder: final model + step_* checkpoints + metrics.jsonl
+    objective: str = "df-grpo"  # df-grpo | grpo
+    steps: int = 20
+    groups_per_step: int = 8  # prompt groups per optimizer step (x group size = rollouts)
+    grad_accum: int = 1  # batches of groups accumulated per optimizer step
+    updates_per_batch: int = 1  # PPO epochs over the same batch (prototype and TRL used 2)
+    micro_batch: int = 64  # sequences per forward/backward (memory knob; result unchanged)
+    lr: float = 1e-4  # 3e-4 collapsed GRPO into degenerate text in the prototype
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    clip_low: float = 0.2
+    clip_high: float = 0.2
+    adv_scale: str = "group"  # group (GRPO) | none (Dr. GRPO)
+    agg: str = "token-mean"  # token-mean | seq-mean-token-mean | seq-mean-token-sum | seq-mean-token-sum-norm
+    beta: float = 0.0  # k3 KL to the frozen initial policy; 0 = no reference model loaded
+    kappa: float = 0.1  # DF weight of unmarked tokens of a repaired failed rollout (1 = GRPO)
+    marked: str = "edit"  # edit | root | root+prop
+    delta: float = 0.5  # root+prop: weight of edited tokens after the root cause
+    mass: str = "keep"  # keep | redistribute
+    repaired_weight: float = 0.0  # A_plus of repaired samples; 0 = not used
+    kappa_rep: float = 0.0  # weight of unedited tokens of a repaired sample
+    rep_in_denominator: bool = False  # repaired tokens count in the token-mean denominator
+    dedup_repaired: bool = True  # one copy of each distinct repaired trajectory per group
+    buffer_size: int = 256  # shuffle buffer (groups)
+    lora_rank: int = 0  # 0 = full fine-tuning
+    lora_alpha: int = 16
+    gradient_checkpointing: bool = False
+    dtype: str = "float32"  # float32 | bfloat16 (GPU)
+    save_every: int = 0  # checkpoint every N steps (0 = only at the end)
+    resume: bool = False
+    seed: int = 0
+    log_every: int = 1
+    threads: int = 0
+
+    def validate(self):
+        from dftrain.loss import AGG_MODES, MARKED_MODES, MASS_MODES
+
+        checks = [(self.objective in ("df-grpo", "grpo"), "--objective must be df-grpo or grpo"),
+                  (self.steps > 0 and self.groups_per_step > 0 and self.micro_batch > 0, "sizes must be positive"),
+                  (self.grad_accum > 0 and self.updates_per_batch > 0, "sizes must be positive"),
+                  (self.lr > 0, "--lr must be positive"), (self.agg in AGG_MODES, f"--agg must be one of {AGG_MODES}"),
+                  (self.marked in MARKED_MODES, f"--marked must be one of {MARKED_MODES}"),
+                  (self.mass in MASS_MODES, f"--mass must be one of {MASS_MODES}"),
+                  (-1 <= self.kappa <= 1, "--kappa must be in [-1, 1]"),
+                  (self.adv_scale in ("group", "none"), "--adv-scale must be group or none"),
+                  (self.dtype in ("float32", "bfloat16"), "--dtype must be float32 or bfloat16")]
+        for ok, msg in checks:
+            if not ok:
+                raise UserError(msg)
+
+
+# ----------------------------------------------------------------------------- batches
+def build_rows(groups: list[dict], cfg: FitConfig) -> list[dict]:
+    """Flatten groups into training sequences: rollouts (+ repaired samples)."""
+    import torch
+
+    from dftrain.loss import group_advantages
+
+    rewards = torch.tensor([float(r["reward"]) for g in groups for r in g["rollouts"]])
+    gidx = torch.tensor([k for k, g in enumerate(groups) for _ in g["rollouts"]])
+    adv = group_advantages(rewards, gidx, scale=cfg.adv_scale).tolist()
+    rows, a = [], 0
+    use_df = cfg.objective == "df-grpo"
+    for k, g in enumerate(groups):
+        seen = set()
+        for r in g["rollouts"]:
+            ok = use_df and r.get("repair_status") == "ok" and r.get("mask_bad") is not None
+            rows.append({"g": k, "ids": r["token_ids"], "old": r["logprobs"], "adv": adv[a], "rep": False,
+                         "failed": ok and r["reward"] < 1, "mask": r.get("mask_bad") if ok else None,
+                         "root": r.get("root_bad") if ok else None, "reward": r["reward"]})
+            a += 1
+            if ok and cfg.repaired_weight > 0 and r["reward"] < 1:
+                key = tuple(r["repaired_ids"])
+                if cfg.dedup_repaired and key in seen:
+                    continue
+                seen.add(key)
+                rows.append({"g": k, "ids": r["repaired_ids"], "old": r["repaired_logprobs"],
+                             "adv": cfg.repaired_weight, "rep": True, "failed": False,
+                             "mask": r["mask_repaired"], "root": None, "reward": 1.0})
+    return rows
+
+
+def _share(rows: list[dict], agg: str, rep_in_denominator: bool) -> float:
+    """What ``dftrain.loss.aggregate`` divides by, for scaling micro-batches to the whole batch:
+    completion tokens (token-mean) or sequences (seq-mean modes) of the rows in the denominator."""
+    counted = [r for r in rows if rep_in_denominator or not r["rep"]]
+    if agg == "token-mean":
+        return float(sum(len(r["ids"]) for r in counted))
+    return float(len(counted))
+
+
+def micro_loss(model, processor, groups, rows, cfg: FitConfig, suppress, temperature, ref_model=None):
+    """Loss and metrics of one micro-batch of sequences (``rows`` index into ``groups``)."""
+    import torch
+
+    from dfgen.policy import completion_inputs, decode_image, prompt_inputs, token_logprobs
+    from dftrain.loss import LOSSES, df_token_weights, repaired_term
+
+    qs = [groups[r["g"]]["question"] for r in rows]
+    ims = [groups[r["g"]]["_image"] for r in rows]
+    inputs, cmask = completion_inputs(prompt_inputs(processor, qs, ims), [r["ids"] for r in rows],
+                                      processor.tokenizer.pad_token_id)
+    inputs = {k: v.to(model.device) if hasattr(v, "to") else v for k, v in inputs.items()}
+    B, T = cmask.shape
+    lp = token_logprobs(model, inputs, T, suppress, temperature)  # (B, T)
+    cm = cmask.to(lp.dtype)
+
+    def pad(seqs, fill=0.0):
+        t = torch.full((B, T), fill, dtype=torch.float32)
+        for i, s in enumerate(seqs):
+            if s is not None:
+                t[i, : len(s)] = torch.as_tensor(s, dtype=torch.float32)
+        return t
+
+    old = pad([r["old"] for r in rows])
+    adv = torch.tensor([r["adv"] for r in rows], dtype=torch.float32)
+    is_rep = torch.tensor([r["rep"] for r in rows])
+    weights = None
+    if cfg.objective == "df-grpo":
+        failed = torch.tensor([r["failed"] for r in rows])
+        w = df_token_weights(pad([r["mask"] if not r["rep"] else None for r in rows]), cm, failed,
+                             kappa=cfg.kappa, root_mask=pad([r["root"] for r in rows]), marked=cfg.marked,
+                             delta=cfg.delta, mass=cfg.mass)
+        if is_rep.any():
+            _, wr = repaired_term(pad([r["mask"] if r["rep"] else None for r in rows]), cm, cfg.repaired_weight,
+                                  cfg.kappa_rep)
+            w = torch.where(is_rep.unsqueeze(-1), wr, w)
+        weights = w
+    ref = None
+    if ref_model is not None and cfg.beta > 0:
+        with torch.no_grad():
+            ref = token_logprobs(ref_model, inputs, T, suppress, temperature)
+    loss, metrics = LOSSES[cfg.objective](lp, old, adv, cm, token_weights=weights, is_repaired=is_rep,
+                                          rep_in_denominator=cfg.rep_in_denominator, ref_logprobs=ref,
+                                          beta=cfg.beta, clip_low=cfg.clip_low, clip_high=cfg.clip_high,
+                                          agg=cfg.agg)
+    return loss, metrics, lp.detach(), cm
+
+
+# ----------------------------------------------------------------------------- checkpoints
+def _save_model(model, processor, path: Path, lora: bool):
+    import copy
+    import shutil
+
+    from dfgen.policy import save_processor_files
+
+    tmp = path.with_name("." + path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    m = model.module if hasattr(model, "module") else model
+    if lora:
+        m.save_pretrained(tmp / "adapter")
+        m = copy.deepcopy(m).merge_and_unload()
+    m.save_pretrained(tmp, safe_serialization=True)
+    save_processor_files(tmp, processor.tokenizer, processor.image_processor)
+    return tmp
+
+
+def _rng_state():
+    import torch
+
+    return {"python": random.getstate(), "torch": torch.get_rng_state()}
+
+
+def save_checkpoint(model, processor, opt, cfg, step, position, out: Path, final=False):
+    import shutil
+
+    import torch
+
+    from dfgen.shards import write_json_atomic
+
+    name = f"step_{step:06d}"
+    tmp = _save_model(model, processor, out / name, cfg.lora_rank > 0)
+    torch.save({"optimizer": opt.state_dict(), "rng": _rng_state()}, tmp / "optimizer.pt")
+    write_json_atomic(tmp / "trainer_state.json", {"step": step, "data_position": position,
+                                                   "config": json.loads(json.dumps(asdict(cfg), default=str))})
+    shutil.rmtree(out / name, ignore_errors=True)
+    os.replace(tmp, out / name)
+    if final:  # the final model also sits at OUT/ itself, a plain HF folder for the next round
+        for f in (out / name).iterdir():
+            if f.is_file() and f.name not in ("optimizer.pt",):
+                shutil.copy2(f, out / f.name)
+
+
+def latest_checkpoint(out: Path):
+    steps = sorted(p for p in Path(out).glob("step_*") if (p / "trainer_state.json").is_file())
+    return steps[-1] if steps else None
+
+
+# ----------------------------------------------------------------------------- loop
+def run_fit(cfg: FitConfig, log=print) -> dict:
+    import torch
+
+    from dfgen.policy import decode_image, load_policy, suppress_ids, tokenizer_fingerprint
+    from dfgen.shards import open_shards, write_json_atomic
+    from dftrain.data import GroupStream
+
+    cfg.validate()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    if world > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("gloo" if not torch.cuda.is_available() else "nccl")
+    out = Path(cfg.out)
+    resume_from = latest_checkpoint(out) if cfg.resume else None
+    if not cfg.resume and latest_checkpoint(out) is not None:
+        raise UserError(f"{out} already holds checkpoints; pass --resume to continue or choose a new folder")
+    load_dir = resume_from if resume_from and cfg.lora_rank == 0 else cfg.model
+    dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
+    device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
+    model, processor = load_policy(load_dir, dtype=dtype, device=device)
+    tok = processor.tokenizer
+    stages = ("mask",) if cfg.objective == "df-grpo" else ("sample", "repair", "mask")
+    try:
+        shards = open_shards(cfg.data, stage=stages, tokenizer_fp=tokenizer_fingerprint(tok))
+    except UserError as e:
+        if "needs mask" in str(e):
+            raise UserError(f"{cfg.data} has no masks: --objective df-grpo needs shards from `dfgen repair` then "
+                            f"`dfgen mask` (or use --objective grpo)") from None
+        raise
+    if shards.num_rows() == 0:
+        raise UserError(f"{cfg.data} holds no groups")
+    temperature = float(shards.meta.get("sampling", {}).get("temperature", 1.0)) or 1.0
+    suppress = suppress_ids(tok)
+    if cfg.lora_rank > 0:
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=0.0,
+                                                 target_modules=r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj)"))
+        if resume_from is not None:
+            from peft import set_peft_model_state_dict
+            from safetensors.torch import load_file
+
+            set_peft_model_state_dict(model, load_file(resume_from / "adapter" / "adapter_model.safetensors"))
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    ref_model = None
+    if cfg.beta > 0:
+        ref_model, _ = load_policy(cfg.model, dtype=dtype, device=device)
+        ref_model.eval().requires_grad_(False)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    start, position = 0, 0
+    random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    if resume_from is not None:
+        state = json.loads((resume_from / "trainer_state.json").read_text())
+        start, position = state["step"], state["data_position"]
+        ck = torch.load(resume_from / "optimizer.pt", weights_only=False)
+        opt.load_state_dict(ck["optimizer"])
+        random.setstate(ck["rng"]["python"])
+        torch.set_rng_state(ck["rng"]["torch"])
+        log(f"resumed from {resume_from} (step {start})")
+    ddp = model
+    if world > 1:
+        ddp = torch.nn.parallel.DistributedDataParallel(model)
+    stream = GroupStream(shards, seed=cfg.seed, buffer_size=cfg.buffer_size, rank=rank, world=world, skip=position)
+    checked_prompt = False
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(out / "fit_config.json", json.loads(json.dumps(asdict(cfg), default=str)))
+    metrics_f = open(out / "metrics.jsonl", "a") if rank == 0 else None
+    summary: dict = {"losses": []}
+    t_start = time.time()
+    for step in range(start, cfg.steps):
+        t0 = time.time()
+        batches = []
+        for _ in range(cfg.grad_accum):
+            groups = stream.take(cfg.groups_per_step)
+            for g in groups:
+                g["_image"] = decode_image(g["image"]) if g.get("image") is not None else None
+            if not checked_prompt:
+                from dfgen.policy import prompt_inputs
+
+                pi = prompt_inputs(processor, [groups[0]["question"]], [groups[0]["_image"]])
+                if groups[0].get("prompt_ids") is not None and pi["input_ids"][0].tolist() != list(groups[0]["prompt_ids"]):
+                    raise UserError("the policy's processor renders prompts differently from the shards' prompt_ids; "
+                                    "train the checkpoint family that sampled them")
+                checked_prompt = True
+            batches.append((groups, build_rows(groups, cfg)))
+        total_share = sum(_share(rows, cfg.agg, cfg.rep_in_denominator) for _, rows in batches)
+        agg_metrics: dict = {}
+        ntok = 0
+        for _upd in range(cfg.updates_per_batch):
+            opt.zero_grad(set_to_none=True)
+            step_loss = 0.0
+            for groups, rows in batches:
+                for k in range(0, len(rows), cfg.micro_batch):
+                    mb = rows[k: k + cfg.micro_batch]
+                    loss, met, _, cm = micro_loss(ddp, processor, groups, mb, cfg, suppress, temperature, ref_model)
+                    scale = _share(mb, cfg.agg, cfg.rep_in_denominator) / max(total_share, 1e-9)
+                    (loss * scale).backward()
+                    step_loss += float(loss.detach()) * scale
+                    ntok += int(cm.sum())
+                    for name, v in met.items():
+                        agg_metrics[name] = agg_metrics.get(name, 0.0) + float(v) * scale / cfg.updates_per_batch
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
+            opt.step()
+        rows_all = [r for _, rows in batches for r in rows]
+        rollouts = [r for r in rows_all if not r["rep"]]
+        failed = [r for r in rollouts if r["failed"]]
+        dt = time.time() - t0
+        rec = {"step": step + 1, "loss": round(step_loss, 6), "reward": sum(r["reward"] for r in rollouts) / len(rollouts),
+               "adv_abs_mean": sum(abs(r["adv"]) for r in rollouts) / len(rollouts),
+               "mask_density": (sum(sum(r["mask"]) for r in failed) / max(1, sum(len(r["ids"]) for r in failed)))
+               if failed else None,
+               "repaired_samples": sum(r["rep"] for r in rows_all), "grad_norm": round(grad_norm, 5),
+               "tok_per_s": round(ntok / dt, 1), "step_s": round(dt, 4),
+               **{k: round(v, 6) for k, v in agg_metrics.items()}}
+        summary["losses"].append(step_loss)
+        if rank == 0:
+            metrics_f.write(json.dumps(rec) + "\n")
+            metrics_f.flush()
+            if (step + 1) % cfg.log_every == 0 or step == cfg.steps - 1:
+                log(f"step {step + 1}/{cfg.steps} | loss {step_loss:.4f} | reward {rec['reward']:.3f} | "
+                    f"clip {rec.get('clipfrac', 0):.3f} | {rec['tok_per_s']:.0f} tok/s")
+            if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps:
+                save_checkpoint(model, processor, opt, cfg, step + 1, stream.position, out)
+    if rank == 0:
+        save_checkpoint(model, processor, opt, cfg, cfg.steps, stream.position, out, final=True)
+        metrics_f.close()
+    if world > 1:
+        torch.distributed.barrier()
+    summary["seconds"] = round(time.time() - t_start, 2)
+    summary["steps"] = cfg.steps - start
+    return summary
