@@ -119,6 +119,10 @@ def sample(
     chunk_size: int = typer.Option(64, help="Groups per shard (unit of resumption)."),
     num_workers: int = typer.Option(1, help="Total sampler processes sharing this prompt set."),
     worker_index: int = typer.Option(0, help="This process's index in [0, num_workers)."),
+    tensor_parallel_size: int = typer.Option(1, help="vllm: GPUs per engine."),
+    gpu_memory_utilization: float = typer.Option(0.9, help="vllm: fraction of GPU memory for the engine."),
+    max_model_len: int = typer.Option(1024, help="vllm: longest prompt + completion."),
+    dtype: str = typer.Option("auto", help="vllm: model dtype (auto = the checkpoint's)."),
 ):
     """Sample G rollouts per prompt with behaviour logprobs and exact rewards (resumable).
 
@@ -130,7 +134,8 @@ def sample(
     cfg = SampleConfig(prompts=prompts, model=model, out=out, backend=backend.value, group_size=group_size,
                        temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed,
                        limit=limit, batch_size=batch_size, chunk_size=chunk_size, num_workers=num_workers,
-                       worker_index=worker_index)
+                       worker_index=worker_index, tensor_parallel_size=tensor_parallel_size,
+                       gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len, dtype=dtype)
     cfg.validate()
     import time
 

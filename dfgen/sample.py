@@ -45,6 +45,16 @@ class SampleConfig:
     chunk_size: int = 64  # groups per shard (the unit of resumption)
     num_workers: int = 1
     worker_index: int = 0
+    tensor_parallel_size: int = 1  # vllm only
+    gpu_memory_utilization: float = 0.9  # vllm only
+    max_model_len: int = 1024  # vllm only: prompt + completion tokens
+    dtype: str = "auto"  # vllm only: "auto" = the checkpoint's dtype
+
+    def engine_kwargs(self) -> dict:
+        if self.backend != "vllm":
+            return {}
+        return {"tensor_parallel_size": self.tensor_parallel_size, "max_model_len": self.max_model_len,
+                "gpu_memory_utilization": self.gpu_memory_utilization, "dtype": self.dtype}
 
     def validate(self) -> None:
         if self.group_size < 1:
@@ -105,7 +115,7 @@ def run_sample(cfg: SampleConfig, progress=None) -> dict:
     records, skipped = load_prompts(cfg.prompts, limit=cfg.limit)
     mine = records[cfg.worker_index:: cfg.num_workers]
     chunks = [mine[k: k + cfg.chunk_size] for k in range(0, len(mine), cfg.chunk_size)]
-    backend = get_backend(cfg.backend, cfg.model, batch_size=cfg.batch_size)
+    backend = get_backend(cfg.backend, cfg.model, batch_size=cfg.batch_size, **cfg.engine_kwargs())
     meta = {"model": str(cfg.model), "model_fingerprint": model_fingerprint(cfg.model),
             "tokenizer_fingerprint": tokenizer_fingerprint(backend.tokenizer),
             "sampling": sampling_meta(cfg), "backend": cfg.backend, "prompts": str(cfg.prompts),

@@ -107,6 +107,70 @@ def fit(
     typer.echo(f"trained {res['steps']} steps in {res['seconds']:.1f}s; model saved to {out}")
 
 
+from dfgen.cli import Backend as _EvalBackend  # noqa: E402 - the eval command's option types
+from dftrain.evaluate import Bench as _Bench  # noqa: E402 - light module (no torch at import)
+
+
+@app.command("eval")
+@cli_errors
+def eval_(
+    model: Path = typer.Option(None, help="Policy folder to evaluate (not needed with --predictions)."),
+    bench: _Bench = typer.Option(_Bench.synth, help="Benchmark: synth, mathvista, mmstar or tabmwp."),
+    data: Path = typer.Option(None, help="Benchmark records: dfgen synth output, or the benchmark's "
+                                         "json/jsonl/parquet/folder (images next to it)."),
+    backend: _EvalBackend = typer.Option(_EvalBackend.hf, help="Generation engine."),
+    limit: int = typer.Option(None, help="Evaluate only the first N usable records."),
+    out: Path = typer.Option(Path("results.json"), help="Summary JSON; per-item records go next to it "
+                                                        "as <stem>.items.jsonl."),
+    samples: int = typer.Option(1, help="Samples per record: pass@k (1 = greedy)."),
+    temperature: float = typer.Option(None, help="Sampling temperature (default 0 = greedy for 1 sample, "
+                                                 "1.0 for pass@k)."),
+    max_new_tokens: int = typer.Option(None, help="Most tokens per answer (default 64 for synth, 512 otherwise)."),
+    seed: int = typer.Option(0, help="Base seed; sample k of record id uses hash(seed, id, k)."),
+    batch_size: int = typer.Option(64, help="Records per generate call."),
+    device: str = typer.Option("auto", help="hf backend device: auto, cpu, cuda, cuda:N."),
+    predictions: Path = typer.Option(None, help="Score existing answers instead of generating: JSONL with an "
+                                                "id and a response per line (needs --data, no --model)."),
+    prediction_field: str = typer.Option(None, help="Field of --predictions holding the answer text "
+                                                    "(default: response, else prediction)."),
+):
+    """Score a checkpoint (or existing predictions) on a benchmark: overall and per-category accuracy.
+
+    Records that cannot be evaluated (missing fields, missing or undecodable images, unknown answer
+    types) are counted as skipped and listed, never counted correct.
+
+    Example: dftrain eval --model runs/sft --bench mathvista --data ../shared/data/mathvista/testmini_with_images.jsonl --out runs/eval/mathvista.json
+    """
+    from dftrain.evaluate import EvalConfig, evaluate, items_path, summary_table
+
+    cfg = EvalConfig(bench=bench.value, data=data, model=model, predictions=predictions,
+                     prediction_field=prediction_field, backend=backend.value, out=out, limit=limit,
+                     samples=samples, temperature=temperature, max_new_tokens=max_new_tokens, seed=seed,
+                     batch_size=batch_size, device=device).validate()
+    _quiet_hf()
+    from rich.console import Console
+
+    err = Console(stderr=True)
+    prog = {"bar": None}
+
+    def progress(total=None, advance=0):
+        if total is not None and cfg.predictions is None:
+            from dfgen.cli import _progress
+
+            prog["bar"], prog["task"] = _progress(total, "evaluating")
+            prog["bar"].start()
+        elif prog["bar"] is not None and advance:
+            prog["bar"].update(prog["task"], advance=advance)
+
+    try:
+        summary = evaluate(cfg, progress=progress, log=lambda m: err.print(m, highlight=False, markup=False))
+    finally:
+        if prog["bar"] is not None:
+            prog["bar"].stop()
+    Console().print(summary_table(summary))
+    typer.echo(f"wrote {out} and {items_path(out)}")
+
+
 def main():
     app()
 

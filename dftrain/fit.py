@@ -306,12 +306,14 @@ def run_fit(cfg: FitConfig, log=print) -> dict:
         write_json_atomic(out / "fit_config.json", json.loads(json.dumps(asdict(cfg), default=str)))
     metrics_f = open(out / "metrics.jsonl", "a") if rank == 0 else None
     summary: dict = {"losses": []}
+    seen_ids: list = []
     t_start = time.time()
     for step in range(start, cfg.steps):
         t0 = time.time()
         batches = []
         for _ in range(cfg.grad_accum):
             groups = stream.take(cfg.groups_per_step)
+            seen_ids.extend(g["id"] for g in groups)
             for g in groups:
                 g["_image"] = decode_image(g["image"]) if g.get("image") is not None else None
             if not checked_prompt:
@@ -364,8 +366,21 @@ def run_fit(cfg: FitConfig, log=print) -> dict:
     if rank == 0:
         save_checkpoint(model, processor, opt, cfg, cfg.steps, stream.position, out, final=True)
         metrics_f.close()
-    if world > 1:
+    if world > 1:  # check the data-parallel contract: identical replicas, disjoint data
+        with torch.no_grad():
+            checksum = float(sum(p.double().sum() for p in model.parameters()))
+        gathered = [None] * world
+        torch.distributed.all_gather_object(gathered, (checksum, seen_ids))
+        if rank == 0:
+            sums = [g[0] for g in gathered]
+            ids = [set(g[1]) for g in gathered]
+            check = {"world": world, "checksums": sums,
+                     "replicas_identical": max(sums) - min(sums) <= 1e-6 * max(1.0, abs(sums[0])),
+                     "disjoint_data": all(not (ids[i] & ids[j]) for i in range(world) for j in range(i + 1, world))
+                     if cfg.steps * cfg.groups_per_step * world <= shards.num_rows() else None}
+            write_json_atomic(out / "ddp_check.json", check)
         torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
     summary["seconds"] = round(time.time() - t_start, 2)
     summary["steps"] = cfg.steps - start
     return summary

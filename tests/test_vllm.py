@@ -32,7 +32,7 @@ def sft_ckpt(tmp_path_factory, tiny_model, train_prompts):
 def engine(sft_ckpt):
     from dfgen.backends import get_backend
 
-    backend = get_backend("vllm", sft_ckpt, dtype="float32", max_model_len=512, batch_size=64)
+    backend = get_backend("vllm", sft_ckpt, max_model_len=512, batch_size=64)  # dtype auto: float32 here
     yield backend
     backend.close()
 
@@ -140,8 +140,14 @@ def test_score_matches_hf(engine, hf, prompts, group):
     free = [t for t in range(engine.vocab_size) if t not in set(engine.suppress) and t != eos]
     ps += prompts
     comps += [free[10:13] + [eos], free[40:52], [eos], free[100:124:3]]
-    for t in (1.0, 0.7):
-        got, ref = engine.score(ps, comps, temperature=t), hf.score(ps, comps, temperature=t)
+    for t, budget in ((1.0, None), (0.7, 1)):  # budget 1: one request per scoring call
+        if budget:
+            engine.SCORE_BUDGET = budget
+        try:
+            got = engine.score(ps, comps, temperature=t)
+        finally:
+            vars(engine).pop("SCORE_BUDGET", None)
+        ref = hf.score(ps, comps, temperature=t)
         assert [len(x) for x in got] == [len(c) for c in comps]
         assert max(abs(a - b) for g, r in zip(got, ref) for a, b in zip(g, r)) < TOL
     assert engine.score([], []) == [] and engine.score(prompts[:1], [[]]) == [[]]
@@ -160,3 +166,28 @@ def test_sft_checkpoint_weights_are_the_ones_used(engine, hf, tiny_model, prompt
     base = HFBackend(tiny_model).score(ps, [s.token_ids for s in samples])
     diff = max(abs(a - b) for s, r in zip(samples, base) for a, b in zip(s.logprobs, r))
     assert diff > 0.1, diff
+
+
+def test_dfgen_sample_with_the_vllm_backend_end_to_end(sft_ckpt, train_prompts, tmp_path):
+    """The CLI through vLLM (own engine, subprocess); the trainer's reader streams its shards."""
+    import os
+    import subprocess
+    import sys
+
+    from dfgen.shards import open_shards
+    from dftrain.data import GroupStream
+
+    out = tmp_path / "S"
+    p = subprocess.run([sys.executable, "-m", "dfgen.cli", "sample", "--prompts", str(train_prompts), "--model",
+                        str(sft_ckpt), "--out", str(out), "--backend", "vllm", "--group-size", "2", "--limit", "4",
+                        "--max-new-tokens", "24", "--max-model-len", "256"],
+                       capture_output=True, text=True, timeout=900, env={**os.environ})
+    assert p.returncode == 0, p.stderr[-3000:]
+    ss = open_shards(out, stage="sample")
+    assert ss.meta["backend"] == "vllm" and ss.num_rows() == 4
+    groups = GroupStream(ss, seed=0).take(4)
+    assert sorted(g["id"] for g in groups) == sorted({g["id"] for g in groups})
+    for g in groups:
+        assert len(g["rollouts"]) == 2
+        for r in g["rollouts"]:
+            assert len(r["token_ids"]) == len(r["logprobs"]) > 0

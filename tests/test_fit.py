@@ -1,0 +1,185 @@
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+
+import polars as pl
+import pytest
+import torch
+
+from dfgen.errors import UserError
+from tests.conftest import run_cli
+
+
+@pytest.fixture(scope="module")
+def df_shards(tmp_path_factory, sft_model, train_prompts):
+    from dfgen.mask import MaskConfig, run_mask
+    from dfgen.repair import RepairConfig, run_repair
+    from dfgen.sample import SampleConfig, run_sample
+
+    d = tmp_path_factory.mktemp("fit")
+    run_sample(SampleConfig(prompts=train_prompts, model=sft_model, out=d / "s", group_size=4, limit=16,
+                            chunk_size=4, seed=5))
+    run_repair(RepairConfig(rollouts=d / "s", out=d / "r"))
+    run_mask(MaskConfig(repairs=d / "r", out=d / "m"))
+    return d
+
+
+def _losses(out):
+    return [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_fit_trains_and_writes_a_checkpoint_transformers_and_the_sampler_load(df_shards, sft_model, tmp_path):
+    from transformers import AutoModelForImageTextToText
+
+    from dfgen.backends import Prompt, SamplingConfig
+    from dfgen.backends.hf import HFBackend
+
+    r = run_cli("dftrain", "fit", "--data", df_shards / "m", "--model", sft_model, "--out", tmp_path / "o",
+                "--steps", 3, "--groups-per-step", 4, "--repaired-weight", 1.0, "--lr", 1e-3)
+    assert "model saved" in r.stdout
+    m = AutoModelForImageTextToText.from_pretrained(tmp_path / "o")
+    base = AutoModelForImageTextToText.from_pretrained(sft_model)
+    moved = sum((a - b).abs().sum().item() for a, b in zip(m.parameters(), base.parameters()))
+    assert moved > 0
+    out = HFBackend(tmp_path / "o").generate([Prompt("How many red plus blue?", None)], [[1]],
+                                             SamplingConfig(max_new_tokens=4))
+    assert len(out[0][0].token_ids) >= 1
+    recs = [json.loads(x) for x in (tmp_path / "o" / "metrics.jsonl").read_text().splitlines()]
+    assert len(recs) == 3 and all(math.isfinite(x["loss"]) for x in recs)
+    assert any(x["repaired_samples"] > 0 for x in recs)
+    assert (tmp_path / "o" / "step_000003" / "trainer_state.json").is_file()
+
+
+def test_resume_continues_exactly(df_shards, sft_model, tmp_path):
+    from dftrain.fit import FitConfig, run_fit
+
+    kw = dict(data=df_shards / "m", model=sft_model, groups_per_step=2, lr=1e-3, updates_per_batch=2)
+    run_fit(FitConfig(out=tmp_path / "a", steps=4, **kw), log=lambda m: None)
+    run_fit(FitConfig(out=tmp_path / "b", steps=2, save_every=1, **kw), log=lambda m: None)
+    run_fit(FitConfig(out=tmp_path / "b", steps=4, resume=True, **kw), log=lambda m: None)
+    a, b = _losses(tmp_path / "a"), _losses(tmp_path / "b")
+    assert len(a) == len(b) == 4
+    assert max(abs(x - y) for x, y in zip(a, b)) < 1e-6
+    from safetensors.torch import load_file
+
+    wa, wb = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
+    assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-6
+
+
+def test_plain_grpo_and_df_give_the_same_loss_when_kappa_is_one(df_shards, sft_model, tmp_path):
+    from dftrain.fit import FitConfig, run_fit
+
+    kw = dict(data=df_shards / "m", model=sft_model, groups_per_step=4, steps=1)
+    run_fit(FitConfig(out=tmp_path / "g", objective="grpo", **kw), log=lambda m: None)
+    run_fit(FitConfig(out=tmp_path / "d", objective="df-grpo", kappa=1.0, **kw), log=lambda m: None)
+    run_fit(FitConfig(out=tmp_path / "k", objective="df-grpo", kappa=0.0, **kw), log=lambda m: None)
+    g, d, k = _losses(tmp_path / "g"), _losses(tmp_path / "d"), _losses(tmp_path / "k")
+    assert abs(g[0] - d[0]) < 1e-6
+    assert abs(g[0] - k[0]) > 1e-6  # the mask changes the objective
+
+
+def test_micro_batching_does_not_change_the_update(df_shards, sft_model, tmp_path):
+    from dftrain.fit import FitConfig, run_fit
+
+    kw = dict(data=df_shards / "m", model=sft_model, groups_per_step=4, steps=1, lr=1e-3)
+    run_fit(FitConfig(out=tmp_path / "one", micro_batch=64, **kw), log=lambda m: None)
+    run_fit(FitConfig(out=tmp_path / "many", micro_batch=3, **kw), log=lambda m: None)
+    assert abs(_losses(tmp_path / "one")[0] - _losses(tmp_path / "many")[0]) < 1e-5
+    from safetensors.torch import load_file
+
+    wa, wb = load_file(tmp_path / "one" / "model.safetensors"), load_file(tmp_path / "many" / "model.safetensors")
+    assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-5
+
+
+def test_a_df_step_lowers_the_wrong_token_more_than_the_others_and_grpo_spreads_it(sft_model):
+    """One group: a correct rollout and the same rollout with one wrong read. One SGD step."""
+    from dfgen.align import align
+    from dfgen.backends import Prompt
+    from dfgen.backends.hf import HFBackend
+    from dfgen.policy import decode_image, load_policy
+    from dfgen.synth.grid import make_problems, solution_text
+    from dftrain.fit import FitConfig, build_rows, micro_loss
+
+    p = next(make_problems(1, seed=21))
+    good = solution_text(p.steps, p.answer)
+    v = p.steps[0]["value"]
+    bad = good.replace(f"= {v}\n", f"= {(v + 1) % 10}\n", 1)
+    results = {}
+    for objective in ("grpo", "df-grpo"):
+        model, proc = load_policy(sft_model)
+        tok = proc.tokenizer
+        ids_good = tok(good, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        ids_bad = tok(bad, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        img = decode_image(p.render())
+        be = HFBackend(None, model=model, processor=proc)
+        lp_good, lp_bad = be.score([Prompt(p.question(), img)] * 2, [ids_good, ids_bad])
+        a = align(ids_bad, ids_good)
+        wrong = a.root_bad.index(1)
+        group = {"id": "g", "question": p.question(), "_image": img, "rollouts": [
+            {"token_ids": ids_good, "logprobs": lp_good, "reward": 1.0, "repair_status": None},
+            {"token_ids": ids_bad, "logprobs": lp_bad, "reward": 0.0, "repair_status": "ok",
+             "mask_bad": a.root_bad, "root_bad": a.root_bad, "repaired_ids": ids_good,
+             "repaired_logprobs": lp_good, "mask_repaired": a.root_repaired}]}
+        cfg = FitConfig(data=".", model=".", out=".", objective=objective, kappa=0.0)
+        rows = build_rows([group], cfg)
+        model.train()
+        loss, _, _, _ = micro_loss(model, proc, [group], rows, cfg, [], 1.0)
+        loss.backward()
+        with torch.no_grad():
+            for prm in model.parameters():
+                if prm.grad is not None:
+                    prm -= 0.5 * prm.grad
+        after = be.score([Prompt(p.question(), img)], [ids_bad])[0]
+        delta = [x - y for x, y in zip(after, lp_bad)]
+        others = [abs(d) for k, d in enumerate(delta) if k != wrong]
+        results[objective] = (delta[wrong], sum(others) / len(others))
+    d_wrong, d_others = results["df-grpo"]
+    g_wrong, g_others = results["grpo"]
+    assert d_wrong < 0  # DF lowers the wrong token's probability
+    assert -d_wrong > 3 * d_others  # ... much more than it moves the other tokens
+    assert (-d_wrong / d_others) > (-g_wrong / max(g_others, 1e-12))  # GRPO spreads the change
+
+
+@pytest.mark.parametrize("case", ["no_masks", "nan_logprobs", "other_tokenizer", "empty"])
+def test_fit_refuses_bad_data_clearly(case, df_shards, sft_model, tmp_path):
+    from dfgen.shards import ShardWriter, open_shards
+
+    data, model = df_shards / "m", sft_model
+    if case == "no_masks":
+        data, match = df_shards / "s", "no masks"
+    elif case == "nan_logprobs":
+        rows = pl.read_parquet(str(df_shards / "m" / "*.parquet")).to_dicts()
+        for row in rows:
+            row["rollouts"][0]["logprobs"][0] = float("nan")
+        meta = open_shards(df_shards / "m").meta
+        ShardWriter(tmp_path / "n", "mask", {k: v for k, v in meta.items() if k not in ("stage",)}).write(0, rows)
+        data, match = tmp_path / "n", "NaN or inf"
+    elif case == "other_tokenizer":
+        from dfgen.policy import build_tiny
+
+        model, match = build_tiny(tmp_path / "other", seed=9), "another tokenizer"
+    else:
+        meta = open_shards(df_shards / "m").meta
+        ShardWriter(tmp_path / "e", "mask", {k: v for k, v in meta.items() if k not in ("stage",)}).write(0, [])
+        data, match = tmp_path / "e", "no groups"
+    r = run_cli("dftrain", "fit", "--data", data, "--model", model, "--out", tmp_path / "o", "--steps", 1,
+                check=False)
+    assert r.returncode != 0 and match in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_ddp_with_two_cpu_processes_trains_disjoint_data_and_keeps_replicas_identical(df_shards, sft_model, tmp_path):
+    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable))
+    if torchrun is None:
+        pytest.skip("torchrun not found")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    p = subprocess.run([torchrun, "--nproc_per_node", "2", "--master_port", "29533", "-m", "dftrain.cli", "fit",
+                        "--data", str(df_shards / "m"), "--model", str(sft_model), "--out", str(tmp_path / "o"),
+                        "--steps", "2", "--groups-per-step", "2"], capture_output=True, text=True, env=env,
+                       timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    st = json.loads((tmp_path / "o" / "ddp_check.json").read_text())
+    assert st["world"] == 2 and st["replicas_identical"] and st["disjoint_data"]
