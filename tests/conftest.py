@@ -59,5 +59,5 @@ def sft_model(tmp_path_factory, tiny_model, train_prompts) -> Path:
     from dftrain.sft import SFTConfig, run_sft
 
     out = tmp_path_factory.mktemp("models") / "sft"
-    run_sft(SFTConfig(data=train_prompts, model=tiny_model, out=out, steps=60, batch_size=16, lr=3e-3))
+    run_sft(SFTConfig(data=train_prompts, model=tiny_model, out=out, steps=150, batch_size=16, lr=3e-3))
     return out

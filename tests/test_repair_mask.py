@@ -65,9 +65,16 @@ def test_oracle_repairs_almost_all_step_format_failures_and_every_kept_repair_ve
     f = _flat(d / "r")
     failed = f.filter(pl.col("reward") < 1)
     assert failed.height > 0 and failed.height == rep["failed"]
-    step_format = failed.filter(pl.col("repair_status") != "not in step format")
+    def follows_format(row):  # every line a step or the answer, as many steps as the solution
+        lines = [ln for ln in row["text"].split("\n") if ln.strip()]
+        n_steps = len(json.loads(row["solution"])["steps"])
+        steps = [ln for ln in lines if oracle.parse_line(ln) is not None]
+        return len(steps) == n_steps and len(lines) == n_steps + 1 and lines[-1].startswith("Answer:")
+
+    fmt = [r for r in failed.iter_rows(named=True) if follows_format(r)]
+    assert len(fmt) >= 5
+    assert sum(r["repair_status"] == "ok" for r in fmt) >= 0.95 * len(fmt)
     ok = failed.filter(pl.col("repair_status") == "ok")
-    assert ok.height >= 0.95 * step_format.height - 1  # rejected ones carry a reason
     assert set(failed["repair_status"].unique().to_list()) <= {"ok", "not in step format", "edit ratio above bound"}
     for row in ok.iter_rows(named=True):
         assert score(row, row["repaired_text"])[1] == 1.0
@@ -209,9 +216,11 @@ def test_report_escapes_model_text_and_renders_in_headless_chromium(pipeline, tm
     d, _, _ = pipeline
     rows = pl.read_parquet(str(d / "m" / "*.parquet")).to_dicts()
     for row in rows:
+        row["question"] = "<script>alert(1)</script>" + row["question"]
         for x in row["rollouts"]:
             if x["reward"] < 1:
-                x["text"] = "<script>alert(1)</script>" + x["text"]
+                x["pred"] = "<script>alert(2)</script>"
+                x["repaired_text"] = "<script>alert(3)</script>" + (x["repaired_text"] or "")
     meta = open_shards(d / "m").meta
     ShardWriter(tmp_path / "m", "mask", {k: v for k, v in meta.items() if k not in ("stage", "schema_version")}
                 ).write(0, rows)

@@ -1,0 +1,106 @@
+"""Trainer cost, side by side in one run: GRPO vs DF-GRPO step time, tokens/s, peak RSS, and the
+data loader's throughput against what the trainer consumes.
+
+Makes DF shards with the real pipeline (tiny model, a short SFT, sample, oracle repair, mask), then
+times ``dftrain.fit`` steps (8 groups x 8 rollouts, 2 updates per batch, as the TRL anchor in
+shared/notes) for each objective, interleaved, and streams the shards through ``GroupStream``
+alone. Peak RSS of the loader with 1x and 10x the shards is measured in subprocesses.
+
+Run: python bench/bench_trainer.py [--steps 10] [--json out.json]
+"""
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def loader_rss(path: Path, copies: int) -> float:
+    code = f"""
+import resource, shutil, tempfile
+from pathlib import Path
+from dfgen.shards import open_shards
+from dftrain.data import GroupStream
+src = Path({str(path)!r}); d = Path(tempfile.mkdtemp())
+for k in range({copies}):
+    for f in src.glob('*.parquet'):
+        shutil.copy(f, d / f"{{f.stem}}-{{k}}.parquet".replace('part-w000-', f'part-w{{k:03d}}-'))
+ss = open_shards(d)
+n = ss.num_rows()
+s = GroupStream(ss, seed=0, buffer_size=64)
+s.take(n)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    return float(out.strip().splitlines()[-1])
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import torch
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    torch.set_num_threads(2)
+    from dfgen.mask import MaskConfig, run_mask
+    from dfgen.policy import build_tiny
+    from dfgen.repair import RepairConfig, run_repair
+    from dfgen.sample import SampleConfig, run_sample
+    from dfgen.shards import open_shards
+    from dfgen.synth.grid import write_synth
+    from dftrain.data import GroupStream
+    from dftrain.fit import FitConfig, run_fit
+    from dftrain.sft import SFTConfig, run_sft
+
+    d = Path(tempfile.mkdtemp())
+    write_synth(d / "train", 2000, seed=0)
+    build_tiny(d / "tiny")
+    run_sft(SFTConfig(data=d / "train", model=d / "tiny", out=d / "sft", steps=300))
+    run_sample(SampleConfig(prompts=d / "train", model=d / "sft", out=d / "s", group_size=8, limit=96,
+                            chunk_size=16))
+    run_repair(RepairConfig(rollouts=d / "s", out=d / "r"))
+    run_mask(MaskConfig(repairs=d / "r", out=d / "m"))
+    times = {"grpo": [], "df-grpo": []}
+    toks = {"grpo": [], "df-grpo": []}
+    for rep in range(2):
+        for obj in ("grpo", "df-grpo"):
+            out = d / f"fit-{obj}-{rep}"
+            run_fit(FitConfig(data=d / "m", model=d / "sft", out=out, objective=obj, steps=args.steps,
+                              groups_per_step=8, updates_per_batch=2, seed=rep), log=lambda m: None)
+            recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()][2:]  # skip warm-up
+            times[obj] += [r["step_s"] for r in recs]
+            toks[obj] += [r["tok_per_s"] for r in recs]
+    med = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+    tps = {k: sorted(v)[len(v) // 2] for k, v in toks.items()}
+    ss = open_shards(d / "m")
+    n = ss.num_rows()
+    t = time.time()
+    GroupStream(ss, seed=0).take(n)
+    load_gps = n / (time.time() - t)
+    train_gps = 8 / med["df-grpo"]
+    res = {"machine": f"{platform.machine()} {os.cpu_count()} cpus", "torch_threads": torch.get_num_threads(),
+           "step_s_median": med, "tok_per_s_median": tps,
+           "df_overhead": round(med["df-grpo"] / med["grpo"] - 1, 4),
+           "loader_groups_per_s": round(load_gps, 1), "trainer_groups_per_s": round(train_gps, 1),
+           "loader_vs_trainer": round(load_gps / train_gps, 1),
+           "peak_rss_mib_process": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+    r1, r10 = loader_rss(d / "m", 1), loader_rss(d / "m", 10)
+    res.update({"loader_rss_mib_1x": round(r1, 1), "loader_rss_mib_10x": round(r10, 1),
+                "loader_rss_ratio_10x_vs_1x": round(r10 / r1, 3)})
+    print(json.dumps(res, indent=2))
+    if args.json:
+        args.json.write_text(json.dumps(res, indent=2))
+
+
+if __name__ == "__main__":
+    main()
