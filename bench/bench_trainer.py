@@ -33,8 +33,10 @@ for k in range({copies}):
 ss = open_shards(d)
 n = ss.num_rows()
 s = GroupStream(ss, seed=0, buffer_size=64)
-s.take(n)
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+for _ in range(n):
+    s.take(1)  # consume without keeping (a trainer keeps one step of groups)
+# VmHWM, not ru_maxrss: Linux carries ru_maxrss over fork+exec from the parent
+print([int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmHWM')][0] / 1024)
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     return float(out.strip().splitlines()[-1])
