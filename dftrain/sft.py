@@ -116,7 +116,7 @@ def run_sft(cfg: SFTConfig, progress=None) -> dict:
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, safe_serialization=True)
     save_processor_files(tmp, processor.tokenizer, processor.image_processor)
-    write_json_atomic(tmp / "config.json.dfkit", {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()})
+    write_json_atomic(tmp / "sft_config.json", {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()})
     write_json_atomic(tmp / "sft_metrics.json", result)
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
