@@ -70,7 +70,7 @@ def fit(
     grad_accum: int = typer.Option(1, help="Batches of groups accumulated per optimizer step."),
     updates_per_batch: int = typer.Option(1, help="Optimizer updates on each batch (PPO epochs)."),
     micro_batch: int = typer.Option(64, help="Sequences per forward/backward pass."),
-    lr: float = typer.Option(1e-4, help="Learning rate (AdamW, constant)."),
+    lr: float = typer.Option(2e-5, help="Learning rate (AdamW, constant); see docs/RESULTS.md."),
     kappa: float = typer.Option(0.1, help="DF weight of unmarked tokens of a repaired failed rollout."),
     marked: str = typer.Option("edit", help="Which tokens DF marks: edit, root, root+prop."),
     delta: float = typer.Option(0.5, help="root+prop: weight of later edited tokens."),

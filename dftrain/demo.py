@@ -99,7 +99,7 @@ def main(argv=None) -> dict:
                       f"{s['mixed_groups']:.2f}, repaired {s.get('repair_success_rate', 0):.2f} of failures, "
                       f"mask density {s.get('mask_density', 0):.3f}")
             run_fit(FitConfig(data=rd / "df", model=policy, out=rd / "fit", objective="df-grpo", steps=fit_steps,
-                              groups_per_step=8, updates_per_batch=2, lr=1e-4, seed=args.seed + r),
+                              groups_per_step=8, updates_per_batch=2, lr=2e-5, seed=args.seed + r),
                     log=lambda msg: con.print("  " + msg))
         policy = rd / "fit"
     stage("held-out accuracy after RL")
