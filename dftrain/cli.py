@@ -5,7 +5,6 @@ every output; heavy imports stay inside command bodies so ``--help`` is instant.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import typer

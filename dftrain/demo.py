@@ -76,7 +76,7 @@ def main(argv=None) -> dict:
         build_tiny(out / "tiny", seed=args.seed)
     if not (out / "sft" / "config.json").exists():
         stage(f"SFT warm start ({sft_steps} steps)")
-        res = run_sft(SFTConfig(data=out / "train", model=out / "tiny", out=out / "sft", steps=sft_steps,
+        run_sft(SFTConfig(data=out / "train", model=out / "tiny", out=out / "sft", steps=sft_steps,
                                 batch_size=sft_bs, seed=args.seed),
                       progress=lambda r: con.print(f"  step {r['step']}/{sft_steps} | loss {r['loss']:.4f}"))
     stage("held-out accuracy before RL")

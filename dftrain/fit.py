@@ -136,7 +136,7 @@ def micro_loss(model, processor, groups, rows, cfg: FitConfig, suppress, tempera
     """Loss and metrics of one micro-batch of sequences (``rows`` index into ``groups``)."""
     import torch
 
-    from dfgen.policy import completion_inputs, decode_image, prompt_inputs, token_logprobs
+    from dfgen.policy import completion_inputs, prompt_inputs, token_logprobs
     from dftrain.loss import LOSSES, df_token_weights, repaired_term
 
     qs = [groups[r["g"]]["question"] for r in rows]
