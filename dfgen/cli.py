@@ -22,6 +22,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=N
 
 class Split(str, Enum):
     train = "train"
+    val = "val"
     test = "test"
 
 
@@ -52,7 +53,7 @@ def synth(
     out: Path = typer.Option(..., help="Output folder for the prompt shards."),
     n: int = typer.Option(..., help="Number of problems."),
     seed: int = typer.Option(0, help="Chooses which problems of the split are drawn."),
-    split: Split = typer.Option(Split.train, help="train and test never share a problem."),
+    split: Split = typer.Option(Split.train, help="train, val and test never share a problem."),
     grid: int = typer.Option(3, help="Cells per side (2-4): 56-112 px images, one image token per cell."),
     min_reads: int = typer.Option(2, help="Fewest colours read per question (one step each)."),
     max_reads: int = typer.Option(3, help="Most colours read per question."),

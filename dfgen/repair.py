@@ -100,7 +100,7 @@ def run_repair(cfg: RepairConfig, progress=None) -> dict:
                 have.get("model_fingerprint") != meta.get("model_fingerprint"):
             raise UserError(f"{out} holds shards of another run; use a new output folder (nothing was overwritten)")
     writers: dict = {}
-    st = {"failed": 0, "ok": 0, "reasons": {}, "shards_skipped": 0, "repaired_per_s": 0.0}
+    st = {"failed": 0, "ok": 0, "repaired_tokens": 0, "reasons": {}, "shards_skipped": 0, "repaired_per_s": 0.0}
     t0 = time.time()
     for f in ss.files:
         name = f.name  # part-wXXX-NNNNN.parquet
@@ -160,6 +160,7 @@ def run_repair(cfg: RepairConfig, progress=None) -> dict:
                 row["rollouts"][i]["repaired_ids"] = ids
                 row["rollouts"][i]["repaired_logprobs"] = lp
             st["ok"] += len(keep)
+            st["repaired_tokens"] += sum(len(ids) for _, _, ids in keep)
         writer.write(chunk, rows)
         if progress:
             progress(len(rows))

@@ -1,4 +1,4 @@
-"""``dftrain``: the learning stage (sft, fit, eval).
+"""``dftrain``: the learning stage (sft, fit, loop, eval).
 
 Errors are one line on stderr with a non-zero exit; the resolved config is saved next to
 every output; heavy imports stay inside command bodies so ``--help`` is instant.
@@ -84,6 +84,8 @@ def fit(
     dtype: str = typer.Option("float32", help="float32 or bfloat16."),
     save_every: int = typer.Option(0, help="Checkpoint every N steps (0 = at the end)."),
     resume: bool = typer.Option(False, help="Continue from the latest checkpoint in --out."),
+    optimizer_from: Path = typer.Option(None, help="A previous fit's output: continue its AdamW state "
+                                                   "(rounds of sample -> fit as one optimisation)."),
     seed: int = typer.Option(0, help="Data order seed."),
 ):
     """Train the policy on DF shards with the masked GRPO objective (or plain GRPO).
@@ -98,12 +100,58 @@ def fit(
                     micro_batch=micro_batch, lr=lr, kappa=kappa, marked=marked, delta=delta, mass=mass,
                     repaired_weight=repaired_weight, kappa_rep=kappa_rep, beta=beta, adv_scale=adv_scale, agg=agg,
                     lora_rank=lora_rank, gradient_checkpointing=gradient_checkpointing, dtype=dtype,
-                    save_every=save_every, resume=resume, seed=seed)
+                    save_every=save_every, resume=resume, optimizer_from=optimizer_from, seed=seed)
     from rich.console import Console
 
     con = Console(stderr=True)
     res = run_fit(cfg, log=lambda m: con.print(m, highlight=False))
     typer.echo(f"trained {res['steps']} steps in {res['seconds']:.1f}s; model saved to {out}")
+
+
+@app.command()
+@cli_errors
+def loop(
+    model: Path = typer.Option(..., help="Starting policy (e.g. dftrain sft output)."),
+    out: Path = typer.Option(..., help="Output folder: round_RRR/{prompts,sample,repair,df,fit}, loop.json."),
+    rounds: int = typer.Option(3, help="Rounds of sample -> [repair -> mask] -> fit."),
+    objective: str = typer.Option("df-grpo", help="df-grpo (masked) or grpo (plain baseline)."),
+    prompts: Path = typer.Option(None, help="Prompt set to draw each round's prompts from "
+                                            "(default: fresh synthetic train problems every round)."),
+    prompts_per_round: int = typer.Option(64, help="Prompts sampled per round."),
+    group_size: int = typer.Option(8, help="Rollouts per prompt."),
+    fit_steps: int = typer.Option(8, help="Optimizer steps per round."),
+    groups_per_step: int = typer.Option(8, help="Prompt groups per step."),
+    updates_per_batch: int = typer.Option(2, help="Optimizer updates on each batch."),
+    lr: float = typer.Option(2e-5, help="Learning rate (AdamW, constant, carried across rounds)."),
+    kappa: float = typer.Option(0.1, help="DF weight of unmarked tokens of a repaired failed rollout."),
+    marked: str = typer.Option("edit", help="Which tokens DF marks: edit, root, root+prop."),
+    mass: str = typer.Option("keep", help="keep or redistribute the failed rollout's blame."),
+    repaired_weight: float = typer.Option(0.0, help="Advantage of repaired samples (0 = off)."),
+    repairer: str = typer.Option("oracle", help="oracle, sibling or model."),
+    carry_optimizer: bool = typer.Option(True, help="Continue AdamW state across rounds."),
+    eval: list[Path] = typer.Option([], help="Prompt set(s) to score by greedy accuracy (repeatable)."),
+    eval_n: int = typer.Option(500, help="Problems scored per eval set."),
+    eval_every: int = typer.Option(1, help="Evaluate every N rounds (and after the last)."),
+    seed: int = typer.Option(0, help="Prompt, sampling and data-order seed."),
+):
+    """R rounds of the decoupled pipeline; each round's checkpoint samples the next (resumable).
+
+    Example: dftrain loop --model runs/sft --out runs/loop --rounds 4 --eval runs/test
+    """
+    _quiet_hf()
+    from rich.console import Console
+
+    from dftrain.loop import LoopConfig, run_loop
+
+    cfg = LoopConfig(model=model, out=out, rounds=rounds, objective=objective, prompts=prompts,
+                     prompts_per_round=prompts_per_round, group_size=group_size, fit_steps=fit_steps,
+                     groups_per_step=groups_per_step, updates_per_batch=updates_per_batch, lr=lr, kappa=kappa,
+                     marked=marked, mass=mass, repaired_weight=repaired_weight, repairer=repairer,
+                     carry_optimizer=carry_optimizer, eval=[str(e) for e in eval], eval_n=eval_n,
+                     eval_every=eval_every, seed=seed)
+    con = Console(stderr=True)
+    res = run_loop(cfg, log=lambda m: con.print(m, highlight=False))
+    typer.echo(f"{len(res['rounds'])} rounds in {res['seconds']:.0f}s; final model {res['final_model']}")
 
 
 from dfgen.cli import Backend as _EvalBackend  # noqa: E402 - the eval command's option types

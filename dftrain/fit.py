@@ -71,6 +71,7 @@ class FitConfig:
     dtype: str = "float32"  # float32 | bfloat16 (GPU)
     save_every: int = 0  # checkpoint every N steps (0 = only at the end)
     resume: bool = False
+    optimizer_from: Path | None = None  # previous fit's OUT (or step folder): continue its AdamW state
     seed: int = 0
     log_every: int = 1
     threads: int = 0
@@ -225,6 +226,22 @@ def save_checkpoint(model, processor, opt, cfg, step, position, out: Path, final
                 shutil.copy2(f, out / f.name)
 
 
+def _optimizer_state(src: Path, lr: float) -> dict:
+    """AdamW state of a previous run (its OUT or one step folder), with this run's lr."""
+    import torch
+
+    ck = src / "optimizer.pt" if (src / "optimizer.pt").is_file() else None
+    if ck is None:
+        last = latest_checkpoint(src)
+        ck = last / "optimizer.pt" if last is not None else None
+    if ck is None or not ck.is_file():
+        raise UserError(f"--optimizer-from {src}: no optimizer.pt there (expected a dftrain fit output)")
+    state = torch.load(ck, weights_only=False, map_location="cpu")["optimizer"]
+    for group in state["param_groups"]:
+        group["lr"] = lr
+    return state
+
+
 def latest_checkpoint(out: Path):
     steps = sorted(p for p in Path(out).glob("step_*") if (p / "trainer_state.json").is_file())
     return steps[-1] if steps else None
@@ -296,6 +313,8 @@ def run_fit(cfg: FitConfig, log=print) -> dict:
         random.setstate(ck["rng"]["python"])
         torch.set_rng_state(ck["rng"]["torch"])
         log(f"resumed from {resume_from} (step {start})")
+    elif cfg.optimizer_from is not None:
+        opt.load_state_dict(_optimizer_state(Path(cfg.optimizer_from), cfg.lr))
     ddp = model
     if world > 1:
         ddp = torch.nn.parallel.DistributedDataParallel(model)

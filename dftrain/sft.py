@@ -34,6 +34,7 @@ class SFTConfig:
     eval_n: int = 200  # held-out problems scored at the end
     log_every: int = 50
     threads: int = 0  # torch threads; 0 = torch default
+    device: str = "cpu"  # cpu | cuda | cuda:N | auto (cuda when available)
 
 
 def target_text(rec: dict) -> str:
@@ -61,7 +62,9 @@ def sft_loss(model, processor, recs: list[dict], images: list):
     comps = [tok(target_text(r), add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for r in recs]
     inputs, cmask = completion_inputs(prompt_inputs(processor, [r["question"] for r in recs], images),
                                       comps, tok.pad_token_id)
+    inputs = {k: v.to(model.device) if hasattr(v, "to") else v for k, v in inputs.items()}
     lp = token_logprobs(model, inputs, cmask.shape[1])  # (B, Tc)
+    cmask = cmask.to(lp.device)
     n = cmask.sum()
     return -(lp * cmask).sum() / n, int(n)
 
@@ -78,7 +81,8 @@ def run_sft(cfg: SFTConfig, progress=None) -> dict:
     torch.manual_seed(cfg.seed)
     recs, _ = load_prompts(cfg.data)
     images = [decode_image(r["image"]) if r["image"] is not None else None for r in recs]
-    model, processor = load_policy(cfg.model)
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+    model, processor = load_policy(cfg.model, device=device)
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
     rng = random.Random(cfg.seed)
@@ -102,7 +106,7 @@ def run_sft(cfg: SFTConfig, progress=None) -> dict:
             if progress:
                 progress(rec)
     train_s = time.time() - t0
-    model.eval()
+    model.eval().to("cpu")
     result = {"steps": cfg.steps, "train_seconds": round(train_s, 2),
               "steps_per_s": round(cfg.steps / train_s, 2), "final_loss": log[-1]["loss"], "log": log}
     if cfg.eval_data:

@@ -19,6 +19,8 @@ def test_same_seed_same_problems_other_seed_other_problems():
 def test_train_and_test_splits_are_disjoint_for_any_seeds():
     train = {p.content_hash() for s in range(3) for p in make_problems(400, seed=s, split="train")}
     test = {p.content_hash() for s in range(3) for p in make_problems(200, seed=s, split="test")}
+    val = {p.content_hash() for s in range(3) for p in make_problems(200, seed=s, split="val")}
+    assert not (val & train) and not (val & test) and len(val) > 150
     assert train and test and not (train & test)
     assert all(split_of(p) == "test" for p in make_problems(20, seed=9, split="test"))
 

@@ -17,8 +17,8 @@ Every step's value is stored (``Problem.steps``), so the reward is exact and an 
 locate the first wrong step and repair it minimally (``dfgen.repairers.oracle``).
 
 Splits never overlap by construction: a problem's *content* (board + question) is hashed and
-``hash % 10 == 0`` belongs to ``test``, everything else to ``train``; each generator rejects
-problems of the other split. Seeds only choose which problems of a split are drawn.
+``hash % 10 == 0`` belongs to ``test``, ``== 1`` to ``val`` (for tuning, e.g. the learning rate),
+everything else to ``train``; each generator rejects problems of the other splits. Seeds only choose which problems of a split are drawn.
 
 Difficulty knobs (``GridTask``): ``grid`` (2-4 cells a side -> 56-112 px), ``reads``
 (colours read per question: 2-4, a range), ``colors`` (palette size), ``max_count`` (most
@@ -156,14 +156,17 @@ def _draw(task: GridTask, rng: random.Random) -> Problem:
 
 
 def split_of(p: Problem) -> str:
-    return "test" if int(p.content_hash()[:8], 16) % 10 == 0 else "train"
+    return SPLITS.get(int(p.content_hash()[:8], 16) % 10, "train")
+
+
+SPLITS = {0: "test", 1: "val"}
 
 
 def make_problems(n: int, seed: int, split: str = "train", task: GridTask = GridTask()):
     """Yield ``n`` problems of ``split``, deterministic in (seed, split, task)."""
     task.validate()
-    if split not in ("train", "test"):
-        raise ValueError(f"split must be train or test, got {split!r}")
+    if split not in ("train", "val", "test"):
+        raise ValueError(f"split must be train, val or test, got {split!r}")
     rng = random.Random(f"dfgen-grid|{seed}|{split}|{json.dumps(asdict(task), sort_keys=True)}")
     made, tries = 0, 0
     while made < n:

@@ -1,0 +1,187 @@
+"""``dftrain loop``: R rounds of the decoupled pipeline, each round's checkpoint sampling the next.
+
+Round ``r`` (folder ``OUT/round_RRR/``):
+
+1. ``prompts/``: the round's training prompts: records ``[r*N, (r+1)*N)`` of ``--prompts`` (wrapping
+   around), or, without ``--prompts``, N fresh synthetic ``train`` problems (seed ``seed*1000 + r``,
+   so every round sees new problems and two loops with the same seed see the same ones);
+2. ``sample/``: ``dfgen sample`` from the current policy (G rollouts per prompt);
+3. ``repair/`` + ``df/``: ``dfgen repair`` and ``dfgen mask`` (skipped for ``--objective grpo``,
+   which trains on the sample shards: the same data path with no masks);
+4. ``fit/``: ``dftrain fit`` for ``--fit-steps`` steps, starting from the previous round's
+   checkpoint *and its AdamW state* (``--optimizer-from``), so R rounds are one continuous
+   optimisation on fresh on-policy data, not R cold restarts;
+5. optionally, greedy accuracy on each ``--eval`` set (every ``--eval-every`` rounds and after the
+   last), then ``round.json`` (stats, timings, generated tokens, accuracies) written atomically.
+
+Every round's shards, checkpoint and metrics are kept. ``OUT/loop.json`` holds the config and the
+per-round records. Resumable at round granularity: a rerun with the same config skips finished
+rounds (``round.json`` present) and redoes an unfinished one from its first unfinished stage
+(sampling itself resumes chunk by chunk); a rerun with a different config is refused.
+
+Run: ``dftrain loop --model runs/sft --out runs/loop --rounds 4 --eval runs/test``
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from dfgen.errors import UserError
+
+
+@dataclass
+class LoopConfig:
+    model: Path  # starting policy (e.g. dftrain sft output)
+    out: Path
+    rounds: int = 3
+    objective: str = "df-grpo"  # df-grpo | grpo
+    prompts: Path | None = None  # prompt set to draw rounds from; None = fresh synthetic problems
+    prompts_per_round: int = 64
+    task: dict = field(default_factory=dict)  # GridTask knobs for synthetic prompts
+    group_size: int = 8
+    temperature: float = 1.0
+    max_new_tokens: int = 64
+    repairer: str = "oracle"
+    fit_steps: int = 8  # fit_steps * groups_per_step = prompts_per_round uses each group once
+    groups_per_step: int = 8
+    updates_per_batch: int = 2
+    lr: float = 2e-5
+    kappa: float = 0.1
+    marked: str = "edit"
+    mass: str = "keep"
+    repaired_weight: float = 0.0
+    carry_optimizer: bool = True
+    eval: list = field(default_factory=list)  # prompt sets scored by greedy accuracy
+    eval_n: int = 500
+    eval_every: int = 1
+    seed: int = 0
+
+    def validate(self):
+        if self.rounds <= 0 or self.prompts_per_round <= 0 or self.fit_steps <= 0 or self.group_size < 2:
+            raise UserError("--rounds, --prompts-per-round and --fit-steps must be positive, --group-size >= 2")
+        if self.objective not in ("df-grpo", "grpo"):
+            raise UserError("--objective must be df-grpo or grpo")
+        if self.eval_every <= 0 or self.eval_n <= 0:
+            raise UserError("--eval-every and --eval-n must be positive")
+
+
+def _jsonable(cfg: LoopConfig) -> dict:
+    return json.loads(json.dumps(asdict(cfg), default=str))
+
+
+def _round_prompts(cfg: LoopConfig, r: int, dst: Path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from dfgen.records import load_prompts
+    from dfgen.shards import PROMPT_SCHEMA
+    from dfgen.synth.grid import GridTask, write_synth
+
+    if cfg.prompts is None:
+        write_synth(dst, cfg.prompts_per_round, seed=cfg.seed * 1000 + r, split="train", task=GridTask(**cfg.task))
+        return
+    recs, _ = load_prompts(cfg.prompts)
+    if not recs:
+        raise UserError(f"{cfg.prompts} holds no usable prompts")
+    n = cfg.prompts_per_round
+    chosen = [recs[(r * n + k) % len(recs)] for k in range(n)]
+    tmp = dst.with_name(dst.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    pq.write_table(pa.Table.from_pylist(chosen, schema=PROMPT_SCHEMA), tmp / "prompts.parquet")
+    shutil.rmtree(dst, ignore_errors=True)
+    tmp.rename(dst)
+
+
+def run_loop(cfg: LoopConfig, log=print) -> dict:
+    from dfgen.mask import MaskConfig, run_mask
+    from dfgen.policy import check_policy_dir, load_policy
+    from dfgen.repair import RepairConfig, run_repair
+    from dfgen.sample import SampleConfig, run_sample
+    from dfgen.shards import write_json_atomic
+    from dftrain.evaluate import greedy_accuracy
+    from dftrain.fit import FitConfig, run_fit
+
+    cfg.validate()
+    check_policy_dir(Path(cfg.model))
+    for e in cfg.eval:
+        if not Path(e).exists():
+            raise UserError(f"--eval {e}: no such prompt set")
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    state_f = out / "loop.json"
+    want = _jsonable(cfg)
+    want.pop("rounds")  # more rounds may be added to a finished loop
+    if state_f.exists():
+        have = json.loads(state_f.read_text())
+        have_cfg = {k: v for k, v in have["config"].items() if k != "rounds"}
+        if have_cfg != want:
+            diff = sorted(k for k in set(have_cfg) | set(want) if have_cfg.get(k) != want.get(k))
+            raise UserError(f"{out} holds a loop with other settings ({', '.join(diff)}); use a new --out")
+    records: list[dict] = []
+    policy, prev_fit = Path(cfg.model), None
+    t_loop = time.time()
+    for r in range(cfg.rounds):
+        rd = out / f"round_{r:03d}"
+        done_f = rd / "round.json"
+        if done_f.exists():
+            records.append(json.loads(done_f.read_text()))
+            policy = prev_fit = rd / "fit"
+            continue
+        t0 = time.time()
+        rd.mkdir(parents=True, exist_ok=True)
+        if not (rd / "prompts").exists():
+            _round_prompts(cfg, r, rd / "prompts")
+        st = run_sample(SampleConfig(prompts=rd / "prompts", model=policy, out=rd / "sample", group_size=cfg.group_size,
+                                     temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens,
+                                     seed=cfg.seed * 1000 + r, chunk_size=32))
+        rec = {"round": r, "rollouts": st["rollouts"], "generated_tokens": st["tokens"],
+               "sample_reward": st.get("mean_reward"), "seconds": {"sample": round(time.time() - t0, 2)}}
+        data = rd / "sample"
+        if cfg.objective == "df-grpo":
+            t1 = time.time()
+            for stage in ("repair", "df"):  # an unfinished stage is redone from scratch
+                if not (rd / stage / "_done").exists():
+                    shutil.rmtree(rd / stage, ignore_errors=True)
+            if not (rd / "repair" / "_done").exists():
+                rep = run_repair(RepairConfig(rollouts=rd / "sample", out=rd / "repair", repairer=cfg.repairer))
+                (rd / "repair" / "_done").write_text(json.dumps(rep, default=str))
+            rep = json.loads((rd / "repair" / "_done").read_text())
+            if not (rd / "df" / "_done").exists():
+                mk = run_mask(MaskConfig(repairs=rd / "repair", out=rd / "df"))
+                (rd / "df" / "_done").write_text(json.dumps(mk, default=str))
+            rec["repair"] = {k: rep.get(k) for k in ("failed", "ok", "repaired_tokens") if k in rep}
+            rec["seconds"]["repair_mask"] = round(time.time() - t1, 2)
+            data = rd / "df"
+        t2 = time.time()
+        if (rd / "fit").exists() and not (rd / "fit" / "config.json").exists():
+            shutil.rmtree(rd / "fit")  # an interrupted fit restarts the round's training
+        if not (rd / "fit" / "config.json").exists():
+            res = run_fit(FitConfig(data=data, model=policy, out=rd / "fit", objective=cfg.objective,
+                                    steps=cfg.fit_steps, groups_per_step=cfg.groups_per_step,
+                                    updates_per_batch=cfg.updates_per_batch, lr=cfg.lr, kappa=cfg.kappa,
+                                    marked=cfg.marked, mass=cfg.mass, repaired_weight=cfg.repaired_weight,
+                                    optimizer_from=prev_fit if cfg.carry_optimizer else None,
+                                    seed=cfg.seed * 1000 + r), log=lambda m: None)
+            rec["fit_loss_mean"] = sum(res["losses"]) / len(res["losses"])
+        rec["seconds"]["fit"] = round(time.time() - t2, 2)
+        policy = prev_fit = rd / "fit"
+        rec["accuracy"] = {}
+        if cfg.eval and ((r + 1) % cfg.eval_every == 0 or r == cfg.rounds - 1):
+            t3 = time.time()
+            model, processor = load_policy(policy)
+            for e in cfg.eval:
+                rec["accuracy"][Path(e).name] = greedy_accuracy(model, processor, Path(e), limit=cfg.eval_n)
+            del model
+            rec["seconds"]["eval"] = round(time.time() - t3, 2)
+        write_json_atomic(done_f, rec)
+        records.append(rec)
+        acc = " ".join(f"{k} {v:.3f}" for k, v in rec["accuracy"].items())
+        log(f"round {r + 1}/{cfg.rounds}: sample reward {rec['sample_reward'] or 0:.3f}"
+            + (f" | greedy {acc}" if acc else "") + f" | {time.time() - t0:.0f}s")
+        write_json_atomic(state_f, {"config": _jsonable(cfg), "rounds": records})
+    write_json_atomic(state_f, {"config": _jsonable(cfg), "rounds": records})
+    return {"rounds": records, "final_model": str(policy), "seconds": round(time.time() - t_loop, 1)}
