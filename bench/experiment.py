@@ -1,15 +1,25 @@
-"""GRPO vs DF-GRPO from the same SFT checkpoint, paired by seed, on the embedded default.
+"""GRPO vs DF-GRPO from the same SFT checkpoint: lr chosen per objective on val, paired seeds on test.
 
-For each seed and arm: ``--rounds`` rounds of the decoupled pipeline (fresh training prompts per
-round, identical across arms for a seed; sample -> [repair -> mask] -> fit), greedy accuracy on
-``--eval-n`` held-out problems after every round. Arms differ only in the objective (and the
-DF arm's repair/mask stages, whose compute is reported). Matched compute (a): the same sampled
-rollouts and gradient steps. Results: per-seed accuracies (mean of the last ``--avg-last``
-evaluations), the paired difference with a 95% t-interval, mechanism statistics (mask density,
-share of failed rollouts whose first error is not in the first step, negative-gradient mass DF
-keeps), and a JSON + PNG under ``--out``.
+Every run is a resumable ``dftrain loop`` (rounds of sample -> [oracle repair -> mask] -> fit,
+AdamW state carried across rounds, fresh training prompts every round, identical across arms for
+a seed). The grid is arms x ``--lrs`` x ``--seeds``; every run is scored on the *val* and *test*
+splits (disjoint by content hash) every ``--eval-every`` rounds. Each arm's lr is the one with the
+best mean val accuracy (mean of the last ``--avg-last`` evaluations); only that lr's *test*
+numbers are reported, so test never influences a choice.
 
-Run (CPU, ~20 min): ``python bench/experiment.py --seeds 5 --rounds 4 --out runs/exp``
+* (a) matched rollouts and gradient steps: ``grpo`` vs ``df-grpo``;
+* (b) ``--token-matched``: ``grpo-tok`` gets extra prompts (and steps) per round so its sampled
+  tokens equal the DF arm's sampled + repaired tokens (the ratio is measured by a probe round).
+
+Setup: the tiny policy (``--hidden/--layers``: 128/2 = the 0.77M default, 256/4 = ~5M) and its SFT
+start (``--sft-steps``, ``--sft-device``), or ``--sft DIR``. Reported in ``OUT/results.json`` and
+``OUT/curves.png``: SFT accuracy, the lr x arm table (val and test), per-seed test results, paired
+differences with a 95% t-interval, and mechanism statistics of the DF arm (mask density, share of
+failures whose first error comes after the first step, negative-gradient mass DF keeps).
+``--jobs K`` runs K loops side by side (``--threads`` torch threads each); runs cut short are
+summarized over the evaluations all of them reached (``--summarize-only`` re-reads a folder).
+
+Run (2-core CPU, hours): ``python bench/experiment.py --out runs/exp2``
 """
 from __future__ import annotations
 
@@ -18,137 +28,253 @@ import json
 import math
 import os
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-T975 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26, 10: 2.23}
+T975 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26, 10: 2.23,
+        11: 2.20, 12: 2.18, 13: 2.16, 14: 2.14, 15: 2.13}
+
+
+def paired(diffs: list[float]) -> dict:
+    n = len(diffs)
+    mean = sum(diffs) / n
+    sd = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (n - 1)) if n > 1 else float("nan")
+    half = T975.get(n - 1, 1.96) * sd / math.sqrt(n) if n > 1 else float("nan")
+    return {"n": n, "mean": mean, "ci95": [mean - half, mean + half], "diffs": diffs}
 
 
 def mechanism(df_dir: Path, kappa: float) -> dict:
-    import polars as pl
+    """Mask statistics of the failed rollouts with a verified repair in one round's DF shards."""
+    import pyarrow.parquet as pq
 
-    f = pl.read_parquet(str(df_dir / "*.parquet")).explode("rollouts").unnest("rollouts")
-    ok = f.filter((pl.col("reward") < 1) & (pl.col("repair_status") == "ok"))
-    if ok.height == 0:
+    tokens = marked = failed = late = 0
+    for f in sorted(df_dir.glob("*.parquet")):
+        for g in pq.read_table(f, columns=["rollouts"]).column("rollouts").to_pylist():
+            for r in g:
+                if r["reward"] >= 1 or r.get("repair_status") != "ok" or not r.get("mask_bad"):
+                    continue
+                m = r["mask_bad"]
+                failed += 1
+                tokens += len(m)
+                marked += sum(m)
+                # step masks mark whole lines holding an edit: an unmarked first token means the
+                # first line (step 1) is intact, so the rollout holds a correct step before its error
+                late += not (r.get("step_mask_bad") or [1])[0]
+    if not failed:
         return {}
-    m = ok.select(pl.col("mask_bad").list.sum().alias("k"), pl.col("mask_bad").list.len().alias("n"),
-                  pl.col("mask_bad").list.eval(pl.element().arg_max()).list.first().alias("first"),
-                  pl.col("token_ids").alias("ids"))
-    tokens, marked = int(m["n"].sum()), int(m["k"].sum())
-    return {"failed_repaired": ok.height, "mask_density": marked / tokens,
-            "neg_mass_kept": (marked + kappa * (tokens - marked)) / tokens,
-            # a first edit beyond the first ~6 tokens ("Step 1: red = N") means step 1 was right
-            "first_error_after_step1": float((m["first"] > 6).mean())}
+    return {"failed_repaired": failed, "mask_density": marked / tokens,
+            "neg_mass_kept": (marked + kappa * (tokens - marked)) / tokens, "first_error_after_step1": late / failed}
 
 
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--out", type=Path, default=Path("runs/exp"))
-    ap.add_argument("--seeds", type=int, default=5)
-    ap.add_argument("--rounds", type=int, default=4)
-    ap.add_argument("--prompts-per-round", type=int, default=64)
-    ap.add_argument("--group-size", type=int, default=8)
-    ap.add_argument("--fit-steps", type=int, default=8)
-    ap.add_argument("--lr", type=float, default=1e-4)
-    ap.add_argument("--kappa", type=float, default=0.1)
-    ap.add_argument("--eval-n", type=int, default=1000)
-    ap.add_argument("--avg-last", type=int, default=2)
-    ap.add_argument("--sft-steps", type=int, default=600)
-    args = ap.parse_args()
+def run_job(job: dict) -> dict:
+    """One ``dftrain loop`` in this process (a worker of the pool)."""
+    import warnings
+
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    warnings.filterwarnings("ignore")
     import torch
     import transformers
 
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
-    torch.set_num_threads(2)
-    from dfgen.mask import MaskConfig, run_mask
+    torch.set_num_threads(job.pop("threads"))
+    from dftrain.loop import LoopConfig, run_loop
+
+    name = job.pop("name")
+    t0 = time.time()
+    out = Path(job["out"])
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "log.txt", "a") as logf:
+        res = run_loop(LoopConfig(**job), log=lambda m: (logf.write(m + "\n"), logf.flush()))
+    return {"name": name, "rounds": res["rounds"], "seconds": round(time.time() - t0, 1)}
+
+
+def summarize(rounds: list[dict], split: str, avg_last: int) -> dict:
+    evals = [(r["round"], r["accuracy"][split]) for r in rounds if split in r.get("accuracy", {})]
+    return {"evals": evals, "final": sum(a for _, a in evals[-avg_last:]) / min(avg_last, len(evals)),
+            "generated_tokens": sum(r["generated_tokens"] for r in rounds),
+            "repaired_tokens": sum(r.get("repair", {}).get("repaired_tokens", 0) for r in rounds),
+            "rollouts": sum(r["rollouts"] for r in rounds)}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", type=Path, default=Path("runs/exp2"))
+    ap.add_argument("--seeds", type=int, default=5)
+    ap.add_argument("--lrs", default="3e-5,1e-4", help="comma-separated lr grid; chosen per arm on val")
+    ap.add_argument("--rounds", type=int, default=10)
+    ap.add_argument("--prompts-per-round", type=int, default=64)
+    ap.add_argument("--group-size", type=int, default=8)
+    ap.add_argument("--fit-steps", type=int, default=8)
+    ap.add_argument("--kappa", type=float, default=0.1)
+    ap.add_argument("--marked", default="edit")
+    ap.add_argument("--mass", default="keep")
+    ap.add_argument("--repaired-weight", type=float, default=0.0)
+    ap.add_argument("--task", default="{}", help="GridTask knobs as JSON, e.g. '{\"min_reads\": 3}'")
+    ap.add_argument("--eval-n", type=int, default=1000)
+    ap.add_argument("--val-n", type=int, default=500)
+    ap.add_argument("--eval-every", type=int, default=2)
+    ap.add_argument("--avg-last", type=int, default=3)
+    ap.add_argument("--sft", type=Path, default=None, help="start from this SFT checkpoint (default: train one)")
+    ap.add_argument("--sft-steps", type=int, default=600)
+    ap.add_argument("--sft-device", default="cpu")
+    ap.add_argument("--hidden", type=int, default=128)
+    ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--token-matched", action="store_true", help="also run (b): grpo-tok")
+    ap.add_argument("--summarize-only", action="store_true", help="summarize the runs already in --out")
+    ap.add_argument("--jobs", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import torch
+
+    torch.set_num_threads(args.threads if args.jobs == 1 else min(8, os.cpu_count() or 2))
     from dfgen.policy import build_tiny, load_policy
-    from dfgen.repair import RepairConfig, run_repair
-    from dfgen.sample import SampleConfig, run_sample
-    from dfgen.synth.grid import write_synth
+    from dfgen.synth.grid import GridTask, write_synth
     from dftrain.evaluate import greedy_accuracy
-    from dftrain.fit import FitConfig, run_fit
     from dftrain.sft import SFTConfig, run_sft
 
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
-    if not (out / "test").exists():
-        write_synth(out / "test", args.eval_n, seed=0, split="test")
-        write_synth(out / "train", 4000, seed=0, split="train")
-        build_tiny(out / "tiny")
-        run_sft(SFTConfig(data=out / "train", model=out / "tiny", out=out / "sft", steps=args.sft_steps))
-    m, p = load_policy(out / "sft")
-    sft_acc = greedy_accuracy(m, p, out / "test", limit=args.eval_n)
-    print(f"SFT start: {sft_acc:.4f}", flush=True)
-    results = json.loads((out / "results.json").read_text()) if (out / "results.json").exists() else {}
-    results.setdefault("config", vars(args) | {"out": str(out)})
-    results["sft_accuracy"] = sft_acc
-    runs = results.setdefault("runs", {})
-    for seed in range(args.seeds):
-        for arm in ("grpo", "df-grpo"):
-            key = f"{arm}/s{seed}"
-            if key in runs:
-                continue
-            policy, evals, mech, t0, gen_tokens = out / "sft", [], [], time.time(), 0
-            for r in range(args.rounds):
-                rd = out / key / f"round{r}"
-                prompts = out / f"prompts/s{seed}r{r}"
-                if not prompts.exists():
-                    write_synth(prompts, args.prompts_per_round, seed=10_000 + 100 * seed + r, split="train")
-                st = run_sample(SampleConfig(prompts=prompts, model=policy, out=rd / "sample",
-                                             group_size=args.group_size, seed=1000 * seed + r, chunk_size=32))
-                gen_tokens += st["tokens"]
-                data = rd / "sample"
-                if arm == "df-grpo":
-                    run_repair(RepairConfig(rollouts=rd / "sample", out=rd / "repair"))
-                    run_mask(MaskConfig(repairs=rd / "repair", out=rd / "df"))
-                    data = rd / "df"
-                    mech.append(mechanism(rd / "df", args.kappa))
-                run_fit(FitConfig(data=data, model=policy, out=rd / "fit", objective=arm, steps=args.fit_steps,
-                                  groups_per_step=8, updates_per_batch=2, lr=args.lr, kappa=args.kappa,
-                                  seed=seed), log=lambda msg: None)
-                policy = rd / "fit"
-                m, p = load_policy(policy)
-                evals.append(greedy_accuracy(m, p, out / "test", limit=args.eval_n))
-            runs[key] = {"evals": evals, "final": sum(evals[-args.avg_last:]) / args.avg_last,
-                         "seconds": round(time.time() - t0, 1), "generated_tokens": gen_tokens, "mechanism": mech}
-            print(f"{key}: evals {[round(e, 3) for e in evals]} ({runs[key]['seconds']}s)", flush=True)
-            (out / "results.json").write_text(json.dumps(results, indent=2))
-    seeds = [s for s in range(args.seeds) if f"grpo/s{s}" in runs and f"df-grpo/s{s}" in runs]
-    diffs = [runs[f"df-grpo/s{s}"]["final"] - runs[f"grpo/s{s}"]["final"] for s in seeds]
-    n = len(diffs)
-    mean = sum(diffs) / n
-    sd = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (n - 1)) if n > 1 else float("nan")
-    half = T975.get(n - 1, 1.96) * sd / math.sqrt(n) if n > 1 else float("nan")
-    results["summary"] = {"seeds": n, "grpo_mean": sum(runs[f"grpo/s{s}"]["final"] for s in seeds) / n,
-                          "df_mean": sum(runs[f"df-grpo/s{s}"]["final"] for s in seeds) / n,
-                          "paired_diff_mean": mean, "paired_diff_ci95": [mean - half, mean + half],
-                          "diffs": diffs}
-    (out / "results.json").write_text(json.dumps(results, indent=2))
+    task = json.loads(args.task)
+    t_all = time.time()
+    sft = args.sft or out / "sft"
+    if not (out / "val").exists():
+        write_synth(out / "test", args.eval_n, seed=0, split="test", task=GridTask(**task))
+        write_synth(out / "val", args.val_n, seed=0, split="val", task=GridTask(**task))
+    if not (sft / "config.json").exists():
+        write_synth(out / "train", 4000, seed=0, split="train", task=GridTask(**task))
+        build_tiny(out / "tiny", hidden=args.hidden, layers=args.layers)
+        run_sft(SFTConfig(data=out / "train", model=out / "tiny", out=sft, steps=args.sft_steps,
+                          device=args.sft_device))
+    results_f = out / "results.json"
+    results = json.loads(results_f.read_text()) if results_f.exists() else {}
+    results["config"] = vars(args) | {"out": str(out), "sft": str(sft)}
+    if "sft_accuracy" not in results:
+        m, p = load_policy(sft)
+        results["sft_accuracy"] = {"test": greedy_accuracy(m, p, out / "test", limit=args.eval_n),
+                                   "val": greedy_accuracy(m, p, out / "val", limit=args.val_n)}
+        results_f.write_text(json.dumps(results, indent=2))
+    print(f"SFT start: {results['sft_accuracy']}", flush=True)
+    base = dict(model=str(sft), rounds=args.rounds, prompts_per_round=args.prompts_per_round,
+                group_size=args.group_size, fit_steps=args.fit_steps, kappa=args.kappa, marked=args.marked,
+                mass=args.mass, repaired_weight=args.repaired_weight, task=task, eval_every=args.eval_every,
+                eval=[str(out / "val"), str(out / "test")], eval_n=args.eval_n, threads=args.threads)
+    lrs = [float(x) for x in args.lrs.split(",")]
+    arms = ["grpo", "df-grpo"] + (["grpo-tok"] if args.token_matched else [])
+    # (b): GRPO gets extra prompts per round so its sampled tokens match DF's sampled + repaired
+    # tokens; the ratio is a property of the task and SFT start, measured once up front.
+    ratio = results.get("token_ratio", 1.0)
+    if args.token_matched and "token_ratio" not in results:
+        probe = run_job(base | dict(name="probe", out=str(out / "probe"), objective="df-grpo", lr=lrs[0], seed=999,
+                                    rounds=1, eval=[]))
+        r0 = probe["rounds"][0]
+        ratio = results["token_ratio"] = (r0["generated_tokens"] + r0["repair"]["repaired_tokens"]) / r0["generated_tokens"]
+        results_f.write_text(json.dumps(results, indent=2))
+    specs = []
+    for arm in arms:
+        for lr in lrs:
+            for s in range(args.seeds):
+                name = f"{arm}/lr{lr:g}/s{s}"
+                spec = base | dict(name=name, out=str(out / name), objective="grpo" if arm == "grpo-tok" else arm,
+                                   lr=lr, seed=s)
+                if arm == "grpo-tok":  # same groups per step, more prompts and steps per round
+                    n = int(round(args.prompts_per_round * ratio / args.group_size)) * args.group_size
+                    spec |= dict(prompts_per_round=n, fit_steps=max(1, n * args.fit_steps // args.prompts_per_round))
+                specs.append(spec)
+    pending = [s for s in specs if not (Path(s["out"]) / f"round_{args.rounds - 1:03d}" / "round.json").exists()]
+    if pending and not args.summarize_only:
+        print(f"{len(pending)} runs to do, {args.jobs} at a time", flush=True)
+        with ProcessPoolExecutor(max_workers=args.jobs) as ex:
+            for r in ex.map(run_job, [dict(s) for s in pending]):
+                print(f"  {r['name']}: {r['seconds']}s", flush=True)
+    results |= summarize_grid(out, specs, arms, lrs, args, results["sft_accuracy"])
+    results["seconds"] = round(time.time() - t_all, 1)
+    results_f.write_text(json.dumps(results, indent=2))
     print(json.dumps(results["summary"], indent=2))
+    plot(out, results, arms, args)
+
+
+def summarize_grid(out: Path, specs, arms, lrs, args, sft_acc) -> dict:
+    """Choose each arm's lr on val; report its test accuracy; paired differences per seed.
+
+    Runs cut short (a time limit) are summarized over the evaluations every run has, so all arms
+    are compared at the same point."""
+    runs = {}
+    for s in specs:
+        f = Path(s["out"]) / "loop.json"
+        if f.exists():
+            runs[s["name"]] = json.loads(f.read_text())["rounds"]
+    n_evals = min((sum(1 for r in v if r.get("accuracy")) for v in runs.values()), default=0)
+
+    def final(name, split):
+        evals = [r["accuracy"][split] for r in runs[name] if r.get("accuracy")][:n_evals]
+        k = min(args.avg_last, len(evals))
+        return sum(evals[-k:]) / k if k else float("nan")
+
+    seeds = [s for s in range(args.seeds) if all(f"{a}/lr{lr:g}/s{s}" in runs for a in arms for lr in lrs)]
+    table, chosen = {}, {}
+    for arm in arms:
+        for lr in lrs:
+            table.setdefault(arm, {})[f"{lr:g}"] = {
+                split: sum(final(f"{arm}/lr{lr:g}/s{s}", split) for s in seeds) / max(1, len(seeds))
+                for split in ("val", "test")}
+        chosen[arm] = max(table[arm], key=lambda k: table[arm][k]["val"])
+    test = {arm: [final(f"{arm}/lr{chosen[arm]}/s{s}", "test") for s in seeds] for arm in arms}
+    summ = {"seeds": len(seeds), "evals_used": n_evals, "lr_chosen_on_val": chosen,
+            "test_mean": {a: sum(v) / max(1, len(v)) for a, v in test.items()}, "sft": sft_acc}
+    if len(seeds) > 1:
+        summ["a_df_minus_grpo"] = paired([d - g for d, g in zip(test["df-grpo"], test["grpo"])])
+        summ["grpo_minus_sft"] = paired([g - sft_acc["test"] for g in test["grpo"]])
+        summ["df_minus_sft"] = paired([d - sft_acc["test"] for d in test["df-grpo"]])
+        if "grpo-tok" in test:
+            summ["b_df_minus_grpo_tok"] = paired([d - g for d, g in zip(test["df-grpo"], test["grpo-tok"])])
+    mech = [mechanism(p, args.kappa) for p in sorted(out.glob(f"df-grpo/lr{chosen.get('df-grpo')}/s*/round_*/df"))]
+    mech = [m for m in mech if m]
+    if mech:
+        summ["mechanism_mean"] = {k: sum(m[k] for m in mech) / len(mech)
+                                  for k in ("mask_density", "neg_mass_kept", "first_error_after_step1")}
+    return {"grid": table, "test_per_seed": test, "summary": summ}
+
+
+def plot(out: Path, results: dict, arms: list[str], args):
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(figsize=(6, 4))
-        rollouts_per_round = args.prompts_per_round * args.group_size
-        for arm, color in (("grpo", "tab:blue"), ("df-grpo", "tab:red")):
-            for s in seeds:
-                ev = runs[f"{arm}/s{s}"]["evals"]
-                xs = [rollouts_per_round * (k + 1) for k in range(len(ev))]
-                ax.plot([0] + xs, [sft_acc] + ev, color=color, alpha=0.35)
-            mean_curve = [sum(runs[f"{arm}/s{s}"]["evals"][k] for s in seeds) / n for k in range(args.rounds)]
-            ax.plot([0] + [rollouts_per_round * (k + 1) for k in range(args.rounds)], [sft_acc] + mean_curve,
-                    color=color, lw=2.5, label=f"{arm} (mean of {n} seeds)")
-        ax.set_xlabel("sampled rollouts")
-        ax.set_ylabel(f"greedy accuracy ({args.eval_n} held-out)")
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(out / "curves.png", dpi=110)
     except ImportError:
-        pass
+        return
+    colors = {"grpo": "tab:blue", "df-grpo": "tab:red", "grpo-tok": "tab:green"}
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    sft = results["sft_accuracy"]["test"]
+    for arm in arms:
+        lr = results["summary"]["lr_chosen_on_val"][arm]
+        per_seed = [json.loads(f.read_text())["rounds"] for f in sorted(out.glob(f"{arm}/lr{lr}/s*/loop.json"))]
+        for ax, key in zip(axes, ("rollouts", "generated_tokens")):
+            curves = []
+            for rounds in per_seed:
+                xs, ys, acc = [0], [sft], 0
+                for r in rounds:
+                    acc += r[key] + (r.get("repair", {}).get("repaired_tokens", 0) if key != "rollouts" else 0)
+                    if "test" in r.get("accuracy", {}):
+                        xs.append(acc)
+                        ys.append(r["accuracy"]["test"])
+                ax.plot(xs, ys, color=colors[arm], alpha=0.25)
+                curves.append((xs, ys))
+            if not curves:
+                continue
+            k = min(len(c[1]) for c in curves)
+            ax.plot(curves[0][0][:k], [sum(c[1][i] for c in curves) / len(curves) for i in range(k)],
+                    color=colors[arm], lw=2.5, label=f"{arm} (mean of {len(curves)})")
+    axes[0].set_xlabel("sampled rollouts")
+    axes[1].set_xlabel("generated tokens (DF: + repaired tokens)")
+    for ax in axes:
+        ax.set_ylabel(f"greedy accuracy ({args.eval_n} test)")
+        ax.axhline(sft, color="gray", ls=":", label="SFT start")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "curves.png", dpi=110)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ def sft(
     data: Path = typer.Option(..., help="Prompt set with solutions (dfgen synth output)."),
     model: Path = typer.Option(..., help="Policy folder to start from (e.g. dfgen tiny output)."),
     out: Path = typer.Option(..., help="Output model folder."),
-    steps: int = typer.Option(600, help="Optimizer steps."),
+    steps: int = typer.Option(2000, help="Optimizer steps (600 teach only the format; docs/RESULTS.md)."),
     batch_size: int = typer.Option(16, help="Prompts per step."),
     lr: float = typer.Option(3e-3, help="Peak learning rate (cosine decay)."),
     seed: int = typer.Option(0, help="Data order and init seed."),
@@ -37,7 +37,7 @@ def sft(
 ):
     """Supervised warm start on the synthetic solutions (loss on the answer only).
 
-    Example: dftrain sft --data runs/train --model runs/tiny --out runs/sft --steps 600
+    Example: dftrain sft --data runs/train --model runs/tiny --out runs/sft --steps 2000
     """
     _quiet_hf()
     from rich.console import Console
@@ -69,7 +69,7 @@ def fit(
     grad_accum: int = typer.Option(1, help="Batches of groups accumulated per optimizer step."),
     updates_per_batch: int = typer.Option(1, help="Optimizer updates on each batch (PPO epochs)."),
     micro_batch: int = typer.Option(64, help="Sequences per forward/backward pass."),
-    lr: float = typer.Option(2e-5, help="Learning rate (AdamW, constant); see docs/RESULTS.md."),
+    lr: float = typer.Option(1e-4, help="Learning rate (AdamW, constant); chosen on val, docs/RESULTS.md."),
     kappa: float = typer.Option(0.1, help="DF weight of unmarked tokens of a repaired failed rollout."),
     marked: str = typer.Option("edit", help="Which tokens DF marks: edit, root, root+prop."),
     delta: float = typer.Option(0.5, help="root+prop: weight of later edited tokens."),
@@ -122,7 +122,7 @@ def loop(
     fit_steps: int = typer.Option(8, help="Optimizer steps per round."),
     groups_per_step: int = typer.Option(8, help="Prompt groups per step."),
     updates_per_batch: int = typer.Option(2, help="Optimizer updates on each batch."),
-    lr: float = typer.Option(2e-5, help="Learning rate (AdamW, constant, carried across rounds)."),
+    lr: float = typer.Option(1e-4, help="Learning rate (AdamW, constant, carried across rounds; chosen on val)."),
     kappa: float = typer.Option(0.1, help="DF weight of unmarked tokens of a repaired failed rollout."),
     marked: str = typer.Option("edit", help="Which tokens DF marks: edit, root, root+prop."),
     mass: str = typer.Option("keep", help="keep or redistribute the failed rollout's blame."),

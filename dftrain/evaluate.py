@@ -188,13 +188,32 @@ def summarize(results: list[dict], skipped: list | None = None) -> dict:
 
 def greedy_accuracy(model, processor, data: Path, limit: int | None = 200, max_new_tokens: int = 64) -> float:
     """Held-out greedy exact-match accuracy of an in-memory policy on a synthetic prompt set."""
+    return greedy_profile(model, processor, data, limit, max_new_tokens)["accuracy"]
+
+
+def greedy_profile(model, processor, data: Path, limit: int | None = 200, max_new_tokens: int = 64) -> dict:
+    """Greedy accuracy plus ``steps_right``: the share whose every step matches the canonical
+    solution (a right answer reached through wrong steps counts in ``accuracy`` only), and the
+    kinds of first errors (``dfgen.synth.grid.classify_response``)."""
+    import json as _json
+
     from dfgen.backends.hf import HFBackend
     from dfgen.records import load_prompts
+    from dfgen.synth.grid import classify_response
 
     recs, _ = load_prompts(data, limit=limit)
     backend = HFBackend(None, model=model, processor=processor)
     res = run_eval(backend, recs, "synth", max_new_tokens=max_new_tokens)
-    return sum(r["correct"] for r in res) / len(res)
+    kinds: dict = {}
+    right = 0
+    for r, rec in zip(res, recs):
+        kind, steps_ok = classify_response(r["response"] or "", _json.loads(rec["solution"])) \
+            if rec.get("solution") else ("format", False)
+        right += bool(r["correct"] and steps_ok and kind == "ok")
+        if not r["correct"]:
+            kinds[kind] = kinds.get(kind, 0) + 1
+    return {"n": len(res), "accuracy": sum(r["correct"] for r in res) / len(res), "steps_right": right / len(res),
+            "first_error": kinds}
 
 
 # ----------------------------------------------------------------------------- predictions

@@ -93,3 +93,20 @@ def test_synth_bad_arguments_give_one_line_error_and_no_output(tmp_path, args, m
     assert msg in p.stderr and "Traceback" not in p.stderr
     assert len(p.stderr.strip().splitlines()) == 1
     assert not list((tmp_path).glob("X/*.parquet"))
+
+
+def test_classify_response_names_the_first_wrong_line():
+    from dfgen.synth.grid import classify_response
+
+    sol = {"steps": [{"line": "Step 1: red = 3"}, {"line": "Step 2: blue = 2"}, {"line": "Step 3: 3 + 2 = 5"}],
+           "answer": 5}
+    gold = "Step 1: red = 3\nStep 2: blue = 2\nStep 3: 3 + 2 = 5\nAnswer: 5"
+    assert classify_response(gold, sol) == ("ok", True)
+    assert classify_response(gold.replace("blue = 2", "green = 2"), sol)[0] == "colour"
+    assert classify_response(gold.replace("blue = 2", "blue = 1"), sol)[0] == "count"
+    assert classify_response(gold.replace("3 + 2 = 5", "3 + 2 = 6"), sol)[0] == "arithmetic"
+    assert classify_response(gold.replace("Answer: 5", "Answer: 6"), sol) == ("answer", True)
+    assert classify_response("Step 1: red = 3", sol)[0] == "format"
+    # a right answer through wrong steps is not "every step right"
+    lucky = "Step 1: red = 2\nStep 2: blue = 3\nStep 3: 2 + 3 = 5\nAnswer: 5"
+    assert classify_response(lucky, sol) == ("count", False)

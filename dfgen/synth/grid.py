@@ -32,6 +32,7 @@ import hashlib
 import io
 import json
 import random
+import re
 from dataclasses import asdict, dataclass, field
 
 from PIL import Image, ImageDraw
@@ -239,3 +240,35 @@ def write_synth(out, n: int, seed: int = 0, split: str = "train", task: GridTask
         w.write(chunk, rows)
     write_json_atomic(out / "config.json", meta)
     return n
+
+
+_READ = re.compile(r"^Step \d+: ([a-z]+) = (-?\d+)$")
+_OP = re.compile(r"^Step \d+: (-?\d+) ([+-]) (-?\d+) = (-?\d+)$")
+
+
+def classify_response(response: str, solution: dict) -> tuple[str, bool]:
+    """(kind of the first wrong line, every step right) of a response against the canonical solution.
+
+    Kinds: ``ok``, ``colour`` (a read names the wrong colour: the question was misread), ``count``
+    (right colour, wrong count: the image was misread), ``arithmetic`` (right operands, wrong
+    result), ``carried`` (operands differ from the canonical ones), ``answer`` (all steps right,
+    wrong or inconsistent answer line), ``format`` (missing or malformed lines)."""
+    gold = [s["line"] for s in solution["steps"]]
+    lines = [ln.strip() for ln in response.strip().splitlines()]
+    for k, g in enumerate(gold):
+        if k >= len(lines):
+            return "format", False
+        if lines[k] == g:
+            continue
+        mg, mr = _READ.match(g), _READ.match(lines[k])
+        if mg and mr:
+            return ("colour" if mg.group(1) != mr.group(1) else "count"), False
+        og, orr = _OP.match(g), _OP.match(lines[k])
+        if og and orr:
+            same_operands = og.group(1, 2, 3) == orr.group(1, 2, 3)
+            return ("arithmetic" if same_operands else "carried"), False
+        return "format", False
+    tail = lines[len(gold):]
+    if tail != [f"Answer: {solution['answer']}"]:
+        return ("answer" if tail and tail[0].startswith("Answer:") else "format"), True
+    return "ok", True

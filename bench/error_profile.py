@@ -1,0 +1,56 @@
+"""Where does a policy go wrong on the grid task? Greedy-decode and classify each failure.
+
+For every problem, the policy's lines are compared with the canonical solution line by line and
+the *first* wrong line is classified:
+
+* ``colour``: a read step names the wrong colour (the question was misread: a text error);
+* ``count``: right colour, wrong count (the image was misread: a perception error);
+* ``arithmetic``: an operation line with right operands and a wrong result;
+* ``carried``: an operation line whose operands differ from the canonical ones (only reachable
+  when an earlier line was wrong, so it never is the first; counted for completeness);
+* ``answer``: every step right, wrong final answer (or the answer does not match the last step);
+* ``format``: missing/extra lines, no ``Answer:`` line.
+
+Also reported: accuracy, and ``lucky``: correct answers whose own steps are wrong (the reward
+cannot tell them apart). DF's premise is that failed rollouts hold correct steps before the
+error; this profile says how often that is true for a given checkpoint.
+
+Run: ``python bench/error_profile.py runs/sft runs/val --n 500``
+"""
+from __future__ import annotations
+
+import argparse
+import json
+
+def profile(model_dir, data, n: int) -> dict:
+    from dfgen.policy import load_policy
+    from dftrain.evaluate import greedy_profile
+
+    model, processor = load_policy(model_dir)
+    p = greedy_profile(model, processor, data, limit=n)
+    failed = sum(p["first_error"].values())
+    return {"model": str(model_dir), "n": p["n"], "accuracy": p["accuracy"], "steps_right": p["steps_right"],
+            "lucky": p["accuracy"] - p["steps_right"], "failed": failed,
+            "first_error": {k: round(v / max(failed, 1), 3) for k, v in sorted(p["first_error"].items(),
+                                                                                 key=lambda kv: -kv[1])}}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("models", nargs="+")
+    ap.add_argument("--data", required=True)
+    ap.add_argument("--n", type=int, default=500)
+    args = ap.parse_args()
+    import os
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    for m in args.models:
+        print(json.dumps(profile(m, args.data, args.n)), flush=True)
+
+
+if __name__ == "__main__":
+    main()
