@@ -32,7 +32,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from dfgen.errors import UserError
+from dfgen.errors import UserError, one_line
 
 SCHEMA_VERSION = 1
 META_KEY = b"dfkit"
@@ -93,11 +93,25 @@ def _fsync_replace(tmp: Path, final: Path) -> None:
     os.replace(tmp, final)
 
 
+def _named(e: OSError, path: Path) -> OSError:
+    """The same error, naming the file the user asked for (not our temp file)."""
+    if not e.errno:
+        return e
+    return type(e)(e.errno, os.strerror(e.errno), str(path))
+
+
 def write_json_atomic(path: Path, obj) -> None:
     path = Path(path)
     tmp = path.with_name("." + path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
-    _fsync_replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
+        _fsync_replace(tmp, path)
+    except OSError as e:  # disk full, read-only: no temp file stays behind
+        tmp.unlink(missing_ok=True)
+        raise _named(e, path) from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 @dataclass
@@ -115,8 +129,8 @@ class ShardWriter:
         self.out.mkdir(parents=True, exist_ok=True)
         if not os.access(self.out, os.W_OK):
             raise UserError(f"output folder is not writable: {self.out}")
-        for tmp in self.out.glob(f".part-w{self.worker:03d}-*.tmp"):
-            tmp.unlink()  # leftovers of a killed run of this worker
+        for tmp in [*self.out.glob(f".part-w{self.worker:03d}-*.tmp"), self.out / f".{self.manifest_path.name}.tmp"]:
+            tmp.unlink(missing_ok=True)  # leftovers of a killed run of this worker
         m = self.manifest_path
         if m.is_file():
             self.done = json.loads(m.read_text()).get("shards", {})
@@ -143,6 +157,9 @@ class ShardWriter:
         try:
             pq.write_table(table, tmp, compression="zstd", row_group_size=1024)
             _fsync_replace(tmp, self.out / name)
+        except OSError as e:  # disk full, read-only disk: the error names the shard, no temp file stays
+            tmp.unlink(missing_ok=True)
+            raise _named(e, self.out / name) from None
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
@@ -153,14 +170,41 @@ class ShardWriter:
 
 
 # ----------------------------------------------------------------------------- reading
-def _read_meta(f: Path) -> dict:
+def _read_schema(f: Path) -> tuple[pa.Schema, dict]:
     try:
-        md = pq.read_schema(f).metadata or {}
+        schema = pq.read_schema(f)
     except Exception as e:
-        raise UserError(f"{f} is not a readable parquet file ({type(e).__name__}: {str(e)[:80]})") from None
+        raise UserError(f"{f} is not a readable parquet file ({one_line(e)})") from None
+    md = schema.metadata or {}
     if META_KEY not in md:
-        return {}
-    return json.loads(md[META_KEY])
+        return schema, {}
+    try:
+        meta = json.loads(md[META_KEY])
+    except ValueError:
+        meta = None
+    if not isinstance(meta, dict):
+        raise UserError(f"{f} has unreadable dfkit metadata; it was not written by dfkit")
+    return schema, meta
+
+
+def _read_meta(f: Path) -> dict:
+    return _read_schema(f)[1]
+
+
+def check_columns(f: Path, schema: pa.Schema, stage: str) -> None:
+    """Refuse a file lacking columns (or rollout fields) of the one shard schema of its stage."""
+    want = ["id", "question", "answer"] if stage == "prompts" else schema_for(stage).names
+    missing = [n for n in want if n not in schema.names]
+    if not missing and stage != "prompts":
+        have = schema.field("rollouts").type
+        inner = have.value_type if pa.types.is_list(have) or pa.types.is_large_list(have) else None
+        if inner is None or not pa.types.is_struct(inner):
+            raise UserError(f"{f.name}: column rollouts is not a list of structs; not a dfkit {stage} shard")
+        names = {inner.field(i).name for i in range(inner.num_fields)}
+        missing = [f"rollouts.{x.name}" for x in ROLLOUT if x.name not in names]
+    if missing:
+        raise UserError(f"{f.name} lacks column(s) {', '.join(missing[:6])}{' ...' if len(missing) > 6 else ''} "
+                        f"of the {stage} shard schema; not a dfkit {stage} shard")
 
 
 @dataclass
@@ -183,7 +227,7 @@ class ShardSet:
             except UserError:
                 raise
             except Exception as e:
-                raise UserError(f"{f} is corrupt or truncated ({type(e).__name__})") from None
+                raise UserError(f"{f} is corrupt or truncated ({one_line(e)})") from None
 
     def iter_rows(self, batch_size: int = 256, columns: list[str] | None = None):
         for b in self.iter_batches(batch_size, columns):
@@ -195,7 +239,7 @@ class ShardSet:
             try:
                 n += pq.ParquetFile(f).metadata.num_rows
             except Exception as e:
-                raise UserError(f"{f} is corrupt or truncated ({type(e).__name__})") from None
+                raise UserError(f"{f} is corrupt or truncated ({one_line(e)})") from None
         return n
 
 
@@ -216,11 +260,13 @@ def open_shards(path: Path, stage: str | tuple | None = None, tokenizer_fp: str 
         raise UserError(f"no parquet shards in {path}")
     meta: dict = {}
     for f in files:
-        m = _read_meta(f)
+        schema, m = _read_schema(f)
         v = m.get("schema_version", SCHEMA_VERSION)
         if not isinstance(v, int) or v > SCHEMA_VERSION:
             raise UserError(f"{f.name} has schema version {v}, newer than this dfkit supports "
                             f"({SCHEMA_VERSION}); upgrade dfkit")
+        if m.get("stage", "prompts") in STAGES:
+            check_columns(f, schema, m.get("stage", "prompts"))
         if not meta:
             meta = m
             continue
