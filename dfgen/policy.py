@@ -261,11 +261,41 @@ def decode_image(data: bytes, max_pixels: int = 50_000_000):
                 raise UserError(f"image too large ({w}x{h} pixels; limit {max_pixels})")
             if w == 0 or h == 0:
                 raise UserError("zero-sized image")
-            return im.convert("RGB")
+            return _to_rgb(im)
     except UserError:
         raise
+    except Image.DecompressionBombError:  # PIL's own guard fires at open for > ~179M pixels
+        raise UserError(f"image too large (a decompression bomb; limit {max_pixels} pixels)") from None
     except Exception as e:  # PIL raises many types for corrupt data
         raise UserError(f"undecodable image ({type(e).__name__})") from None
+
+
+def _to_rgb(im):
+    """Any PIL mode -> RGB. 16-bit greyscale (``I;16*``, or ``I`` holding 16-bit values) is
+    scaled to 8 bits; PIL's own conversion would clip everything above 255 to white."""
+    if im.mode.startswith("I;16") or im.mode == "I":
+        import numpy as np
+        from PIL import Image
+
+        a = np.asarray(im).astype(np.int64)
+        if im.mode.startswith("I;16") or a.max(initial=0) > 255:
+            a = a * 255 // 65535
+        im = Image.fromarray(np.clip(a, 0, 255).astype(np.uint8))  # mode L
+    return im.convert("RGB")
+
+
+def context_length(model_dir: Path) -> int | None:
+    """Longest sequence (prompt + completion) the checkpoint's positions cover, from its
+    config.json (``max_position_embeddings`` of the text model); None if not recorded."""
+    try:
+        c = json.loads((Path(model_dir) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    for d in (c.get("text_config") or {}, c):
+        n = d.get("max_position_embeddings") if isinstance(d, dict) else None
+        if isinstance(n, int) and n > 0:
+            return n
+    return None
 
 
 def chat_text(processor, question: str, has_image: bool) -> str:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from dfgen.errors import UserError
+from dfgen.errors import UserError, one_line
 from dfgen.shards import PROMPT_SCHEMA
 
 REQUIRED = ("id", "question", "answer")
@@ -66,9 +66,18 @@ def _read_jsonl(path: Path) -> list[dict]:
             if not line.strip():
                 continue
             try:
-                rows.append(json.loads(line.decode("utf-8")))
-            except (UnicodeDecodeError, json.JSONDecodeError):
+                text = line.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise UserError(f"{path}:{n} is not UTF-8 text (byte 0x{line[e.start]:02x} at column {e.start + 1}); "
+                                f"expected a UTF-8 JSONL prompt file") from None
+            try:
+                row = json.loads(text)
+            except json.JSONDecodeError:
                 raise UserError(f"{path}:{n} is not a JSON line; expected a JSONL prompt file") from None
+            if not isinstance(row, dict):
+                raise UserError(f"{path}:{n} is a JSON {type(row).__name__}, not an object; expected one prompt "
+                                f"record per line")
+            rows.append(row)
     return rows
 
 
@@ -81,9 +90,9 @@ def _read_parquet(path: Path) -> list[dict]:
     rows = []
     for f in files:
         try:
-            rows += pq.read_table(f).to_pylist()
+            rows += pq.ParquetFile(f).read().to_pylist()
         except Exception as e:
-            raise UserError(f"{f} is not a readable parquet file ({type(e).__name__})") from None
+            raise UserError(f"{f} is not a readable parquet file ({one_line(e)})") from None
     return rows
 
 
@@ -109,6 +118,9 @@ def load_prompts(path: Path, limit: int | None = None) -> tuple[list[dict], list
             rec = normalize(r, root)
         except UserError as e:
             skipped.append((rid, str(e)))
+            continue
+        except (OSError, TypeError, ValueError, AttributeError) as e:  # a malformed field of one record
+            skipped.append((rid, f"bad record ({one_line(e)})"))
             continue
         if rec["id"] in seen:
             skipped.append((rid, "duplicate id"))

@@ -105,13 +105,19 @@ def rollout_row(s, reward: float, pred, seed: int) -> dict:
 def run_sample(cfg: SampleConfig, progress=None) -> dict:
     from dfgen.answers import score
     from dfgen.backends import Prompt, SamplingConfig, get_backend
-    from dfgen.policy import check_policy_dir, decode_image, model_fingerprint, tokenizer_fingerprint
+    from dfgen.policy import check_policy_dir, context_length, decode_image, model_fingerprint, tokenizer_fingerprint
     from dfgen.records import load_prompts
     from dfgen.seeds import sample_seed
     from dfgen.shards import ShardWriter, write_json_atomic
 
     cfg.validate()
     check_policy_dir(cfg.model)
+    ctx = context_length(cfg.model)  # prompt + completion must fit the positions the model knows
+    if cfg.backend == "vllm":
+        ctx = min(ctx or cfg.max_model_len, cfg.max_model_len)
+    if ctx and cfg.max_new_tokens >= ctx:
+        raise UserError(f"--max-new-tokens {cfg.max_new_tokens} leaves no room for a prompt in the model's "
+                        f"{ctx}-token context")
     records, skipped = load_prompts(cfg.prompts, limit=cfg.limit)
     mine = records[cfg.worker_index:: cfg.num_workers]
     chunks = [mine[k: k + cfg.chunk_size] for k in range(0, len(mine), cfg.chunk_size)]
@@ -137,9 +143,17 @@ def run_sample(cfg: SampleConfig, progress=None) -> dict:
                 progress(len(chunk) * cfg.group_size, 0)
             continue
         prompts = [Prompt(r["question"], decode_image(r["image"]) if r["image"] is not None else None) for r in chunk]
-        seeds = [[sample_seed(cfg.seed, r["id"], k) for k in range(cfg.group_size)] for r in chunk]
-        outs = backend.generate(prompts, seeds, scfg)
         pids = backend.prompt_ids(prompts)
+        n_chunk = len(chunk)
+        if ctx:  # a prompt beyond the context is skipped and counted, never sampled into garbage
+            fits = [len(p) + cfg.max_new_tokens <= ctx for p in pids]
+            for r, p, ok in zip(chunk, pids, fits):
+                if not ok:
+                    skipped.append((r["id"], f"prompt too long ({len(p)} tokens + {cfg.max_new_tokens} new > "
+                                             f"the model's {ctx}-token context)"))
+            chunk, prompts, pids = ([x for x, ok in zip(xs, fits) if ok] for xs in (chunk, prompts, pids))
+        seeds = [[sample_seed(cfg.seed, r["id"], k) for k in range(cfg.group_size)] for r in chunk]
+        outs = backend.generate(prompts, seeds, scfg) if chunk else []
         rows = []
         for r, samples, ss, pid in zip(chunk, outs, seeds, pids):
             rolls = []
@@ -152,7 +166,8 @@ def run_sample(cfg: SampleConfig, progress=None) -> dict:
         stats["groups"] += len(rows)
         stats["rollouts"] += len(rows) * cfg.group_size
         if progress:
-            progress(len(chunk) * cfg.group_size, sum(len(s.token_ids) for o in outs for s in o))
+            progress(n_chunk * cfg.group_size, sum(len(s.token_ids) for o in outs for s in o))
+    stats["skipped_prompts"] = len(skipped)
     stats["seconds"] = round(time.time() - t0, 2)
     stats["skipped"] = skipped[:20]
     return stats
