@@ -12,8 +12,9 @@ shard schema) forever, epoch after epoch:
 * ``position`` (groups yielded so far) is the resume state: a stream rebuilt with the same
   arguments and ``skip=position`` continues with exactly the same groups.
 
-Rows are validated as they stream: non-finite stored logprobs, or logprob/token length
-mismatches, raise a ``UserError`` naming the group.
+Rows are validated as they are read (before they enter the buffer): non-finite stored
+logprobs or rewards, logprob/token length mismatches and empty trajectories raise a
+``UserError`` naming the group.
 """
 from __future__ import annotations
 
@@ -24,10 +25,17 @@ from dfgen.errors import UserError
 
 
 def validate_group(g: dict) -> None:
+    if not g.get("rollouts"):
+        raise UserError(f"group {g.get('id')} has no rollouts")
     for k, r in enumerate(g["rollouts"]):
         ids, lps = r.get("token_ids"), r.get("logprobs")
         if ids is None or lps is None or len(ids) != len(lps):
             raise UserError(f"group {g['id']} rollout {k}: token_ids and logprobs differ in length")
+        if not ids:
+            raise UserError(f"group {g['id']} rollout {k}: empty trajectory (no tokens); a sampler always "
+                            f"stores at least one token")
+        if r.get("reward") is None or not math.isfinite(r["reward"]):
+            raise UserError(f"group {g['id']} rollout {k}: reward is missing or not finite")
         if not all(math.isfinite(x) for x in lps):
             raise UserError(f"group {g['id']} rollout {k}: stored logprobs contain NaN or inf")
         if r.get("repair_status") == "ok":
@@ -56,6 +64,7 @@ class GroupStream:
         for f in files:
             for b in ShardSet([f], self.shards.meta).iter_batches(self.batch_rows):
                 for row in b.to_pylist():
+                    validate_group(row)  # as read: bad data is refused before it waits in the buffer
                     buf.append(row)
                     if len(buf) >= self.buffer_size:
                         yield buf.pop(rng.randrange(len(buf)))
@@ -69,7 +78,6 @@ class GroupStream:
             for g in self._epoch(epoch):
                 n_epoch += 1
                 if k % self.world == self.rank:
-                    validate_group(g)
                     self.position += 1
                     yield g
                 k += 1
