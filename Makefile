@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test clean setup-vllm test-vllm
+.PHONY: setup demo test test-faults clean setup-vllm test-vllm
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -24,6 +24,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -x --durations=10
+
+# The seeded random-kill suite with 6 kill points per stage (24; `make test` runs 2 per stage).
+test-faults: $(STAMP)
+	DF_FAULT_KILLS=6 $(BIN)/python -m pytest -q -x -rP tests/test_faults.py
 
 clean:
 	rm -rf $(VENV) runs/demo
