@@ -132,7 +132,7 @@ def run_sample(cfg: SampleConfig, progress=None) -> dict:
     writer = ShardWriter(out, "sample", meta, worker=cfg.worker_index)
     write_json_atomic(out / "config.json", {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()})
     scfg = SamplingConfig(cfg.temperature, cfg.top_p, cfg.max_new_tokens)
-    stats = {"groups": 0, "rollouts": 0, "tokens": 0, "skipped_prompts": len(skipped), "chunks_skipped": 0}
+    stats = {"groups": 0, "rollouts": 0, "tokens": 0, "reward_sum": 0.0, "skipped_prompts": len(skipped), "chunks_skipped": 0}
     t0 = time.time()
     if progress:
         progress(0, 0, total=len(mine) * cfg.group_size)
@@ -161,6 +161,7 @@ def run_sample(cfg: SampleConfig, progress=None) -> dict:
                 pred, reward = score(r, s.text)
                 rolls.append(rollout_row(s, reward, pred, sd))
                 stats["tokens"] += len(s.token_ids)
+                stats["reward_sum"] += reward
             rows.append({**r, "prompt_ids": pid, "rollouts": rolls})
         writer.write(ci, rows)
         stats["groups"] += len(rows)
@@ -169,5 +170,6 @@ def run_sample(cfg: SampleConfig, progress=None) -> dict:
             progress(n_chunk * cfg.group_size, sum(len(s.token_ids) for o in outs for s in o))
     stats["skipped_prompts"] = len(skipped)
     stats["seconds"] = round(time.time() - t0, 2)
+    stats["mean_reward"] = stats["reward_sum"] / stats["rollouts"] if stats["rollouts"] else None
     stats["skipped"] = skipped[:20]
     return stats
