@@ -2,9 +2,9 @@
 
 Seeded random-kill suite: each of ``dfgen sample``, ``dfgen repair``, ``dfgen mask`` and
 ``dftrain fit`` (``--save-every 1 --resume``) runs once uninterrupted (the reference, which also
-measures when the stage's first output appears and when it ends), then for each kill point a
-fresh run of the real CLI is SIGKILLed at a time drawn from a seeded RNG (stratified over the
-measured run, from late start-up to the last writes; see ``kill_offsets``), inspected as a
+measures when its shards or checkpoints appear), then for each kill point a fresh run of the
+real CLI is SIGKILLed at a time drawn from a seeded RNG (stratified over the measured writing
+phase, from the creation of its output folder to the last writes; see ``kill_offsets``), inspected as a
 reader would see it (every listed shard and checkpoint complete), and rerun with the same
 arguments to completion. The result must equal the reference: every prompt group exactly once
 with the same content, every parquet file readable, the manifest matching the files, no temp
@@ -67,19 +67,27 @@ def _outputs(out: Path) -> set[str]:
     return {p.name for p in [*out.glob("part-*.parquet"), *out.glob("step_*")]}
 
 
-def _timed_run(cmd: list[str], out: Path, timeout: float = 600) -> tuple[float, float]:
-    """Run to completion, watching ``out``: (seconds until the first output appeared, total seconds)."""
+def _timed_run(cmd: list[str], out: Path, timeout: float = 600) -> dict:
+    """Run to completion, watching ``out``: when it was created, when its first and last outputs
+    appeared, how many there are, when the run ended (seconds from the start)."""
     t0 = time.time()
     p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV)
-    first = None
+    born = first = last = None
+    n = 0
     while p.poll() is None and time.time() - t0 < timeout:
-        if first is None and out.is_dir() and _outputs(out):
-            first = time.time() - t0
-        time.sleep(0.02)
+        if born is None and out.is_dir():
+            born = time.time() - t0
+        k = len(_outputs(out)) if born is not None else 0
+        if k > n:
+            n, last = k, time.time() - t0
+            first = last if first is None else first
+        time.sleep(0.005)
     total = time.time() - t0
     err = p.communicate(timeout=max(1.0, timeout - total))[1]
     assert p.returncode == 0, f"{' '.join(cmd)} failed ({p.returncode}):\n{err[-3000:]}"
-    return (first if first is not None else total), total
+    n_final = len(_outputs(out))
+    assert first is not None and n_final > 1, f"{' '.join(cmd)}: outputs not seen while running"
+    return {"born": born, "first": first, "last": last, "n": n_final, "total": total}
 
 
 @pytest.fixture(scope="module")
@@ -94,37 +102,34 @@ def reference(tmp_path_factory, request, train_prompts):
     return src, timing
 
 
-def kill_offsets(stage: str, first: float, total: float, n: int = KILLS) -> list[float]:
-    """n seeded kill points, in seconds relative to the moment the run's first output (shard or
-    checkpoint) appears: one uniform draw in each of n equal slices of [-25%, +95%] of the
-    reference run's working time (first output -> end). Negative offsets kill during start-up
-    (before anything is finished); the rest spread over the writing of shards/checkpoints.
-    Anchoring on the run's own progress keeps the kill points where they were drawn even when
-    start-up (importing torch, loading the model) takes a second more or less than measured."""
+def kill_offsets(stage: str, t: dict, n: int = KILLS) -> list[float]:
+    """n seeded kill points, in seconds after the run creates its output folder (the work phase
+    starts there: start-up, i.e. importing torch and loading the model, is over). With g the
+    reference run's time per output, they are one uniform draw in each of n equal slices of
+    [0, last output + g/2]: the work on the first unit before anything is finished, every
+    shard/checkpoint write, the final manifest/config/model writes. Anchoring on the run's own
+    progress keeps kill points where they were drawn when start-up takes a second more or less."""
     rng = random.Random(f"dfkit-faults|{SEED}|{stage}")
-    work = max(total - first, 0.2)
-    lo, hi = -0.25 * work, 0.95 * work
-    return [lo + (hi - lo) * (k + rng.random()) / n for k in range(n)]
+    g = (t["last"] - t["first"]) / max(t["n"] - 1, 1)
+    hi = t["last"] - t["born"] + 0.5 * g
+    return [hi * (k + rng.random()) / n for k in range(n)]
 
 
-def _kill_at(cmd: list[str], out: Path, first_ref: float, offset: float, timeout: float = 600) -> tuple[bool, float]:
-    """Start the CLI and SIGKILL it ``offset`` s after its first output appears (a negative offset:
-    at ``first_ref + offset`` s after the start, or at the first output if that comes sooner).
-    Returns (killed, seconds after start when it was killed or finished)."""
+def _kill_at(cmd: list[str], out: Path, offset: float, timeout: float = 600) -> tuple[bool, float]:
+    """Start the CLI and SIGKILL it ``offset`` s after it creates ``out``. Returns (killed, seconds
+    from the start to the kill, or to the end if the run finished first)."""
     t0 = time.time()
     p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV)
-    seen = None
+    born = None
     while p.poll() is None:
         el = time.time() - t0
-        if seen is None and out.is_dir() and _outputs(out):
-            seen = el
-        due = (first_ref + offset if seen is None else min(seen, first_ref + offset)) if offset < 0 else \
-            (seen + offset if seen is not None else float("inf"))
-        if el >= due or el > timeout:
+        if born is None and out.is_dir():
+            born = el
+        if (born is not None and el >= born + offset) or el > timeout:
             p.send_signal(signal.SIGKILL)
             p.wait()
             return True, el
-        time.sleep(0.005)
+        time.sleep(0.002)
     return False, time.time() - t0
 
 
@@ -182,13 +187,14 @@ def _metrics(out: Path, where: str) -> dict[int, list[float]]:
 @pytest.mark.parametrize("stage,k", [(s, k) for s in STAGES for k in range(KILLS)])
 def test_killed_stage_resumes_to_the_uninterrupted_result(stage, k, reference, tmp_path):
     src, timing = reference
-    first, total = timing[stage]
-    offset = kill_offsets(stage, first, total)[k]
+    t = timing[stage]
+    offset = kill_offsets(stage, t)[k]
     out = tmp_path / stage
     cmd = _stage_cmd(stage, src, out)
-    killed, at = _kill_at(cmd, out, first, offset)
-    where = (f"{stage} kill point {k + 1}/{KILLS} (seed {SEED}): SIGKILL {offset:+.2f}s from the first output, "
-             f"at {at:.2f}s (reference run: first output at {first:.2f}s, done at {total:.2f}s)"
+    killed, at = _kill_at(cmd, out, offset)
+    where = (f"{stage} kill point {k + 1}/{KILLS} (seed {SEED}): SIGKILL {offset:.2f}s after the output folder "
+             f"appeared, {at:.2f}s after the start (reference run: folder at {t['born']:.2f}s, {t['n']} outputs "
+             f"from {t['first']:.2f}s to {t['last']:.2f}s, exit at {t['total']:.2f}s)"
              f"{'' if killed else ' [the run had already finished]'}")
 
     # what a reader sees right after the kill: only complete files
@@ -232,9 +238,10 @@ def test_killed_stage_resumes_to_the_uninterrupted_result(stage, k, reference, t
 
 
 def test_kill_points_are_seeded_and_spread_over_the_run():
-    a, b = kill_offsets("sample", 6.0, 10.0, 6), kill_offsets("sample", 6.0, 10.0, 6)
-    assert a == b and a == sorted(a) and -1.0 <= a[0] < -1.0 + 4.8 / 6 and 3.8 - 4.8 / 6 <= a[-1] <= 3.8
-    assert kill_offsets("fit", 6.0, 10.0, 6) != a
+    t = {"born": 5.0, "first": 6.0, "last": 8.0, "n": 5, "total": 10.0}  # g = 0.5 s: [0, 3.25]
+    a, b = kill_offsets("sample", t, 6), kill_offsets("sample", t, 6)
+    assert a == b and a == sorted(a) and 0 <= a[0] < 3.25 / 6 and 3.25 - 3.25 / 6 <= a[-1] <= 3.25
+    assert kill_offsets("fit", t, 6) != a
 
 
 # ----------------------------------------------------------------------------- disk full, read-only
