@@ -162,7 +162,7 @@ def _symlink_outside(t: Path, base) -> Path:
 
 
 def _long_question(t: Path, base) -> Path:
-    return _prompts_jsonl(t, base, {"question": "How many red cells? " * 1000})  # ~5000 tokens; context 1024
+    return _prompts_jsonl(t, base, {"question": "How many red cells? " * 500})  # ~5000 tokens; context 1024
 
 
 def _not_utf8(t: Path, base) -> Path:
@@ -290,6 +290,7 @@ def test_bad_input(case, base, tmp_path):
                        env=ENV, timeout=600)
     err = p.stderr.strip()
     what = f"[{case}] {' '.join(argv)}\nexit {p.returncode}\nstdout: {p.stdout}\nstderr: {err[-2000:]}"
+    print(f"[{case}] exit {p.returncode}: {err if kind == 'error' else p.stdout.strip()}")  # shown by pytest -rP
     assert "Traceback" not in err, what
     if kind == "error":
         assert p.returncode != 0 and len(err.splitlines()) == 1 and err.startswith("error: "), what
