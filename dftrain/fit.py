@@ -214,16 +214,24 @@ def save_checkpoint(model, processor, opt, cfg, step, position, out: Path, final
     from dfgen.shards import write_json_atomic
 
     name = f"step_{step:06d}"
-    tmp = _save_model(model, processor, out / name, cfg.lora_rank > 0)
-    torch.save({"optimizer": opt.state_dict(), "rng": _rng_state()}, tmp / "optimizer.pt")
-    write_json_atomic(tmp / "trainer_state.json", {"step": step, "data_position": position,
-                                                   "config": json.loads(json.dumps(asdict(cfg), default=str))})
+    tmp = None
+    try:
+        tmp = _save_model(model, processor, out / name, cfg.lora_rank > 0)
+        torch.save({"optimizer": opt.state_dict(), "rng": _rng_state()}, tmp / "optimizer.pt")
+        write_json_atomic(tmp / "trainer_state.json", {"step": step, "data_position": position,
+                                                       "config": json.loads(json.dumps(asdict(cfg), default=str))})
+    except BaseException:
+        if tmp is not None:  # a failed save (disk full, a kill) leaves no half checkpoint folder
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
     shutil.rmtree(out / name, ignore_errors=True)
     os.replace(tmp, out / name)
     if final:  # the final model also sits at OUT/ itself, a plain HF folder for the next round
         for f in (out / name).iterdir():
             if f.is_file() and f.name not in ("optimizer.pt",):
-                shutil.copy2(f, out / f.name)
+                part = out / f".{f.name}.tmp"  # each file appears whole or not at all
+                shutil.copy2(f, part)
+                os.replace(part, out / f.name)
 
 
 def _optimizer_state(src: Path, lr: float) -> dict:
@@ -236,7 +244,7 @@ def _optimizer_state(src: Path, lr: float) -> dict:
         ck = last / "optimizer.pt" if last is not None else None
     if ck is None or not ck.is_file():
         raise UserError(f"--optimizer-from {src}: no optimizer.pt there (expected a dftrain fit output)")
-    state = torch.load(ck, weights_only=False, map_location="cpu")["optimizer"]
+    state = torch.load(ck, weights_only=True, map_location="cpu")["optimizer"]
     for group in state["param_groups"]:
         group["lr"] = lr
     return state
@@ -308,7 +316,7 @@ def run_fit(cfg: FitConfig, log=print) -> dict:
     if resume_from is not None:
         state = json.loads((resume_from / "trainer_state.json").read_text())
         start, position = state["step"], state["data_position"]
-        ck = torch.load(resume_from / "optimizer.pt", weights_only=False)
+        ck = torch.load(resume_from / "optimizer.pt", weights_only=True)
         opt.load_state_dict(ck["optimizer"])
         random.setstate(ck["rng"]["python"])
         torch.set_rng_state(ck["rng"]["torch"])
@@ -323,6 +331,12 @@ def run_fit(cfg: FitConfig, log=print) -> dict:
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         write_json_atomic(out / "fit_config.json", json.loads(json.dumps(asdict(cfg), default=str)))
+    if rank == 0 and resume_from is not None and (out / "metrics.jsonl").exists():
+        # steps after the checkpoint are recomputed: drop their lines so each step is logged once
+        lines = (out / "metrics.jsonl").read_text().splitlines()
+        keep = [ln for ln in lines if ln.strip() and json.loads(ln).get("step", 0) <= start]
+        (out / "metrics.jsonl.tmp").write_text("".join(ln + "\n" for ln in keep))
+        os.replace(out / "metrics.jsonl.tmp", out / "metrics.jsonl")
     metrics_f = open(out / "metrics.jsonl", "a") if rank == 0 else None
     summary: dict = {"losses": []}
     seen_ids: list = []

@@ -225,7 +225,8 @@ def test_killed_stage_resumes_to_the_uninterrupted_result(stage, k, reference, t
     _check_checkpoints(out, where)
     got, ref = _metrics(out, where), _metrics(src["fit"], "reference")
     assert sorted(got) == sorted(ref) == [1, 2, 3, 4, 5], f"{where}: steps logged {sorted(got)}"
-    for step, losses in got.items():  # every record of a step, the recomputed one included
+    assert all(len(v) == 1 for v in got.values()), f"{where}: a step logged twice: {got}"
+    for step, losses in got.items():
         diff = max(abs(x - ref[step][0]) for x in losses)
         assert diff < 1e-6 and all(math.isfinite(x) for x in losses), \
             f"{where}: step {step} losses {losses} vs uninterrupted {ref[step]}"
