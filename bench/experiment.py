@@ -101,6 +101,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, default=Path("runs/exp2"))
     ap.add_argument("--seeds", type=int, default=5)
+    ap.add_argument("--first-seed", type=int, default=0, help="seeds first-seed .. first-seed+seeds-1")
     ap.add_argument("--lrs", default="3e-5,1e-4", help="comma-separated lr grid; chosen per arm on val")
     ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--prompts-per-round", type=int, default=64)
@@ -174,7 +175,7 @@ def main():
     specs = []
     for arm in arms:
         for lr in lrs:
-            for s in range(args.seeds):
+            for s in range(args.first_seed, args.first_seed + args.seeds):
                 name = f"{arm}/lr{lr:g}/s{s}"
                 spec = base | dict(name=name, out=str(out / name), objective="grpo" if arm == "grpo-tok" else arm,
                                    lr=lr, seed=s)
@@ -212,7 +213,7 @@ def summarize_grid(out: Path, specs, arms, lrs, args, sft_acc) -> dict:
         k = min(args.avg_last, len(evals))
         return sum(evals[-k:]) / k if k else float("nan")
 
-    seeds = [s for s in range(args.seeds) if all(f"{a}/lr{lr:g}/s{s}" in runs for a in arms for lr in lrs)]
+    seeds = [s for s in range(args.first_seed, args.first_seed + args.seeds) if all(f"{a}/lr{lr:g}/s{s}" in runs for a in arms for lr in lrs)]
     table, chosen = {}, {}
     for arm in arms:
         for lr in lrs:

@@ -144,3 +144,20 @@ def test_some_bad_images_are_skipped_and_counted(tmp_path, sft_model):
                 tmp_path / "O", "--group-size", 2)
     assert "skipped 2 bad prompt(s)" in r.stdout
     assert pl.read_parquet(str(tmp_path / "O" / "*.parquet"))["id"].to_list() == ["good"]
+
+
+def test_seeded_sampler_never_draws_a_zero_probability_token(monkeypatch):
+    """u == 0 (torch.rand can return exactly 0) must not select a suppressed id at index 0."""
+    import math
+
+    import torch
+
+    from dfgen.backends import SamplingConfig
+    from dfgen.backends.hf import _SeededSampler
+
+    monkeypatch.setattr(torch, "rand", lambda *a, **k: torch.tensor(0.0))
+    sampler = _SeededSampler([1, 2], SamplingConfig(1.0, 1.0, 8), suppress=[0, 1])
+    out = sampler(None, torch.randn(2, 10))
+    tok = out.argmax(-1)
+    assert (tok >= 2).all(), tok
+    assert all(math.isfinite(v) for v in sampler.logprobs[0].tolist())

@@ -45,7 +45,10 @@ class _SeededSampler(LogitsProcessor):
             lp = torch.log_softmax(z, -1)
             cdf = lp.exp().cumsum(-1)
             u = torch.stack([torch.rand((), generator=g) for g in self.gens]) * cdf[:, -1]
-            tok = torch.searchsorted(cdf, u.unsqueeze(-1)).squeeze(-1).clamp_max(z.shape[-1] - 1)
+            # right=True: the first token whose cdf exceeds u, so a zero-probability token (a
+            # suppressed id, p underflowed to 0) is never drawn, even when u is exactly 0 or lands
+            # on a plateau of the cdf (that drew -inf logprobs once in ~250k draws)
+            tok = torch.searchsorted(cdf, u.unsqueeze(-1), right=True).squeeze(-1).clamp_max(z.shape[-1] - 1)
         self.logprobs.append(lp.gather(-1, tok.unsqueeze(-1)).squeeze(-1))
         forced = torch.full_like(scores, float("-inf"))
         forced.scatter_(-1, tok.unsqueeze(-1), 0.0)
