@@ -331,7 +331,7 @@ def run_fit(cfg: FitConfig, log=print) -> dict:
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         write_json_atomic(out / "fit_config.json", json.loads(json.dumps(asdict(cfg), default=str)))
-    if rank == 0 and resume_from is not None and (out / "metrics.jsonl").exists():
+    if rank == 0 and cfg.resume and (out / "metrics.jsonl").exists():
         # steps after the checkpoint are recomputed: drop their lines so each step is logged once
         lines = (out / "metrics.jsonl").read_text().splitlines()
         keep = [ln for ln in lines if ln.strip() and json.loads(ln).get("step", 0) <= start]
