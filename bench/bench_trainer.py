@@ -42,6 +42,25 @@ print([int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmH
     return float(out.strip().splitlines()[-1])
 
 
+def make_df_shards(d: Path, sft_steps: int = 300, prompts: int = 96) -> None:
+    """The real pipeline in miniature under ``d``: synth -> tiny -> SFT (``d/sft``) -> sample 8 per
+    prompt (``d/s``) -> oracle repair (``d/r``) -> mask (``d/m``)."""
+    from dfgen.mask import MaskConfig, run_mask
+    from dfgen.policy import build_tiny
+    from dfgen.repair import RepairConfig, run_repair
+    from dfgen.sample import SampleConfig, run_sample
+    from dfgen.synth.grid import write_synth
+    from dftrain.sft import SFTConfig, run_sft
+
+    write_synth(d / "train", 2000, seed=0)
+    build_tiny(d / "tiny")
+    run_sft(SFTConfig(data=d / "train", model=d / "tiny", out=d / "sft", steps=sft_steps))
+    run_sample(SampleConfig(prompts=d / "train", model=d / "sft", out=d / "s", group_size=8, limit=prompts,
+                            chunk_size=16))
+    run_repair(RepairConfig(rollouts=d / "s", out=d / "r"))
+    run_mask(MaskConfig(repairs=d / "r", out=d / "m"))
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=10)
@@ -54,24 +73,12 @@ def main():
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     torch.set_num_threads(2)
-    from dfgen.mask import MaskConfig, run_mask
-    from dfgen.policy import build_tiny
-    from dfgen.repair import RepairConfig, run_repair
-    from dfgen.sample import SampleConfig, run_sample
     from dfgen.shards import open_shards
-    from dfgen.synth.grid import write_synth
     from dftrain.data import GroupStream
     from dftrain.fit import FitConfig, run_fit
-    from dftrain.sft import SFTConfig, run_sft
 
     d = Path(tempfile.mkdtemp())
-    write_synth(d / "train", 2000, seed=0)
-    build_tiny(d / "tiny")
-    run_sft(SFTConfig(data=d / "train", model=d / "tiny", out=d / "sft", steps=300))
-    run_sample(SampleConfig(prompts=d / "train", model=d / "sft", out=d / "s", group_size=8, limit=96,
-                            chunk_size=16))
-    run_repair(RepairConfig(rollouts=d / "s", out=d / "r"))
-    run_mask(MaskConfig(repairs=d / "r", out=d / "m"))
+    make_df_shards(d)
     times = {"grpo": [], "df-grpo": []}
     toks = {"grpo": [], "df-grpo": []}
     for rep in range(2):
