@@ -2,7 +2,9 @@
 
 Builds an untrained tiny policy (so every sample runs to --max-new-tokens) and times
 ``HFBackend.generate`` (seeded sampling, suppression, logprob capture: the real path) on
-batches of 8..64 sequences x 64 new tokens, after one warm-up call. Prints tok/s per batch size.
+batches of 8..64 sequences x 64 new tokens, after one warm-up call, twice in the same run: the
+default lean decode loop (``fast_decode``) and transformers' ``generate`` (``fast_decode=False``,
+the baseline). Prints tok/s per batch size and the ratio; checks that both drew the same tokens.
 
 Run: python bench/bench_sample.py [--repeats 3] [--json out.json]
 """
@@ -36,22 +38,29 @@ def main():
     t0 = time.time()
     build_tiny(d / "tiny")
     build_s = time.time() - t0
-    b = HFBackend(d / "tiny", batch_size=1024)
+    fast = HFBackend(d / "tiny", batch_size=1024)
+    base = HFBackend(None, batch_size=1024, model=fast.model, processor=fast.processor, fast_decode=False)
     probs = list(make_problems(64, seed=0))
     prompts = [Prompt(p.question(), decode_image(p.render())) for p in probs]
     cfg = SamplingConfig(1.0, 1.0, args.max_new_tokens)
-    b.generate(prompts[:8], [[0]] * 8, cfg)  # warm-up
+    for b in (fast, base):
+        b.generate(prompts[:8], [[0]] * 8, cfg)  # warm-up
     rows = []
     for bs in (8, 16, 32, 64):
-        best = None
+        best, toks = {}, {}
         for rep in range(args.repeats):
-            t = time.time()
-            out = b.generate(prompts[:bs], [[rep * 1000 + i] for i in range(bs)], cfg)
-            dt = time.time() - t
-            ntok = sum(len(s.token_ids) for o in out for s in o)
-            best = max(best or 0, ntok / dt)
-        rows.append({"batch": bs, "tok_per_s": round(best)})
-        print(f"batch {bs:3d} x {args.max_new_tokens} new tokens: {best:,.0f} tok/s")
+            for name, b in (("fast", fast), ("generate", base)):  # interleaved
+                t = time.time()
+                out = b.generate(prompts[:bs], [[rep * 1000 + i] for i in range(bs)], cfg)
+                dt = time.time() - t
+                ntok = sum(len(s.token_ids) for o in out for s in o)
+                best[name] = max(best.get(name, 0), ntok / dt)
+                toks[name] = [s.token_ids for o in out for s in o]
+        same = toks["fast"] == toks["generate"]
+        rows.append({"batch": bs, "tok_per_s": round(best["fast"]), "generate_tok_per_s": round(best["generate"]),
+                     "ratio": round(best["fast"] / best["generate"], 2), "same_tokens": same})
+        print(f"batch {bs:3d} x {args.max_new_tokens} new tokens: {best['fast']:,.0f} tok/s "
+              f"(generate {best['generate']:,.0f}, {best['fast'] / best['generate']:.2f}x; same tokens: {same})")
     res = {"machine": f"{platform.machine()} {os.cpu_count()} cpus", "torch_threads": torch.get_num_threads(),
            "build_tiny_s": round(build_s, 2), "rows": rows}
     print(json.dumps(res))

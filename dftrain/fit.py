@@ -133,21 +133,23 @@ def _share(rows: list[dict], agg: str, rep_in_denominator: bool) -> float:
     return float(len(counted))
 
 
-def micro_loss(model, processor, groups, rows, cfg: FitConfig, suppress, temperature, ref_model=None):
-    """Loss and metrics of one micro-batch of sequences (``rows`` index into ``groups``)."""
+def prepare_micro(processor, groups, rows, cfg: FitConfig) -> dict:
+    """Everything of one micro-batch that does not depend on the policy's weights: model inputs
+    (prompts and images rendered by the processor, completions appended), completion mask,
+    behaviour logprobs, advantages and DF token weights. Built once per batch and reused by
+    every update over it (``--updates-per-batch``); the frozen reference's logprobs are added
+    to it on first use."""
     import torch
 
-    from dfgen.policy import completion_inputs, prompt_inputs, token_logprobs
-    from dftrain.loss import LOSSES, df_token_weights, repaired_term
+    from dfgen.policy import completion_inputs, prompt_inputs
+    from dftrain.loss import df_token_weights, repaired_term
 
     qs = [groups[r["g"]]["question"] for r in rows]
     ims = [groups[r["g"]]["_image"] for r in rows]
     inputs, cmask = completion_inputs(prompt_inputs(processor, qs, ims), [r["ids"] for r in rows],
                                       processor.tokenizer.pad_token_id)
-    inputs = {k: v.to(model.device) if hasattr(v, "to") else v for k, v in inputs.items()}
     B, T = cmask.shape
-    lp = token_logprobs(model, inputs, T, suppress, temperature)  # (B, T)
-    cm = cmask.to(lp.dtype)
+    cm = cmask.to(torch.float32)
 
     def pad(seqs, fill=0.0):
         t = torch.full((B, T), fill, dtype=torch.float32)
@@ -156,8 +158,6 @@ def micro_loss(model, processor, groups, rows, cfg: FitConfig, suppress, tempera
                 t[i, : len(s)] = torch.as_tensor(s, dtype=torch.float32)
         return t
 
-    old = pad([r["old"] for r in rows])
-    adv = torch.tensor([r["adv"] for r in rows], dtype=torch.float32)
     is_rep = torch.tensor([r["rep"] for r in rows])
     weights = None
     if cfg.objective == "df-grpo":
@@ -170,14 +170,28 @@ def micro_loss(model, processor, groups, rows, cfg: FitConfig, suppress, tempera
                                   cfg.kappa_rep)
             w = torch.where(is_rep.unsqueeze(-1), wr, w)
         weights = w
-    ref = None
-    if ref_model is not None and cfg.beta > 0:
-        with torch.no_grad():
-            ref = token_logprobs(ref_model, inputs, T, suppress, temperature)
-    loss, metrics = LOSSES[cfg.objective](lp, old, adv, cm, token_weights=weights, is_repaired=is_rep,
-                                          rep_in_denominator=cfg.rep_in_denominator, ref_logprobs=ref,
-                                          beta=cfg.beta, clip_low=cfg.clip_low, clip_high=cfg.clip_high,
-                                          agg=cfg.agg)
+    return {"inputs": inputs, "cm": cm, "old": pad([r["old"] for r in rows]), "is_rep": is_rep, "weights": weights,
+            "adv": torch.tensor([r["adv"] for r in rows], dtype=torch.float32), "ref": None}
+
+
+def micro_loss(model, prep: dict, cfg: FitConfig, suppress, temperature, ref_model=None):
+    """Loss and metrics of one prepared micro-batch (``prepare_micro``) under the current weights."""
+    import torch
+
+    from dfgen.policy import token_logprobs
+    from dftrain.loss import LOSSES
+
+    inputs = {k: v.to(model.device) if hasattr(v, "to") else v for k, v in prep["inputs"].items()}
+    cm = prep["cm"]
+    T = cm.shape[1]
+    lp = token_logprobs(model, inputs, T, suppress, temperature)  # (B, T)
+    if ref_model is not None and cfg.beta > 0 and prep["ref"] is None:
+        with torch.no_grad():  # the reference is frozen: once per batch, not once per update
+            prep["ref"] = token_logprobs(ref_model, inputs, T, suppress, temperature)
+    loss, metrics = LOSSES[cfg.objective](lp, prep["old"], prep["adv"], cm.to(lp.dtype), token_weights=prep["weights"],
+                                          is_repaired=prep["is_rep"], rep_in_denominator=cfg.rep_in_denominator,
+                                          ref_logprobs=prep["ref"], beta=cfg.beta, clip_low=cfg.clip_low,
+                                          clip_high=cfg.clip_high, agg=cfg.agg)
     return loss, metrics, lp.detach(), cm
 
 
@@ -361,19 +375,19 @@ def run_fit(cfg: FitConfig, log=print) -> dict:
         total_share = sum(_share(rows, cfg.agg, cfg.rep_in_denominator) for _, rows in batches)
         agg_metrics: dict = {}
         ntok = 0
+        micro = [(mb, prepare_micro(processor, groups, mb, cfg)) for groups, rows in batches
+                 for mb in (rows[k: k + cfg.micro_batch] for k in range(0, len(rows), cfg.micro_batch))]
         for _upd in range(cfg.updates_per_batch):
             opt.zero_grad(set_to_none=True)
             step_loss = 0.0
-            for groups, rows in batches:
-                for k in range(0, len(rows), cfg.micro_batch):
-                    mb = rows[k: k + cfg.micro_batch]
-                    loss, met, _, cm = micro_loss(ddp, processor, groups, mb, cfg, suppress, temperature, ref_model)
-                    scale = _share(mb, cfg.agg, cfg.rep_in_denominator) / max(total_share, 1e-9)
-                    (loss * scale).backward()
-                    step_loss += float(loss.detach()) * scale
-                    ntok += int(cm.sum())
-                    for name, v in met.items():
-                        agg_metrics[name] = agg_metrics.get(name, 0.0) + float(v) * scale / cfg.updates_per_batch
+            for mb, prep in micro:
+                loss, met, _, cm = micro_loss(ddp, prep, cfg, suppress, temperature, ref_model)
+                scale = _share(mb, cfg.agg, cfg.rep_in_denominator) / max(total_share, 1e-9)
+                (loss * scale).backward()
+                step_loss += float(loss.detach()) * scale
+                ntok += int(cm.sum())
+                for name, v in met.items():
+                    agg_metrics[name] = agg_metrics.get(name, 0.0) + float(v) * scale / cfg.updates_per_batch
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
             opt.step()
         rows_all = [r for _, rows in batches for r in rows]

@@ -103,7 +103,7 @@ def test_a_df_step_lowers_the_wrong_token_more_than_the_others_and_grpo_spreads_
     from dfgen.backends.hf import HFBackend
     from dfgen.policy import decode_image, load_policy
     from dfgen.synth.grid import make_problems, solution_text
-    from dftrain.fit import FitConfig, build_rows, micro_loss
+    from dftrain.fit import FitConfig, build_rows, micro_loss, prepare_micro
 
     p = next(make_problems(1, seed=21))
     good = solution_text(p.steps, p.answer)
@@ -128,7 +128,7 @@ def test_a_df_step_lowers_the_wrong_token_more_than_the_others_and_grpo_spreads_
         cfg = FitConfig(data=".", model=".", out=".", objective=objective, kappa=0.0)
         rows = build_rows([group], cfg)
         model.train()
-        loss, _, _, _ = micro_loss(model, proc, [group], rows, cfg, [], 1.0)
+        loss, _, _, _ = micro_loss(model, prepare_micro(proc, [group], rows, cfg), cfg, [], 1.0)
         loss.backward()
         with torch.no_grad():
             for prm in model.parameters():
