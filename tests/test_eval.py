@@ -207,3 +207,20 @@ def test_eval_errors_are_one_line(tmp_path):
         assert len(lines) == 1 and lines[0].startswith("error: ") and msg in lines[0], (args, p.stderr)
         assert "Traceback" not in p.stderr
     assert not (tmp_path / "r.json").exists()
+
+
+def test_prompt_beyond_the_context_is_errored_not_decoded(sft_model, test_prompts):
+    """The hf backend refuses a prompt that would run past the model's positions; eval isolates
+    that record as errored (never correct) and scores the others."""
+    from dfgen.backends.hf import HFBackend
+    from dfgen.policy import load_policy
+    from dfgen.records import load_prompts
+    from dftrain.evaluate import run_eval
+
+    recs, _ = load_prompts(test_prompts, limit=3)
+    recs[1] = dict(recs[1], question=recs[1]["question"] + " red" * 1200)
+    model, proc = load_policy(sft_model)
+    res = run_eval(HFBackend(None, model=model, processor=proc), recs, "synth", max_new_tokens=16)
+    assert [r["status"] for r in res] == ["scored", "errored", "scored"]
+    assert "prompt too long" in res[1]["error"] and "1024-token context" in res[1]["error"]
+    assert not res[1]["correct"]

@@ -24,6 +24,7 @@ from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
 from dfgen.backends import Prompt, Sample, SamplingConfig
 from dfgen.backends import fast_decode as _fast
+from dfgen.errors import UserError
 from dfgen.policy import completion_inputs, load_policy, prompt_inputs, suppress_ids, token_logprobs
 
 
@@ -89,6 +90,8 @@ class HFBackend:
         self.suppress = suppress_ids(self.tok)
         self.batch_size = batch_size
         self.fast_decode = fast_decode
+        cfg = getattr(model.config, "text_config", None) or model.config
+        self.context = getattr(cfg, "max_position_embeddings", None)  # positions the model was built for
 
     def _inputs(self, prompts: list[Prompt]):
         return prompt_inputs(self.processor, [p.question for p in prompts], [p.image for p in prompts])
@@ -109,6 +112,10 @@ class HFBackend:
 
     def _generate(self, prompts, seeds, cfg):
         inputs = self._inputs(prompts).to(self.model.device)
+        n = int(inputs["attention_mask"].sum(-1).max())
+        if self.context and n + cfg.max_new_tokens > self.context:  # would decode garbage past the positions
+            raise UserError(f"prompt too long ({n} tokens + {cfg.max_new_tokens} new > the model's "
+                            f"{self.context}-token context)")
         sampler = _SeededSampler(seeds, cfg, self.suppress)
         eos, pad = self.tok.eos_token_id, self.tok.pad_token_id
         if self.fast_decode and _fast.supported(self.model, inputs):
