@@ -5,6 +5,8 @@ Builds an untrained tiny policy (so every sample runs to --max-new-tokens) and t
 batches of 8..64 sequences x 64 new tokens, after one warm-up call, twice in the same run: the
 default lean decode loop (``fast_decode``) and transformers' ``generate`` (``fast_decode=False``,
 the baseline). Prints tok/s per batch size and the ratio; checks that both drew the same tokens.
+Then the shape ``dfgen sample`` runs: 8 prompts x 8 samples (group size 8) in one batch of 64,
+where the fast path renders and prefills each prompt once for its 8 samples.
 
 Run: python bench/bench_sample.py [--repeats 3] [--json out.json]
 """
@@ -46,20 +48,22 @@ def main():
     for b in (fast, base):
         b.generate(prompts[:8], [[0]] * 8, cfg)  # warm-up
     rows = []
-    for bs in (8, 16, 32, 64):
+    for bs, group in ((8, 1), (16, 1), (32, 1), (64, 1), (64, 8)):
         best, toks = {}, {}
+        ps = prompts[: bs // group]
         for rep in range(args.repeats):
             for name, b in (("fast", fast), ("generate", base)):  # interleaved
                 t = time.time()
-                out = b.generate(prompts[:bs], [[rep * 1000 + i] for i in range(bs)], cfg)
+                out = b.generate(ps, [[rep * 1000 + i * group + j for j in range(group)] for i in range(len(ps))], cfg)
                 dt = time.time() - t
                 ntok = sum(len(s.token_ids) for o in out for s in o)
                 best[name] = max(best.get(name, 0), ntok / dt)
                 toks[name] = [s.token_ids for o in out for s in o]
         same = toks["fast"] == toks["generate"]
-        rows.append({"batch": bs, "tok_per_s": round(best["fast"]), "generate_tok_per_s": round(best["generate"]),
+        rows.append({"batch": bs, "group_size": group, "tok_per_s": round(best["fast"]),
+                     "generate_tok_per_s": round(best["generate"]),
                      "ratio": round(best["fast"] / best["generate"], 2), "same_tokens": same})
-        print(f"batch {bs:3d} x {args.max_new_tokens} new tokens: {best['fast']:,.0f} tok/s "
+        print(f"batch {bs:3d} ({bs // group} prompts x {group}) x {args.max_new_tokens} new tokens: {best['fast']:,.0f} tok/s "
               f"(generate {best['generate']:,.0f}, {best['fast'] / best['generate']:.2f}x; same tokens: {same})")
     res = {"machine": f"{platform.machine()} {os.cpu_count()} cpus", "torch_threads": torch.get_num_threads(),
            "build_tiny_s": round(build_s, 2), "rows": rows}

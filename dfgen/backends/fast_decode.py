@@ -64,23 +64,30 @@ def _rms(x, norm):  # Qwen2VLRMSNorm (statistics in float32) as one fused op
     return F.rms_norm(x.float(), (x.shape[-1],), norm.weight.float(), norm.variance_epsilon).to(x.dtype)
 
 
-def _rot(x, cos, sin):
-    h = x.shape[-1] // 2
-    return x * cos + torch.cat((-x[..., h:], x[..., :h]), -1) * sin
+def _rot(x, cos, sin_signed):
+    """apply_rotary_pos_emb: x*cos + rotate_half(x)*sin, with rotate_half(x)*sin written as
+    roll(x, hd/2) * [-sin_lo, sin_hi] (one roll instead of two slices, a negation and a cat)."""
+    return x * cos + x.roll(x.shape[-1] // 2, -1) * sin_signed
 
 
-@torch.no_grad()
-def decode(model, inputs, max_new_tokens: int, eos_id: int, step) -> list[list[int]]:
+@torch.inference_mode()
+def decode(model, inputs, max_new_tokens: int, eos_id: int, step, rows=None) -> list[list[int]]:
     """Prefill ``inputs`` (left-padded processor output) and decode; returns the sampled token
     ids per row (``max_new_tokens`` each, or fewer when all rows stopped). ``step(logits (B, V)
-    float32) -> LongTensor (B,)`` picks each row's next token."""
+    float32) -> LongTensor (B,)`` picks each row's next token. ``rows`` (LongTensor, optional)
+    decodes several samples per prompt from one prefill: output row r continues input row
+    ``rows[r]`` (its KV cache, mask and positions are copied), so a GRPO group's prompt is
+    rendered and prefilled once instead of once per sample."""
     cfg = model.config.text_config
     lm = model.model.language_model
     model.model.rope_deltas = None
     out = model(**inputs, use_cache=True)
     cache = out.cache if hasattr(out, "cache") else out.past_key_values
     deltas = model.model.rope_deltas
-    am = inputs["attention_mask"]
+    am, logits0, kv = inputs["attention_mask"], out.logits[:, -1], [(c.keys, c.values) for c in cache.layers]
+    if rows is not None:
+        am, logits0, kv = am[rows], logits0[rows], [(k[rows], v[rows]) for k, v in kv]
+        deltas = deltas[rows] if deltas is not None else None
     B, L = am.shape
     nh, nkv = cfg.num_attention_heads, cfg.num_key_value_heads
     hd = cfg.hidden_size // nh
@@ -88,21 +95,23 @@ def decode(model, inputs, max_new_tokens: int, eos_id: int, step) -> list[list[i
     dt, dev = layers[0]["wqkv"].dtype, layers[0]["wqkv"].device
     K = [torch.zeros(B, nkv, L + max_new_tokens, hd, dtype=dt, device=dev) for _ in layers]
     V = [torch.zeros_like(k) for k in K]
-    for i, c in enumerate(cache.layers):
-        K[i][:, :, :L] = c.keys
-        V[i][:, :, :L] = c.values
-    mask = torch.ones(B, 1, 1, L + max_new_tokens, dtype=torch.bool, device=dev)
-    mask[:, 0, 0, :L] = am.bool()
+    for i, (k, v) in enumerate(kv):
+        K[i][:, :, :L] = k
+        V[i][:, :, :L] = v
+    mask = torch.zeros(B, 1, 1, L + max_new_tokens, dtype=dt, device=dev)  # additive: -inf on left padding
+    mask[:, 0, 0, :L].masked_fill_(am == 0, float("-inf"))
     pos0 = am.sum(-1) + (deltas.view(-1) if deltas is not None else 0)  # (B,) position of token 0
     # rotary tables of every decode step at once, in float32 as transformers computes them
     pos = (pos0.unsqueeze(0) + torch.arange(max_new_tokens, device=dev).unsqueeze(1)).float()  # (S, B)
     freqs = pos.unsqueeze(-1) * lm.rotary_emb.inv_freq.float()
     emb = torch.cat((freqs, freqs), -1) * getattr(lm.rotary_emb, "attention_scaling", 1.0)
-    COS, SIN = emb.cos().to(dt).view(-1, B, 1, 1, hd), emb.sin().to(dt).view(-1, B, 1, 1, hd)
+    sin = emb.sin()
+    sin[..., : hd // 2] *= -1
+    COS, SIN = emb.cos().to(dt).view(-1, B, 1, 1, hd), sin.to(dt).view(-1, B, 1, 1, hd)
     embed, norm, head = lm.embed_tokens.weight, lm.norm, model.lm_head.weight
-    qd, kd = nh * hd, nkv * hd
+    qd, kd, rep, scaling = nh * hd, nkv * hd, nh // nkv, hd ** -0.5
 
-    tok = step(out.logits[:, -1].float())
+    tok = step(logits0.float())
     toks, done = [tok], tok == eos_id
     for k in range(max_new_tokens - 1):
         if bool(done.all()):
@@ -111,15 +120,17 @@ def decode(model, inputs, max_new_tokens: int, eos_id: int, step) -> list[list[i
         x = embed[tok]  # (B, H)
         for i, w in enumerate(layers):
             qkv = F.linear(_rms(x, w["n1"]), w["wqkv"], w["bqkv"])
-            q = qkv[:, :qd].view(B, nh, 1, hd)
-            K[i][:, :, t: t + 1] = _rot(qkv[:, qd: qd + kd].view(B, nkv, 1, hd), cos, sin)
+            qk = _rot(qkv[:, : qd + kd].view(B, nh + nkv, 1, hd), cos, sin)  # rotary on q and k at once
+            K[i][:, :, t: t + 1] = qk[:, nh:]
             V[i][:, :, t: t + 1] = qkv[:, qd + kd:].view(B, nkv, 1, hd)
-            a = F.scaled_dot_product_attention(_rot(q, cos, sin), K[i][:, :, : t + 1], V[i][:, :, : t + 1],
-                                               attn_mask=mask[..., : t + 1], enable_gqa=nh != nkv)
+            # attention for one query: query head j reads kv head j // rep (transformers' repeat_kv)
+            s_ = qk[:, :nh].reshape(B, nkv, rep, hd) @ K[i][:, :, : t + 1].transpose(-1, -2)
+            a = torch.softmax(s_ * scaling + mask[..., : t + 1], -1) @ V[i][:, :, : t + 1]
             x = x + F.linear(a.view(B, qd), w["wo"])
             g, u = F.linear(_rms(x, w["n2"]), w["wgu"]).chunk(2, -1)
             x = x + F.linear(F.silu(g) * u, w["wd"])
         tok = step(F.linear(_rms(x, norm), head).float())
         toks.append(tok)
         done = done | (tok == eos_id)
+    model.model.rope_deltas = None  # an inference-mode tensor; never let a later forward reuse it
     return torch.stack(toks, 1).tolist()

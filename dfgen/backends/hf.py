@@ -102,25 +102,31 @@ class HFBackend:
 
     @torch.no_grad()
     def generate(self, prompts, seeds, cfg: SamplingConfig):
-        flat = [(i, p, s) for i, (p, ss) in enumerate(zip(prompts, seeds)) for s in ss]
+        flat = [(i, s) for i, ss in enumerate(seeds) for s in ss]
         out: list[list[Sample]] = [[] for _ in prompts]
         for k in range(0, len(flat), self.batch_size):
             chunk = flat[k: k + self.batch_size]
-            for (i, _, _), smp in zip(chunk, self._generate([c[1] for c in chunk], [c[2] for c in chunk], cfg)):
+            for (i, _), smp in zip(chunk, self._generate(prompts, chunk, cfg)):
                 out[i].append(smp)
         return out
 
-    def _generate(self, prompts, seeds, cfg):
-        inputs = self._inputs(prompts).to(self.model.device)
+    def _generate(self, prompts, chunk, cfg):
+        """Samples for ``chunk``, a list of (prompt index, seed); each distinct prompt is rendered
+        and prefilled once on the fast path (a group's samples share it)."""
+        uniq = list(dict.fromkeys(i for i, _ in chunk))
+        inputs = self._inputs([prompts[i] for i in uniq]).to(self.model.device)
         n = int(inputs["attention_mask"].sum(-1).max())
         if self.context and n + cfg.max_new_tokens > self.context:  # would decode garbage past the positions
             raise UserError(f"prompt too long ({n} tokens + {cfg.max_new_tokens} new > the model's "
                             f"{self.context}-token context)")
-        sampler = _SeededSampler(seeds, cfg, self.suppress)
+        sampler = _SeededSampler([s for _, s in chunk], cfg, self.suppress)
         eos, pad = self.tok.eos_token_id, self.tok.pad_token_id
         if self.fast_decode and _fast.supported(self.model, inputs):
-            gen = _fast.decode(self.model, inputs, cfg.max_new_tokens, eos, sampler.draw)
+            at = {i: j for j, i in enumerate(uniq)}
+            rows = torch.tensor([at[i] for i, _ in chunk], device=self.model.device)
+            gen = _fast.decode(self.model, inputs, cfg.max_new_tokens, eos, sampler.draw, rows=rows)
         else:
+            inputs = self._inputs([prompts[i] for i, _ in chunk]).to(self.model.device)
             gc = GenerationConfig(max_new_tokens=cfg.max_new_tokens, do_sample=False, eos_token_id=eos,
                                   pad_token_id=pad, num_beams=1)
             seqs = self.model.generate(**inputs, generation_config=gc,
