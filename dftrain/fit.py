@@ -14,7 +14,8 @@ computes current log-probs of the stored rollout tokens, and minimises ``dftrain
 Advantages are per group over the *rollouts* (``--adv-scale group|none``). The importance ratio
 uses the stored behaviour logprobs, so the first update of a batch is exactly on-policy when the
 checkpoint that sampled is the one being trained; ``--updates-per-batch`` > 1 reuses a batch
-(the clip then matters). Micro-batches (``--micro-batch`` sequences) are scaled so a step's
+(the clip then matters), and its weight-independent inputs (``prepare_micro``: rendered prompts
+and images, weights, advantages, reference log-probs) are built once for all its updates. Micro-batches (``--micro-batch`` sequences) are scaled so a step's
 loss equals the loss of the whole batch. Optional frozen reference for ``beta * k3`` (loaded only
 when ``--beta > 0``), LoRA (peft; the checkpoint is saved merged), gradient checkpointing, bf16.
 
@@ -184,10 +185,12 @@ def micro_loss(model, prep: dict, cfg: FitConfig, suppress, temperature, ref_mod
     inputs = {k: v.to(model.device) if hasattr(v, "to") else v for k, v in prep["inputs"].items()}
     cm = prep["cm"]
     T = cm.shape[1]
-    lp = token_logprobs(model, inputs, T, suppress, temperature)  # (B, T)
+    pad = cm == 0  # padding is the pad token, a suppressed id: its logprob is -inf under both models,
+    # and exp(-inf - -inf) in the KL would be NaN even behind the mask; zero it (no gradient flows there)
+    lp = token_logprobs(model, inputs, T, suppress, temperature).masked_fill(pad, 0.0)  # (B, T)
     if ref_model is not None and cfg.beta > 0 and prep["ref"] is None:
         with torch.no_grad():  # the reference is frozen: once per batch, not once per update
-            prep["ref"] = token_logprobs(ref_model, inputs, T, suppress, temperature)
+            prep["ref"] = token_logprobs(ref_model, inputs, T, suppress, temperature).masked_fill(pad, 0.0)
     loss, metrics = LOSSES[cfg.objective](lp, prep["old"], prep["adv"], cm.to(lp.dtype), token_weights=prep["weights"],
                                           is_repaired=prep["is_rep"], rep_in_denominator=cfg.rep_in_denominator,
                                           ref_logprobs=prep["ref"], beta=cfg.beta, clip_low=cfg.clip_low,
@@ -375,12 +378,16 @@ def run_fit(cfg: FitConfig, log=print) -> dict:
         total_share = sum(_share(rows, cfg.agg, cfg.rep_in_denominator) for _, rows in batches)
         agg_metrics: dict = {}
         ntok = 0
-        micro = [(mb, prepare_micro(processor, groups, mb, cfg)) for groups, rows in batches
-                 for mb in (rows[k: k + cfg.micro_batch] for k in range(0, len(rows), cfg.micro_batch))]
+        micro = [(groups, rows[k: k + cfg.micro_batch]) for groups, rows in batches
+                 for k in range(0, len(rows), cfg.micro_batch)]
+        preps: list = [None] * len(micro)  # kept across updates only when there is more than one
         for _upd in range(cfg.updates_per_batch):
             opt.zero_grad(set_to_none=True)
             step_loss = 0.0
-            for mb, prep in micro:
+            for j, (groups, mb) in enumerate(micro):
+                prep = preps[j] or prepare_micro(processor, groups, mb, cfg)
+                if cfg.updates_per_batch > 1:
+                    preps[j] = prep
                 loss, met, _, cm = micro_loss(ddp, prep, cfg, suppress, temperature, ref_model)
                 scale = _share(mb, cfg.agg, cfg.rep_in_denominator) / max(total_share, 1e-9)
                 (loss * scale).backward()

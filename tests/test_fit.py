@@ -185,3 +185,18 @@ def test_ddp_with_two_cpu_processes_trains_disjoint_data_and_keeps_replicas_iden
     assert p.returncode == 0, p.stderr[-3000:]
     st = json.loads((tmp_path / "o" / "ddp_check.json").read_text())
     assert st["world"] == 2 and st["replicas_identical"] and st["disjoint_data"]
+
+
+def test_reference_kl_is_finite_and_zero_until_the_policy_moves(df_shards, sft_model, tmp_path):
+    """beta > 0 loads the frozen reference (its log-probs computed once per batch, reused by the
+    second update). Padding is a suppressed token (logprob -inf under both models): it must not
+    turn the KL into NaN. KL is 0 while the policy equals the reference and > 0 once it moved."""
+    from dftrain.fit import FitConfig, run_fit
+
+    run_fit(FitConfig(data=df_shards / "m", model=sft_model, out=tmp_path / "kl", groups_per_step=2, steps=3,
+                      lr=1e-3, beta=0.04, updates_per_batch=2), log=lambda m: None)
+    recs = [json.loads(x) for x in (tmp_path / "kl" / "metrics.jsonl").read_text().splitlines()]
+    assert all(math.isfinite(r["loss"]) and math.isfinite(r["kl"]) and r["kl"] >= 0 for r in recs)
+    moved = [r["adv_abs_mean"] > 0 for r in recs]
+    first = moved.index(True)  # steps before the first non-zero advantage leave the policy at the reference
+    assert all(r["kl"] == 0 for r in recs[:first]) and max(r["kl"] for r in recs[first:]) > 0
