@@ -17,13 +17,15 @@ Contract (``decode``):
   lm_head with the model's current weights (fused copies are made per call, so a model that was
   trained in between is never stale), and hands the last-position logits to ``step(logits) ->
   token ids`` (the sampler);
+* with ``rows``, several samples continue one prefilled prompt (a GRPO group's prompt is rendered
+  and prefilled once; its KV rows, mask and positions are copied per sample);
 * it stops when every row has produced ``eos`` or after ``max_new_tokens``; rows that finished
   keep being fed (their later tokens are discarded by the caller), so every row's random
   stream is consumed exactly as under ``generate``.
 
 ``supported(model, inputs)`` says whether the fast path applies (Qwen2-VL text decoder with the
-default rope, no sliding window, every prompt carrying an image, a ``DynamicCache`` with
-``layers``); otherwise the backend uses ``generate``. Equivalence with ``generate`` (same tokens,
+default rope, SiLU MLP, no sliding window, every prompt carrying an image); otherwise the backend
+uses ``generate``. Checked against transformers 5.19 and 5.24 (whose caches expose ``.layers``). Equivalence with ``generate`` (same tokens,
 logprobs to 1e-5) is a test, so a transformers upgrade that changes the model's math fails
 loudly instead of drifting.
 """
