@@ -111,6 +111,7 @@ def main():
     ap.add_argument("--marked", default="edit")
     ap.add_argument("--mass", default="keep")
     ap.add_argument("--repaired-weight", type=float, default=0.0)
+    ap.add_argument("--repairer", default="oracle", help="oracle or sibling (a correct rollout of the same group)")
     ap.add_argument("--task", default="{}", help="GridTask knobs as JSON, e.g. '{\"min_reads\": 3}'")
     ap.add_argument("--eval-n", type=int, default=1000)
     ap.add_argument("--val-n", type=int, default=500)
@@ -159,7 +160,7 @@ def main():
     print(f"SFT start: {results['sft_accuracy']}", flush=True)
     base = dict(model=str(sft), rounds=args.rounds, prompts_per_round=args.prompts_per_round,
                 group_size=args.group_size, fit_steps=args.fit_steps, kappa=args.kappa, marked=args.marked,
-                mass=args.mass, repaired_weight=args.repaired_weight, task=task, eval_every=args.eval_every,
+                mass=args.mass, repaired_weight=args.repaired_weight, repairer=args.repairer, task=task, eval_every=args.eval_every,
                 eval=[str(out / "val"), str(out / "test")], eval_n=args.eval_n, threads=args.threads)
     lrs = [float(x) for x in args.lrs.split(",")]
     arms = ["grpo", "df-grpo"] + (["grpo-tok"] if args.token_matched else [])

@@ -5,6 +5,7 @@ every output; heavy imports stay inside command bodies so ``--help`` is instant.
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import typer
@@ -118,6 +119,8 @@ def loop(
     prompts: Path = typer.Option(None, help="Prompt set to draw each round's prompts from "
                                             "(default: fresh synthetic train problems every round)."),
     prompts_per_round: int = typer.Option(64, help="Prompts sampled per round."),
+    task: str = typer.Option("{}", help="Synthetic task knobs as JSON (dfgen synth's options), e.g. "
+                                        "'{\"min_reads\": 3, \"max_reads\": 4}'; ignored with --prompts."),
     group_size: int = typer.Option(8, help="Rollouts per prompt."),
     fit_steps: int = typer.Option(8, help="Optimizer steps per round."),
     groups_per_step: int = typer.Option(8, help="Prompt groups per step."),
@@ -143,8 +146,14 @@ def loop(
 
     from dftrain.loop import LoopConfig, run_loop
 
+    try:
+        task_knobs = json.loads(task)
+    except json.JSONDecodeError as e:
+        raise UserError(f"--task is not JSON ({e.msg}): {task!r}") from None
+    if not isinstance(task_knobs, dict):
+        raise UserError(f"--task must be a JSON object, got {task!r}")
     cfg = LoopConfig(model=model, out=out, rounds=rounds, objective=objective, prompts=prompts,
-                     prompts_per_round=prompts_per_round, group_size=group_size, fit_steps=fit_steps,
+                     prompts_per_round=prompts_per_round, task=task_knobs, group_size=group_size, fit_steps=fit_steps,
                      groups_per_step=groups_per_step, updates_per_batch=updates_per_batch, lr=lr, kappa=kappa,
                      marked=marked, mass=mass, repaired_weight=repaired_weight, repairer=repairer,
                      carry_optimizer=carry_optimizer, eval=[str(e) for e in eval], eval_n=eval_n,

@@ -66,6 +66,18 @@ class LoopConfig:
             raise UserError("--objective must be df-grpo or grpo")
         if self.eval_every <= 0 or self.eval_n <= 0:
             raise UserError("--eval-every and --eval-n must be positive")
+        from dataclasses import fields
+
+        from dfgen.synth.grid import GridTask
+
+        known = [f.name for f in fields(GridTask)]
+        unknown = sorted(set(self.task) - set(known))
+        if unknown:
+            raise UserError(f"--task: unknown knob(s) {', '.join(unknown)} (known: {', '.join(known)})")
+        try:
+            GridTask(**self.task).validate()
+        except (TypeError, ValueError) as e:
+            raise UserError(f"--task: {e}") from None
 
 
 def _jsonable(cfg: LoopConfig) -> dict:
