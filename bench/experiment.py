@@ -43,27 +43,38 @@ def paired(diffs: list[float]) -> dict:
     return {"n": n, "mean": mean, "ci95": [mean - half, mean + half], "diffs": diffs}
 
 
-def mechanism(df_dir: Path, kappa: float) -> dict:
-    """Mask statistics of the failed rollouts with a verified repair in one round's DF shards."""
+def mechanism(df_dir: Path, kappa: float, marked: str = "edit", mass: str = "keep", delta: float = 0.5) -> dict:
+    """Mask statistics of the failed rollouts with a verified repair in one round's DF shards. The
+    negative-gradient mass DF keeps is the signed sum of the trainer's own token weights
+    (``dftrain.loss.df_token_weights`` with the run's options) over the tokens (GRPO: 1)."""
     import pyarrow.parquet as pq
+    import torch
 
-    tokens = marked = failed = late = 0
+    from dftrain.loss import df_token_weights
+
+    tokens = edit = root = failed = late = 0
+    kept = 0.0
     for f in sorted(df_dir.glob("*.parquet")):
         for g in pq.read_table(f, columns=["rollouts"]).column("rollouts").to_pylist():
             for r in g:
                 if r["reward"] >= 1 or r.get("repair_status") != "ok" or not r.get("mask_bad"):
                     continue
-                m = r["mask_bad"]
+                m = torch.tensor([r["mask_bad"]], dtype=torch.float32)
+                rm = torch.tensor([r.get("root_bad") or [0] * m.shape[1]], dtype=torch.float32)
+                w = df_token_weights(m, torch.ones_like(m), torch.tensor([True]), kappa=kappa, root_mask=rm,
+                                     marked=marked, delta=delta, mass=mass)
                 failed += 1
-                tokens += len(m)
-                marked += sum(m)
+                tokens += m.shape[1]
+                edit += int(m.sum())
+                root += int(rm.sum())
+                kept += float(w.sum())
                 # step masks mark whole lines holding an edit: an unmarked first token means the
                 # first line (step 1) is intact, so the rollout holds a correct step before its error
                 late += not (r.get("step_mask_bad") or [1])[0]
     if not failed:
         return {}
-    return {"failed_repaired": failed, "mask_density": marked / tokens,
-            "neg_mass_kept": (marked + kappa * (tokens - marked)) / tokens, "first_error_after_step1": late / failed}
+    return {"failed_repaired": failed, "mask_density": edit / tokens, "root_density": root / tokens,
+            "neg_mass_kept": kept / tokens, "first_error_after_step1": late / failed}
 
 
 def run_job(job: dict) -> dict:
@@ -231,11 +242,11 @@ def summarize_grid(out: Path, specs, arms, lrs, args, sft_acc) -> dict:
         summ["df_minus_sft"] = paired([d - sft_acc["test"] for d in test["df-grpo"]])
         if "grpo-tok" in test:
             summ["b_df_minus_grpo_tok"] = paired([d - g for d, g in zip(test["df-grpo"], test["grpo-tok"])])
-    mech = [mechanism(p, args.kappa) for p in sorted(out.glob(f"df-grpo/lr{chosen.get('df-grpo')}/s*/round_*/df"))]
+    mech = [mechanism(p, args.kappa, args.marked, args.mass) for p in sorted(out.glob(f"df-grpo/lr{chosen.get('df-grpo')}/s*/round_*/df"))]
     mech = [m for m in mech if m]
     if mech:
         summ["mechanism_mean"] = {k: sum(m[k] for m in mech) / len(mech)
-                                  for k in ("mask_density", "neg_mass_kept", "first_error_after_step1")}
+                                  for k in ("mask_density", "root_density", "neg_mass_kept", "first_error_after_step1")}
     return {"grid": table, "test_per_seed": test, "summary": summ}
 
 

@@ -276,7 +276,8 @@ def latest_checkpoint(out: Path):
 def run_fit(cfg: FitConfig, log=print) -> dict:
     import torch
 
-    from dfgen.policy import decode_image, load_policy, suppress_ids, tokenizer_fingerprint
+    from dfgen.policy import (check_policy_dir, decode_image, load_policy, load_processor, suppress_ids,
+                              tokenizer_fingerprint)
     from dfgen.shards import open_shards, write_json_atomic
     from dftrain.data import GroupStream
 
@@ -294,11 +295,11 @@ def run_fit(cfg: FitConfig, log=print) -> dict:
     load_dir = resume_from if resume_from and cfg.lora_rank == 0 else cfg.model
     dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
     device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
-    model, processor = load_policy(load_dir, dtype=dtype, device=device)
-    tok = processor.tokenizer
+    # the shards are checked against the policy's tokenizer before the (possibly large) weights load
     stages = ("mask",) if cfg.objective == "df-grpo" else ("sample", "repair", "mask")
     try:
-        shards = open_shards(cfg.data, stage=stages, tokenizer_fp=tokenizer_fingerprint(tok))
+        shards = open_shards(cfg.data, stage=stages,
+                             tokenizer_fp=tokenizer_fingerprint(load_processor(check_policy_dir(load_dir)).tokenizer))
     except UserError as e:
         if "needs mask" in str(e):
             raise UserError(f"{cfg.data} has no masks: --objective df-grpo needs shards from `dfgen repair` then "
@@ -306,6 +307,8 @@ def run_fit(cfg: FitConfig, log=print) -> dict:
         raise
     if shards.num_rows() == 0:
         raise UserError(f"{cfg.data} holds no groups")
+    model, processor = load_policy(load_dir, dtype=dtype, device=device)
+    tok = processor.tokenizer
     temperature = float(shards.meta.get("sampling", {}).get("temperature", 1.0)) or 1.0
     suppress = suppress_ids(tok)
     if cfg.lora_rank > 0:

@@ -145,7 +145,7 @@ def test_a_df_step_lowers_the_wrong_token_more_than_the_others_and_grpo_spreads_
     assert (-d_wrong / d_others) > (-g_wrong / max(g_others, 1e-12))  # GRPO spreads the change
 
 
-@pytest.mark.parametrize("case", ["no_masks", "nan_logprobs", "other_tokenizer", "empty"])
+@pytest.mark.parametrize("case", ["no_masks", "nan_logprobs", "other_tokenizer", "empty", "before_weights"])
 def test_fit_refuses_bad_data_clearly(case, df_shards, sft_model, tmp_path):
     from dfgen.shards import ShardWriter, open_shards
 
@@ -159,6 +159,11 @@ def test_fit_refuses_bad_data_clearly(case, df_shards, sft_model, tmp_path):
         meta = open_shards(df_shards / "m").meta
         ShardWriter(tmp_path / "n", "mask", {k: v for k, v in meta.items() if k not in ("stage",)}).write(0, rows)
         data, match = tmp_path / "n", "NaN or inf"
+    elif case == "before_weights":  # shards are refused before the weights load: these would not load
+        model = tmp_path / "corrupt"
+        shutil.copytree(sft_model, model)
+        (model / "model.safetensors").write_bytes(b"not a safetensors file")
+        data, match = df_shards / "s", "no masks"
     elif case == "other_tokenizer":
         from dfgen.policy import build_tiny
 
