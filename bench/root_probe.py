@@ -26,13 +26,13 @@ from pathlib import Path
 
 
 def root_items(shards: Path) -> tuple[list[dict], int]:
+    import polars as pl
+
     from dfgen.policy import decode_image
     from dfgen.shards import open_shards
 
     items, skipped = [], 0
     for f in open_shards(shards, stage="mask").files:
-        import polars as pl
-
         for g in pl.read_parquet(f).to_dicts():
             image = None
             for r in g["rollouts"]:
