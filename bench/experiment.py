@@ -43,7 +43,7 @@ def paired(diffs: list[float]) -> dict:
     return {"n": n, "mean": mean, "ci95": [mean - half, mean + half], "diffs": diffs}
 
 
-def mechanism(df_dir: Path, kappa: float, marked: str = "edit", mass: str = "keep", delta: float = 0.5) -> dict:
+def mechanism(df_dir: Path, kappa: float, marked: str = "root", mass: str = "keep", delta: float = 0.5) -> dict:
     """Mask statistics of the failed rollouts with a verified repair in one round's DF shards. The
     negative-gradient mass DF keeps is the signed sum of the trainer's own token weights
     (``dftrain.loss.df_token_weights`` with the run's options) over the tokens (GRPO: 1)."""
@@ -119,7 +119,7 @@ def main():
     ap.add_argument("--group-size", type=int, default=8)
     ap.add_argument("--fit-steps", type=int, default=8)
     ap.add_argument("--kappa", type=float, default=0.1)
-    ap.add_argument("--marked", default="edit")
+    ap.add_argument("--marked", default="root")
     ap.add_argument("--mass", default="keep")
     ap.add_argument("--repaired-weight", type=float, default=0.0)
     ap.add_argument("--repairer", default="oracle", help="oracle or sibling (a correct rollout of the same group)")

@@ -12,8 +12,9 @@ repaired token ids (policy tokenizer; rapidfuzz Levenshtein opcodes on Python li
 * ``step_mask_bad`` / ``step_mask_repaired``: a step (a line, or a ``Step k:`` segment) is
   marked whole if any of its tokens is marked.
 
-``--level step`` writes the step masks into ``mask_bad``/``mask_repaired`` too (so a trainer
-reading ``mask_bad`` gets step-level blame); the default ``token`` keeps them token-level.
+``--level step`` writes the step masks into ``mask_bad``/``mask_repaired`` and widens
+``root_bad``/``root_repaired`` to the root cause's whole step (so a trainer gets step-level blame
+under every ``--marked`` mode); the default ``token`` keeps them token-level.
 Rollouts without a verified repair keep null masks. Deterministic; shards map one to one.
 
 Run: ``dfgen mask --repairs runs/r0/repair --out runs/r0/df``
@@ -87,11 +88,15 @@ def run_mask(cfg: MaskConfig, progress=None) -> dict:
                     continue
                 bad, rep = list(r["token_ids"]), list(r["repaired_ids"])
                 a = align(bad, rep)
-                sb = step_mask(a.mask_bad, step_ids(texts(bad)))
-                sr = step_mask(a.mask_repaired, step_ids(texts(rep)))
+                steps_b, steps_r = step_ids(texts(bad)), step_ids(texts(rep))
+                sb, sr = step_mask(a.mask_bad, steps_b), step_mask(a.mask_repaired, steps_r)
                 r["step_mask_bad"], r["step_mask_repaired"] = sb, sr
-                r["mask_bad"], r["mask_repaired"] = (sb, sr) if cfg.level == "step" else (a.mask_bad, a.mask_repaired)
-                r["root_bad"], r["root_repaired"] = a.root_bad, a.root_repaired
+                if cfg.level == "step":
+                    r["mask_bad"], r["mask_repaired"] = sb, sr
+                    r["root_bad"], r["root_repaired"] = step_mask(a.root_bad, steps_b), step_mask(a.root_repaired, steps_r)
+                else:
+                    r["mask_bad"], r["mask_repaired"] = a.mask_bad, a.mask_repaired
+                    r["root_bad"], r["root_repaired"] = a.root_bad, a.root_repaired
                 st["masked"] += 1
                 st["tokens"] += len(bad)
                 st["marked"] += sum(r["mask_bad"])

@@ -6,7 +6,9 @@ computes current log-probs of the stored rollout tokens, and minimises ``dftrain
 
 * ``--objective grpo``: plain GRPO on the same data path (masks ignored, repaired samples off);
 * ``--objective df-grpo``: failed rollouts with a verified repair get DF token weights
-  (``--kappa``, ``--marked edit|root|root+prop``, ``--delta``, ``--mass keep|redistribute``);
+  (``--kappa``, ``--marked root|root+prop|edit``, ``--delta``, ``--mass keep|redistribute``);
+  the default ``root`` puts full blame on the first edit only (the root cause) and ``kappa`` on
+  the rest, the best DF setting measured (docs/RESULTS.md 3e-3f: +2.1 points over ``edit``);
   with ``--repaired-weight A > 0`` each group's distinct repaired trajectories join the batch as
   extra positive off-policy samples with advantage A (their behaviour log-probs come from the
   shards), tokens weighted ``mask_repaired + kappa_rep * (1 - mask_repaired)``.
@@ -58,7 +60,7 @@ class FitConfig:
     agg: str = "token-mean"  # token-mean | seq-mean-token-mean | seq-mean-token-sum | seq-mean-token-sum-norm
     beta: float = 0.0  # k3 KL to the frozen initial policy; 0 = no reference model loaded
     kappa: float = 0.1  # DF weight of unmarked tokens of a repaired failed rollout (1 = GRPO)
-    marked: str = "edit"  # edit | root | root+prop
+    marked: str = "root"  # root | root+prop | edit (docs/RESULTS.md 3e-3f: root beats edit)
     delta: float = 0.5  # root+prop: weight of edited tokens after the root cause
     mass: str = "keep"  # keep | redistribute
     repaired_weight: float = 0.0  # A_plus of repaired samples; 0 = not used
@@ -110,6 +112,9 @@ def build_rows(groups: list[dict], cfg: FitConfig) -> list[dict]:
         seen = set()
         for r in g["rollouts"]:
             ok = use_df and r.get("repair_status") == "ok" and r.get("mask_bad") is not None
+            if ok and cfg.marked != "edit" and r.get("root_bad") is None:
+                raise UserError(f"--marked {cfg.marked} needs the root_bad mask, which a rollout of prompt "
+                                f"{g.get('id')!r} lacks: rerun dfgen mask on these shards, or pass --marked edit")
             rows.append({"g": k, "ids": r["token_ids"], "old": r["logprobs"], "adv": adv[a], "rep": False,
                          "failed": ok and r["reward"] < 1, "mask": r.get("mask_bad") if ok else None,
                          "root": r.get("root_bad") if ok else None, "reward": r["reward"]})

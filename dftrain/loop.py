@@ -50,7 +50,7 @@ class LoopConfig:
     updates_per_batch: int = 2
     lr: float = 1e-4  # chosen on val for both objectives (docs/RESULTS.md)
     kappa: float = 0.1
-    marked: str = "edit"
+    marked: str = "root"
     mass: str = "keep"
     repaired_weight: float = 0.0
     carry_optimizer: bool = True

@@ -145,20 +145,23 @@ def test_a_df_step_lowers_the_wrong_token_more_than_the_others_and_grpo_spreads_
     assert (-d_wrong / d_others) > (-g_wrong / max(g_others, 1e-12))  # GRPO spreads the change
 
 
-@pytest.mark.parametrize("case", ["no_masks", "nan_logprobs", "other_tokenizer", "empty", "before_weights"])
+@pytest.mark.parametrize("case", ["no_masks", "nan_logprobs", "no_root", "other_tokenizer", "empty", "before_weights"])
 def test_fit_refuses_bad_data_clearly(case, df_shards, sft_model, tmp_path):
     from dfgen.shards import ShardWriter, open_shards
 
     data, model = df_shards / "m", sft_model
     if case == "no_masks":
         data, match = df_shards / "s", "no masks"
-    elif case == "nan_logprobs":
+    elif case in ("nan_logprobs", "no_root"):  # one shard edited: a NaN logprob, or root masks dropped
         rows = pl.read_parquet(str(df_shards / "m" / "*.parquet")).to_dicts()
         for row in rows:
-            row["rollouts"][0]["logprobs"][0] = float("nan")
+            if case == "nan_logprobs":
+                row["rollouts"][0]["logprobs"][0] = float("nan")
+            for r in row["rollouts"] if case == "no_root" else ():
+                r["root_bad"] = None
         meta = open_shards(df_shards / "m").meta
         ShardWriter(tmp_path / "n", "mask", {k: v for k, v in meta.items() if k not in ("stage",)}).write(0, rows)
-        data, match = tmp_path / "n", "NaN or inf"
+        data, match = tmp_path / "n", ("NaN or inf" if case == "nan_logprobs" else "needs the root_bad mask")
     elif case == "before_weights":  # shards are refused before the weights load: these would not load
         model = tmp_path / "corrupt"
         shutil.copytree(sft_model, model)

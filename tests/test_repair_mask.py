@@ -128,6 +128,25 @@ def test_masks_have_trajectory_lengths_and_start_at_the_known_first_wrong_step(p
     assert checked >= 3
 
 
+def test_step_level_widens_every_mask_including_the_root_cause_to_whole_steps(pipeline, tmp_path):
+    from dfgen.mask import MaskConfig, run_mask
+
+    d, _, _ = pipeline
+    run_mask(MaskConfig(repairs=d / "r", out=tmp_path / "m", level="step"))
+    tok_rows = _flat(d / "m").filter(pl.col("repair_status") == "ok").sort("id", "token_ids")
+    step_rows = _flat(tmp_path / "m").filter(pl.col("repair_status") == "ok").sort("id", "token_ids")
+    assert step_rows.height == tok_rows.height > 0
+    wider = 0
+    for t, s in zip(tok_rows.iter_rows(named=True), step_rows.iter_rows(named=True)):
+        assert s["mask_bad"] == t["step_mask_bad"] and s["mask_repaired"] == t["step_mask_repaired"]
+        for side in ("bad", "repaired"):
+            root_tok, root_step = t[f"root_{side}"], s[f"root_{side}"]
+            assert all(b >= a for a, b in zip(root_tok, root_step))  # covers the token-level root
+            assert all(b <= m for b, m in zip(root_step, s[f"mask_{side}"]))  # inside the step mask
+            wider += sum(root_step) > sum(root_tok)
+    assert wider > 0  # the root cause's step holds more tokens than the edit itself
+
+
 def test_sibling_repairer_only_repairs_groups_with_a_correct_rollout(pipeline):
     from dfgen.repair import RepairConfig, run_repair
 
