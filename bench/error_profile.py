@@ -31,6 +31,7 @@ def profile(model_dir, data, n: int) -> dict:
     failed = sum(p["first_error"].values())
     return {"model": str(model_dir), "n": p["n"], "accuracy": p["accuracy"], "steps_right": p["steps_right"],
             "lucky": p["accuracy"] - p["steps_right"], "failed": failed,
+            "failed_with_prefix": round(p["failed_with_prefix"], 3),
             "first_error": {k: round(v / max(failed, 1), 3) for k, v in sorted(p["first_error"].items(),
                                                                                  key=lambda kv: -kv[1])}}
 

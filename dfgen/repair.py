@@ -67,7 +67,7 @@ def run_repair(cfg: RepairConfig, progress=None) -> dict:
 
     from dfgen.answers import score
     from dfgen.backends import Prompt, SamplingConfig, get_backend
-    from dfgen.policy import decode_image, model_fingerprint
+    from dfgen.policy import context_length, decode_image, model_fingerprint
     from dfgen.repairers import Proposal, oracle, sibling
     from dfgen.shards import ShardWriter, open_shards, write_json_atomic
 
@@ -83,11 +83,18 @@ def run_repair(cfg: RepairConfig, progress=None) -> dict:
     scorer = get_backend("hf", model_dir, batch_size=cfg.batch_size)
     tok = scorer.tokenizer
     temperature = float(ss.meta.get("sampling", {}).get("temperature", 1.0)) or 1.0
-    gen = None
+    gen, ctx = None, None
     if cfg.repairer == "model":
         template = _template(cfg)
         gen = scorer if cfg.repair_model is None and cfg.backend == "hf" else \
             get_backend(cfg.backend, cfg.repair_model or model_dir, batch_size=cfg.batch_size)
+        # the repair prompt holds the failed solution, so it is longer than the sampling prompt: one that
+        # would not fit the repair model's positions is rejected per rollout, never generated into garbage
+        ctx = min(n for n in (context_length(cfg.repair_model or model_dir), getattr(gen, "max_model_len", None),
+                              1 << 62) if n)
+        if ctx and cfg.max_new_tokens >= ctx:
+            raise UserError(f"--max-new-tokens {cfg.max_new_tokens} leaves no room for a repair prompt in the "
+                            f"repair model's {ctx}-token context")
     meta = {**{k: v for k, v in ss.meta.items() if k not in ("stage", "schema_version", "package_version")},
             "repair": {"repairer": cfg.repairer, "max_edit_ratio": cfg.max_edit_ratio,
                        "repair_model": str(cfg.repair_model) if cfg.repair_model else None}}
@@ -129,10 +136,16 @@ def run_repair(cfg: RepairConfig, progress=None) -> dict:
             prompts = [Prompt(template.format(question=row["question"], reference_answer=row["answer"],
                                               solution=row["rollouts"][i]["text"]),
                               decode_image(row["image"]) if row["image"] is not None else None) for row, i in todo]
-            outs = gen.generate(prompts, [[0]] * len(prompts), SamplingConfig(temperature=0.0,
-                                                                               max_new_tokens=cfg.max_new_tokens))
-            proposals = [Proposal(o[0].text) if o[0].finish_reason == "stop" else
-                         Proposal(o[0].text, "repair model hit max tokens") for o in outs]
+            fits = [not ctx or len(p) + cfg.max_new_tokens <= ctx for p in gen.prompt_ids(prompts)]
+            outs = iter(gen.generate([p for p, ok in zip(prompts, fits) if ok], [[0]] * sum(fits),
+                                     SamplingConfig(temperature=0.0, max_new_tokens=cfg.max_new_tokens))
+                        if any(fits) else [])
+            proposals = []
+            for ok in fits:
+                o = next(outs)[0] if ok else None
+                proposals.append(Proposal(None, "repair prompt too long for the repair model") if o is None else
+                                 Proposal(o.text) if o.finish_reason == "stop" else
+                                 Proposal(o.text, "repair model hit max tokens"))
         keep = []  # (row, i, ids)
         for (row, i), prop in zip(todo, proposals):
             r = row["rollouts"][i]

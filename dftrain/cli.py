@@ -7,11 +7,25 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Annotated
 
 import typer
 
 from dfgen.cli import _quiet_hf
 from dfgen.errors import UserError, cli_errors
+from dftrain.fit import FitConfig as _Fit  # light modules: the configs are the one source of defaults
+from dftrain.loop import LoopConfig as _Loop
+
+# options `fit` and `loop` share: one help text each, defaults from the config dataclasses
+Objective = Annotated[str, typer.Option(help="df-grpo (masked) or grpo (plain baseline).")]
+GroupsPerStep = Annotated[int, typer.Option(help="Prompt groups per optimizer step.")]
+UpdatesPerBatch = Annotated[int, typer.Option(help="Optimizer updates on each batch (PPO epochs).")]
+Lr = Annotated[float, typer.Option(help="Learning rate (AdamW, constant); chosen on val, docs/RESULTS.md.")]
+Kappa = Annotated[float, typer.Option(help="DF weight of unmarked tokens of a repaired failed rollout.")]
+Marked = Annotated[str, typer.Option(help="Which tokens DF marks: root (first edit), root+prop, edit (all edits).")]
+Mass = Annotated[str, typer.Option(help="keep or redistribute the failed rollout's blame.")]
+RepairedWeight = Annotated[float, typer.Option(help="Advantage of repaired samples (0 = off).")]
+Seed = Annotated[int, typer.Option(help="Prompt, sampling and data-order seed.")]
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
                   help="Differential Feedback training: warm start, masked GRPO, evaluation.\n\n"
@@ -64,18 +78,18 @@ def fit(
     data: Path = typer.Option(..., help="DF shards (dfgen mask output); sample shards suffice for --objective grpo."),
     model: Path = typer.Option(..., help="Policy to train (normally the checkpoint that sampled the shards)."),
     out: Path = typer.Option(..., help="Output folder: final HF model, step_* checkpoints, metrics.jsonl."),
-    objective: str = typer.Option("df-grpo", help="df-grpo (masked) or grpo (plain baseline)."),
-    steps: int = typer.Option(20, help="Optimizer steps."),
-    groups_per_step: int = typer.Option(8, help="Prompt groups per step."),
-    grad_accum: int = typer.Option(1, help="Batches of groups accumulated per optimizer step."),
-    updates_per_batch: int = typer.Option(1, help="Optimizer updates on each batch (PPO epochs)."),
-    micro_batch: int = typer.Option(64, help="Sequences per forward/backward pass."),
-    lr: float = typer.Option(1e-4, help="Learning rate (AdamW, constant); chosen on val, docs/RESULTS.md."),
-    kappa: float = typer.Option(0.1, help="DF weight of unmarked tokens of a repaired failed rollout."),
-    marked: str = typer.Option("root", help="Which tokens DF marks: root (first edit), root+prop, edit (all edits)."),
-    delta: float = typer.Option(0.5, help="root+prop: weight of later edited tokens."),
-    mass: str = typer.Option("keep", help="keep or redistribute the failed rollout's blame."),
-    repaired_weight: float = typer.Option(0.0, help="Advantage of repaired samples (0 = off)."),
+    objective: Objective = _Fit.objective,
+    steps: int = typer.Option(_Fit.steps, help="Optimizer steps."),
+    groups_per_step: GroupsPerStep = _Fit.groups_per_step,
+    grad_accum: int = typer.Option(_Fit.grad_accum, help="Batches of groups accumulated per optimizer step."),
+    updates_per_batch: UpdatesPerBatch = _Fit.updates_per_batch,
+    micro_batch: int = typer.Option(_Fit.micro_batch, help="Sequences per forward/backward pass."),
+    lr: Lr = _Fit.lr,
+    kappa: Kappa = _Fit.kappa,
+    marked: Marked = _Fit.marked,
+    delta: float = typer.Option(_Fit.delta, help="root+prop: weight of later edited tokens."),
+    mass: Mass = _Fit.mass,
+    repaired_weight: RepairedWeight = _Fit.repaired_weight,
     kappa_rep: float = typer.Option(0.0, help="Weight of unedited tokens of repaired samples."),
     beta: float = typer.Option(0.0, help="k3 KL coefficient to the initial policy (0 = no reference)."),
     adv_scale: str = typer.Option("group", help="group (GRPO) or none (Dr. GRPO)."),
@@ -87,7 +101,7 @@ def fit(
     resume: bool = typer.Option(False, help="Continue from the latest checkpoint in --out."),
     optimizer_from: Path = typer.Option(None, help="A previous fit's output: continue its AdamW state "
                                                    "(rounds of sample -> fit as one optimisation)."),
-    seed: int = typer.Option(0, help="Data order seed."),
+    seed: Seed = _Fit.seed,
 ):
     """Train the policy on DF shards with the masked GRPO objective (or plain GRPO).
 
@@ -115,27 +129,27 @@ def loop(
     model: Path = typer.Option(..., help="Starting policy (e.g. dftrain sft output)."),
     out: Path = typer.Option(..., help="Output folder: round_RRR/{prompts,sample,repair,df,fit}, loop.json."),
     rounds: int = typer.Option(3, help="Rounds of sample -> [repair -> mask] -> fit."),
-    objective: str = typer.Option("df-grpo", help="df-grpo (masked) or grpo (plain baseline)."),
+    objective: Objective = _Loop.objective,
     prompts: Path = typer.Option(None, help="Prompt set to draw each round's prompts from "
                                             "(default: fresh synthetic train problems every round)."),
     prompts_per_round: int = typer.Option(64, help="Prompts sampled per round."),
     task: str = typer.Option("{}", help="Synthetic task knobs as JSON (dfgen synth's options), e.g. "
                                         "'{\"min_reads\": 3, \"max_reads\": 4}'; ignored with --prompts."),
-    group_size: int = typer.Option(8, help="Rollouts per prompt."),
-    fit_steps: int = typer.Option(8, help="Optimizer steps per round."),
-    groups_per_step: int = typer.Option(8, help="Prompt groups per step."),
-    updates_per_batch: int = typer.Option(2, help="Optimizer updates on each batch."),
-    lr: float = typer.Option(1e-4, help="Learning rate (AdamW, constant, carried across rounds; chosen on val)."),
-    kappa: float = typer.Option(0.1, help="DF weight of unmarked tokens of a repaired failed rollout."),
-    marked: str = typer.Option("root", help="Which tokens DF marks: root (first edit), root+prop, edit (all edits)."),
-    mass: str = typer.Option("keep", help="keep or redistribute the failed rollout's blame."),
-    repaired_weight: float = typer.Option(0.0, help="Advantage of repaired samples (0 = off)."),
+    group_size: int = typer.Option(_Loop.group_size, help="Rollouts per prompt."),
+    fit_steps: int = typer.Option(_Loop.fit_steps, help="Optimizer steps per round."),
+    groups_per_step: GroupsPerStep = _Loop.groups_per_step,
+    updates_per_batch: UpdatesPerBatch = _Loop.updates_per_batch,
+    lr: Lr = _Loop.lr,
+    kappa: Kappa = _Loop.kappa,
+    marked: Marked = _Loop.marked,
+    mass: Mass = _Loop.mass,
+    repaired_weight: RepairedWeight = _Loop.repaired_weight,
     repairer: str = typer.Option("oracle", help="oracle, sibling or model."),
     carry_optimizer: bool = typer.Option(True, help="Continue AdamW state across rounds."),
     eval: list[Path] = typer.Option([], help="Prompt set(s) to score by greedy accuracy (repeatable)."),
     eval_n: int = typer.Option(500, help="Problems scored per eval set."),
     eval_every: int = typer.Option(1, help="Evaluate every N rounds (and after the last)."),
-    seed: int = typer.Option(0, help="Prompt, sampling and data-order seed."),
+    seed: Seed = _Loop.seed,
 ):
     """R rounds of the decoupled pipeline; each round's checkpoint samples the next (resumable).
 

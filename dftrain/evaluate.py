@@ -193,27 +193,31 @@ def greedy_accuracy(model, processor, data: Path, limit: int | None = 200, max_n
 
 def greedy_profile(model, processor, data: Path, limit: int | None = 200, max_new_tokens: int = 64) -> dict:
     """Greedy accuracy plus ``steps_right``: the share whose every step matches the canonical
-    solution (a right answer reached through wrong steps counts in ``accuracy`` only), and the
-    kinds of first errors (``dfgen.synth.grid.classify_response``)."""
+    solution (a right answer reached through wrong steps counts in ``accuracy`` only), the
+    kinds of first errors (``dfgen.synth.grid.classify_response``), and ``failed_with_prefix``:
+    the share of failures whose first step is right (DF can only spare steps that exist)."""
     import json as _json
 
     from dfgen.backends.hf import HFBackend
     from dfgen.records import load_prompts
-    from dfgen.synth.grid import classify_response
+    from dfgen.synth.grid import classify_response, correct_prefix
 
     recs, _ = load_prompts(data, limit=limit)
     backend = HFBackend(None, model=model, processor=processor)
     res = run_eval(backend, recs, "synth", max_new_tokens=max_new_tokens)
     kinds: dict = {}
-    right = 0
+    right, prefixed = 0, 0
     for r, rec in zip(res, recs):
         kind, steps_ok = classify_response(r["response"] or "", _json.loads(rec["solution"])) \
             if rec.get("solution") else ("format", False)
         right += bool(r["correct"] and steps_ok and kind == "ok")
         if not r["correct"]:
             kinds[kind] = kinds.get(kind, 0) + 1
+            prefixed += bool(rec.get("solution")) and correct_prefix(r["response"] or "",
+                                                                    _json.loads(rec["solution"])) > 0
+    failed = sum(kinds.values())
     return {"n": len(res), "accuracy": sum(r["correct"] for r in res) / len(res), "steps_right": right / len(res),
-            "first_error": kinds}
+            "first_error": kinds, "failed_with_prefix": prefixed / failed if failed else 0.0}
 
 
 # ----------------------------------------------------------------------------- predictions

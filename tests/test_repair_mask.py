@@ -179,6 +179,26 @@ def test_model_repairer_runs_end_to_end_and_records_a_reason_for_each_rejection(
     assert (f["repairer"] == "model").all()
 
 
+def test_model_repairer_rejects_prompts_beyond_the_context_per_rollout(pipeline, tmp_path):
+    from dfgen.policy import context_length
+    from dfgen.repair import RepairConfig, run_repair
+
+    d, _, _ = pipeline
+    src = tmp_path / "s1"
+    src.mkdir()
+    first = sorted((d / "s").glob("*.parquet"))[0]
+    shutil.copy(first, src / first.name)
+    ctx = context_length(json.loads((d / "s" / "config.json").read_text())["model"])
+    template = tmp_path / "long.txt"  # the tiny tokenizer has "red" as one token: ctx of them cannot fit
+    template.write_text("Fix it. " + "red " * ctx + "\nQuestion: {question}\nSolution:\n{solution}\n")
+    st = run_repair(RepairConfig(rollouts=src, out=tmp_path / "r", repairer="model", template=template,
+                                 max_new_tokens=24))
+    f = _flat(tmp_path / "r").filter(pl.col("reward") < 1)
+    assert f.height == st["failed"] > 0  # every failure recorded, none generated past the positions
+    assert set(f["repair_status"].to_list()) == {"repair prompt too long for the repair model"}
+    assert _flat(tmp_path / "r").height == _flat(src).height  # no rollout lost
+
+
 def test_no_failed_rollouts_gives_an_empty_but_valid_output(tmp_path, pipeline):
     from tests.conftest import run_cli
 

@@ -110,3 +110,15 @@ def test_classify_response_names_the_first_wrong_line():
     # a right answer through wrong steps is not "every step right"
     lucky = "Step 1: red = 2\nStep 2: blue = 3\nStep 3: 2 + 3 = 5\nAnswer: 5"
     assert classify_response(lucky, sol) == ("count", False)
+
+
+def test_correct_prefix_counts_the_leading_right_steps():
+    from dfgen.synth.grid import correct_prefix
+
+    sol = {"steps": [{"line": "Step 1: red = 3"}, {"line": "Step 2: blue = 2"}, {"line": "Step 3: 3 + 2 = 5"}],
+           "answer": 5}
+    gold = "Step 1: red = 3\nStep 2: blue = 2\nStep 3: 3 + 2 = 5\nAnswer: 5"
+    assert correct_prefix(gold, sol) == 3
+    assert correct_prefix(gold.replace("red = 3", "red = 1"), sol) == 0
+    assert correct_prefix(gold.replace("blue = 2", "blue = 1"), sol) == 1
+    assert correct_prefix("  Step 1: red = 3  \n", sol) == 1 and correct_prefix("", sol) == 0

@@ -113,6 +113,7 @@ class VLLMBackend:
 
         model_dir = check_policy_dir(Path(model_dir))
         self.model_dir = model_dir
+        self.max_model_len = int(max_model_len)  # prompt + completion budget of the engine
         self.processor = load_processor(model_dir, trust_remote_code=trust_remote_code)
         self.tokenizer = self.tok = self.processor.tokenizer
         self.suppress = suppress_ids(self.tok)

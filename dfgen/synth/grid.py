@@ -246,6 +246,16 @@ _READ = re.compile(r"^Step \d+: ([a-z]+) = (-?\d+)$")
 _OP = re.compile(r"^Step \d+: (-?\d+) ([+-]) (-?\d+) = (-?\d+)$")
 
 
+def correct_prefix(response: str, solution: dict) -> int:
+    """How many of the response's leading lines equal the canonical steps (0: the first step is wrong)."""
+    gold = [s["line"] for s in solution["steps"]]
+    lines = [ln.strip() for ln in response.strip().splitlines()]
+    k = 0
+    while k < min(len(gold), len(lines)) and lines[k] == gold[k]:
+        k += 1
+    return k
+
+
 def classify_response(response: str, solution: dict) -> tuple[str, bool]:
     """(kind of the first wrong line, every step right) of a response against the canonical solution.
 
