@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 def profile(model_dir, data, n: int) -> dict:
     from dfgen.policy import load_policy
@@ -42,6 +43,11 @@ def main():
     ap.add_argument("--data", required=True)
     ap.add_argument("--n", type=int, default=500)
     args = ap.parse_args()
+    for m in args.models:
+        if not (Path(m) / "config.json").is_file():
+            ap.error(f"{m} is not a policy folder (no config.json)")
+    if not Path(args.data).exists():
+        ap.error(f"--data {args.data} does not exist")
     import os
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

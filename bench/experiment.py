@@ -119,10 +119,10 @@ def main():
     ap.add_argument("--group-size", type=int, default=8)
     ap.add_argument("--fit-steps", type=int, default=8)
     ap.add_argument("--kappa", type=float, default=0.1)
-    ap.add_argument("--marked", default="root")
-    ap.add_argument("--mass", default="keep")
+    ap.add_argument("--marked", default="root", choices=["root", "root+prop", "edit"])
+    ap.add_argument("--mass", default="keep", choices=["keep", "redistribute"])
     ap.add_argument("--repaired-weight", type=float, default=0.0)
-    ap.add_argument("--repairer", default="oracle", help="oracle or sibling (a correct rollout of the same group)")
+    ap.add_argument("--repairer", default="oracle", choices=["oracle", "sibling"], help="oracle or sibling (a correct rollout of the same group)")
     ap.add_argument("--task", default="{}", help="GridTask knobs as JSON, e.g. '{\"min_reads\": 3}'")
     ap.add_argument("--eval-n", type=int, default=1000)
     ap.add_argument("--val-n", type=int, default=500)
@@ -138,6 +138,18 @@ def main():
     ap.add_argument("--jobs", type=int, default=1)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
+    # bad arguments: argparse's one-line error (exit 2) before any work, never a traceback
+    if args.sft is not None and not (args.sft / "config.json").is_file():
+        ap.error(f"--sft {args.sft} is not a policy folder (no config.json)")
+    try:
+        from dfgen.synth.grid import GridTask
+
+        task_knobs = json.loads(args.task)
+        GridTask(**task_knobs).validate()
+    except (ValueError, TypeError) as e:
+        ap.error(f"--task {args.task!r}: {e}")
+    if min(args.seeds, args.rounds, args.eval_every, args.avg_last, args.jobs, args.eval_n, args.val_n) < 1:
+        ap.error("--seeds, --rounds, --eval-every, --avg-last, --jobs, --eval-n and --val-n must be positive")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
 
@@ -149,7 +161,7 @@ def main():
 
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
-    task = json.loads(args.task)
+    task = task_knobs
     t_all = time.time()
     sft = args.sft or out / "sft"
     if not (out / "val").exists():

@@ -89,6 +89,12 @@ def main():
     ap.add_argument("--out", type=Path, default=None, help="write the table as JSON here")
     ap.add_argument("policies", nargs="+", help="name=DIR")
     args = ap.parse_args()
+    if not any(args.shards.glob("*.parquet")):
+        ap.error(f"--shards {args.shards}: no parquet shards there (dfgen mask output expected)")
+    for spec in args.policies:
+        name, eq, path = spec.partition("=")
+        if not eq or not name or not (Path(path) / "config.json").is_file():
+            ap.error(f"policy {spec!r}: expected name=DIR with DIR a policy folder (config.json)")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import warnings
 

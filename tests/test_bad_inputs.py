@@ -316,3 +316,24 @@ def test_16_bit_images_keep_their_contrast():
 
     a = np.asarray(decode_image(_png16()))
     assert a.shape == (56, 56, 3) and a.min() == 0 and a.max() == 62700 * 255 // 65535 and (a == 255).mean() == 0
+
+
+BENCH = Path(__file__).resolve().parent.parent / "bench"
+
+
+@pytest.mark.parametrize("script,args,match", [
+    ("experiment.py", ["--sft", "/nonexistent"], "not a policy folder"),
+    ("experiment.py", ["--task", "{bad"], "--task"),
+    ("experiment.py", ["--task", '{"grid": 9}'], "grid must be 2..4"),
+    ("experiment.py", ["--seeds", "0"], "must be positive"),
+    ("experiment.py", ["--marked", "first"], "invalid choice"),
+    ("root_probe.py", ["--shards", "/nonexistent", "a=b"], "no parquet shards"),
+    ("error_profile.py", ["/nonexistent", "--data", "x"], "not a policy folder"),
+])
+def test_bench_scripts_refuse_bad_arguments_in_one_line_before_any_work(script, args, match, tmp_path):
+    p = subprocess.run([sys.executable, str(BENCH / script), "--out", str(tmp_path / "o"), *args]
+                       if script == "experiment.py" else [sys.executable, str(BENCH / script), *args],
+                       capture_output=True, text=True, env=ENV, timeout=120, cwd=tmp_path)
+    assert p.returncode == 2 and match in p.stderr, p.stderr
+    assert "Traceback" not in p.stderr and p.stderr.strip().splitlines()[-1].startswith(f"{script}: error:")
+    assert not (tmp_path / "o").exists()  # nothing written
