@@ -15,7 +15,7 @@ Also reported: accuracy, and ``lucky``: correct answers whose own steps are wron
 cannot tell them apart). DF's premise is that failed rollouts hold correct steps before the
 error; this profile says how often that is true for a given checkpoint.
 
-Run: ``python bench/error_profile.py runs/sft runs/val --n 500``
+Run: ``python bench/error_profile.py runs/sft --data runs/val --n 500``
 """
 from __future__ import annotations
 
@@ -46,6 +46,8 @@ def main():
     for m in args.models:
         if not (Path(m) / "config.json").is_file():
             ap.error(f"{m} is not a policy folder (no config.json)")
+    if args.n < 1:
+        ap.error("--n must be positive")
     if not Path(args.data).exists():
         ap.error(f"--data {args.data} does not exist")
     import os

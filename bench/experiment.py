@@ -27,6 +27,7 @@ import argparse
 import json
 import math
 import os
+import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -108,6 +109,11 @@ def summarize(rounds: list[dict], split: str, avg_last: int) -> dict:
             "rollouts": sum(r["rollouts"] for r in rounds)}
 
 
+# settings every run in one --out must share (the rest, e.g. --seeds or --jobs, may change on a rerun)
+SAME_SETTINGS = ("marked", "kappa", "mass", "repaired_weight", "repairer", "task", "rounds", "prompts_per_round",
+                 "group_size", "fit_steps", "eval_every", "sft")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, default=Path("runs/exp2"))
@@ -174,6 +180,15 @@ def main():
                           device=args.sft_device))
     results_f = out / "results.json"
     results = json.loads(results_f.read_text()) if results_f.exists() else {}
+    if "config" in results:  # finished runs are reused: they must be runs of these settings
+        have, want = results["config"], vars(args) | {"sft": str(sft)}
+        older = {"marked": "edit", "repairer": "oracle"}  # what a config written before the key existed ran
+        norm = lambda k, v: json.loads(v) if k == "task" else str(v) if k == "sft" else v  # noqa: E731
+        diff = [k for k in SAME_SETTINGS if norm(k, have.get(k) or older.get(k, have.get(k))) != norm(k, want[k])]
+        if diff:
+            sys.exit(f"experiment.py: error: {out} holds runs with other settings "
+                     f"({', '.join(f'--{k.replace(chr(95), chr(45))} {have.get(k)}' for k in diff)}); "
+                     f"pass the same settings or use a new --out")
     results["config"] = vars(args) | {"out": str(out), "sft": str(sft)}
     if "sft_accuracy" not in results:
         m, p = load_policy(sft)

@@ -32,7 +32,10 @@ def root_items(shards: Path) -> tuple[list[dict], int]:
     from dfgen.shards import open_shards
 
     items, skipped = [], 0
-    for f in open_shards(shards, stage="mask").files:
+    ss = open_shards(shards, stage="mask")
+    if ss.meta.get("mask", {}).get("level") != "token":
+        raise SystemExit(f"root_probe.py: error: {shards} holds step-level masks; the probe needs --level token")
+    for f in ss.files:
         for g in pl.read_parquet(f).to_dicts():
             image = None
             for r in g["rollouts"]:

@@ -225,7 +225,8 @@ def repair(
 def mask(
     repairs: Path = typer.Option(..., help="Repair shards (dfgen repair output)."),
     out: Path = typer.Option(..., help="Output folder for DF shards (with masks)."),
-    level: Level = typer.Option(Level.token, help="Granularity written to mask_bad/mask_repaired."),
+    level: Level = typer.Option(Level.token, help="Granularity of mask_bad/mask_repaired and root_bad/root_repaired "
+                                                     "(step: whole Step k: segments)."),
     tokenizer: Path = typer.Option(None, help="Policy folder whose tokenizer made the ids (default: from shards)."),
 ):
     """Align bad and repaired tokens; write token, root-cause and step masks.

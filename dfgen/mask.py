@@ -31,7 +31,7 @@ from dfgen.errors import UserError
 class MaskConfig:
     repairs: Path  # repair shards
     out: Path  # mask (DF) shards
-    level: str = "token"  # token | step: granularity written to mask_bad / mask_repaired
+    level: str = "token"  # token | step: granularity written to mask_bad / mask_repaired and root_*
     tokenizer: Path | None = None  # policy folder whose tokenizer the ids belong to (default: from shards)
 
 
@@ -57,10 +57,11 @@ def run_mask(cfg: MaskConfig, progress=None) -> dict:
     if out.resolve() == Path(cfg.repairs).resolve():
         raise UserError("--out must differ from --repairs (inputs are never overwritten)")
     meta = {**{k: v for k, v in ss.meta.items() if k not in ("stage", "schema_version", "package_version")},
-            "mask": {"level": cfg.level, "tokenizer": str(tdir)}}
+            "mask": {"level": cfg.level, "root_level": cfg.level, "tokenizer": str(tdir)}}
     if out.exists() and any(out.glob("*.parquet")):
         have = open_shards(out).meta
-        if have.get("stage") != "mask" or have.get("mask", {}).get("level") != cfg.level or \
+        hm = have.get("mask", {})  # root_level: absent before root masks followed --level (they were token-level)
+        if have.get("stage") != "mask" or hm.get("level") != cfg.level or hm.get("root_level", "token") != cfg.level or \
                 have.get("repair") != meta.get("repair"):
             raise UserError(f"{out} holds shards of another run; use a new output folder (nothing was overwritten)")
     piece: dict = {}

@@ -312,6 +312,17 @@ def prompt_inputs(processor, questions: list[str], images: list):
     return processor(text=texts, images=imgs or None, return_tensors="pt", padding=True)
 
 
+def prompt_lengths(processor, prompts: list, batch_size: int = 64) -> list[int]:
+    """Token count of each prompt (``dfgen.backends.Prompt``) as the policy's processor builds it,
+    image placeholders expanded; no model or engine call, so it is safe for prompts too long to run."""
+    out: list[int] = []
+    for k in range(0, len(prompts), batch_size):
+        chunk = prompts[k: k + batch_size]
+        enc = prompt_inputs(processor, [p.question for p in chunk], [p.image for p in chunk])
+        out += enc["attention_mask"].sum(-1).tolist()
+    return out
+
+
 def completion_inputs(inputs, completions: list[list[int]], pad_id: int):
     """Append completion ids to left-padded prompt inputs (right-padded), extending every
     token-aligned tensor; returns (inputs, completion_mask (B, Tc))."""

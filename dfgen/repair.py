@@ -67,7 +67,7 @@ def run_repair(cfg: RepairConfig, progress=None) -> dict:
 
     from dfgen.answers import score
     from dfgen.backends import Prompt, SamplingConfig, get_backend
-    from dfgen.policy import context_length, decode_image, model_fingerprint
+    from dfgen.policy import context_length, decode_image, model_fingerprint, prompt_lengths
     from dfgen.repairers import Proposal, oracle, sibling
     from dfgen.shards import ShardWriter, open_shards, write_json_atomic
 
@@ -90,8 +90,8 @@ def run_repair(cfg: RepairConfig, progress=None) -> dict:
             get_backend(cfg.backend, cfg.repair_model or model_dir, batch_size=cfg.batch_size)
         # the repair prompt holds the failed solution, so it is longer than the sampling prompt: one that
         # would not fit the repair model's positions is rejected per rollout, never generated into garbage
-        ctx = min(n for n in (context_length(cfg.repair_model or model_dir), getattr(gen, "max_model_len", None),
-                              1 << 62) if n)
+        ctx = min((n for n in (context_length(cfg.repair_model or model_dir), getattr(gen, "max_model_len", None))
+                   if n), default=None)
         if ctx and cfg.max_new_tokens >= ctx:
             raise UserError(f"--max-new-tokens {cfg.max_new_tokens} leaves no room for a repair prompt in the "
                             f"repair model's {ctx}-token context")
@@ -136,7 +136,8 @@ def run_repair(cfg: RepairConfig, progress=None) -> dict:
             prompts = [Prompt(template.format(question=row["question"], reference_answer=row["answer"],
                                               solution=row["rollouts"][i]["text"]),
                               decode_image(row["image"]) if row["image"] is not None else None) for row, i in todo]
-            fits = [not ctx or len(p) + cfg.max_new_tokens <= ctx for p in gen.prompt_ids(prompts)]
+            fits = ([n + cfg.max_new_tokens <= ctx for n in prompt_lengths(gen.processor, prompts, cfg.batch_size)]
+                    if ctx else [True] * len(prompts))
             outs = iter(gen.generate([p for p, ok in zip(prompts, fits) if ok], [[0]] * sum(fits),
                                      SamplingConfig(temperature=0.0, max_new_tokens=cfg.max_new_tokens))
                         if any(fits) else [])

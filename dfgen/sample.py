@@ -105,7 +105,8 @@ def rollout_row(s, reward: float, pred, seed: int) -> dict:
 def run_sample(cfg: SampleConfig, progress=None) -> dict:
     from dfgen.answers import score
     from dfgen.backends import Prompt, SamplingConfig, get_backend
-    from dfgen.policy import check_policy_dir, context_length, decode_image, model_fingerprint, tokenizer_fingerprint
+    from dfgen.policy import (check_policy_dir, context_length, decode_image, model_fingerprint, prompt_lengths,
+                              tokenizer_fingerprint)
     from dfgen.records import load_prompts
     from dfgen.seeds import sample_seed
     from dfgen.shards import ShardWriter, write_json_atomic
@@ -143,15 +144,16 @@ def run_sample(cfg: SampleConfig, progress=None) -> dict:
                 progress(len(chunk) * cfg.group_size, 0)
             continue
         prompts = [Prompt(r["question"], decode_image(r["image"]) if r["image"] is not None else None) for r in chunk]
-        pids = backend.prompt_ids(prompts)
         n_chunk = len(chunk)
         if ctx:  # a prompt beyond the context is skipped and counted, never sampled into garbage
-            fits = [len(p) + cfg.max_new_tokens <= ctx for p in pids]
-            for r, p, ok in zip(chunk, pids, fits):
+            lens = prompt_lengths(backend.processor, prompts, cfg.batch_size)  # no engine call: vLLM would
+            fits = [n + cfg.max_new_tokens <= ctx for n in lens]  # refuse the whole batch on one long prompt
+            for r, n, ok in zip(chunk, lens, fits):
                 if not ok:
-                    skipped.append((r["id"], f"prompt too long ({len(p)} tokens + {cfg.max_new_tokens} new > "
+                    skipped.append((r["id"], f"prompt too long ({n} tokens + {cfg.max_new_tokens} new > "
                                              f"the model's {ctx}-token context)"))
-            chunk, prompts, pids = ([x for x, ok in zip(xs, fits) if ok] for xs in (chunk, prompts, pids))
+            chunk, prompts = ([x for x, ok in zip(xs, fits) if ok] for xs in (chunk, prompts))
+        pids = backend.prompt_ids(prompts) if prompts else []
         seeds = [[sample_seed(cfg.seed, r["id"], k) for k in range(cfg.group_size)] for r in chunk]
         outs = backend.generate(prompts, seeds, scfg) if chunk else []
         rows = []

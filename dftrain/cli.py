@@ -20,12 +20,12 @@ from dftrain.loop import LoopConfig as _Loop
 Objective = Annotated[str, typer.Option(help="df-grpo (masked) or grpo (plain baseline).")]
 GroupsPerStep = Annotated[int, typer.Option(help="Prompt groups per optimizer step.")]
 UpdatesPerBatch = Annotated[int, typer.Option(help="Optimizer updates on each batch (PPO epochs).")]
-Lr = Annotated[float, typer.Option(help="Learning rate (AdamW, constant); chosen on val, docs/RESULTS.md.")]
+Lr = Annotated[float, typer.Option(help="Learning rate (AdamW, constant; carried across a loop's rounds); "
+                                         "chosen on val, docs/RESULTS.md.")]
 Kappa = Annotated[float, typer.Option(help="DF weight of unmarked tokens of a repaired failed rollout.")]
 Marked = Annotated[str, typer.Option(help="Which tokens DF marks: root (first edit), root+prop, edit (all edits).")]
 Mass = Annotated[str, typer.Option(help="keep or redistribute the failed rollout's blame.")]
 RepairedWeight = Annotated[float, typer.Option(help="Advantage of repaired samples (0 = off).")]
-Seed = Annotated[int, typer.Option(help="Prompt, sampling and data-order seed.")]
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
                   help="Differential Feedback training: warm start, masked GRPO, evaluation.\n\n"
@@ -101,7 +101,7 @@ def fit(
     resume: bool = typer.Option(False, help="Continue from the latest checkpoint in --out."),
     optimizer_from: Path = typer.Option(None, help="A previous fit's output: continue its AdamW state "
                                                    "(rounds of sample -> fit as one optimisation)."),
-    seed: Seed = _Fit.seed,
+    seed: int = typer.Option(_Fit.seed, help="Data order and RNG seed."),
 ):
     """Train the policy on DF shards with the masked GRPO objective (or plain GRPO).
 
@@ -149,7 +149,7 @@ def loop(
     eval: list[Path] = typer.Option([], help="Prompt set(s) to score by greedy accuracy (repeatable)."),
     eval_n: int = typer.Option(500, help="Problems scored per eval set."),
     eval_every: int = typer.Option(1, help="Evaluate every N rounds (and after the last)."),
-    seed: Seed = _Loop.seed,
+    seed: int = typer.Option(_Loop.seed, help="Prompt, sampling and data-order seed."),
 ):
     """R rounds of the decoupled pipeline; each round's checkpoint samples the next (resumable).
 

@@ -96,6 +96,20 @@ class FitConfig:
                 raise UserError(msg)
 
 
+# settings that may change on --resume without changing what is optimised
+RESUME_FREE = ("steps", "resume", "save_every", "micro_batch", "threads", "log_every", "gradient_checkpointing")
+
+
+def _check_resume_settings(have: dict, cfg: "FitConfig", out: Path) -> None:
+    """A resumed fit must optimise the same objective on the same data as the run it continues
+    (e.g. a run begun with ``--marked edit`` is not silently continued under a new default)."""
+    want = json.loads(json.dumps(asdict(cfg), default=str))
+    diff = sorted(k for k in set(have) | set(want) if k not in RESUME_FREE and have.get(k) != want.get(k))
+    if diff:
+        raise UserError(f"{out} holds a fit with other settings ({', '.join(f'{k}: {have.get(k)!r} there' for k in diff)}); "
+                        f"pass the same settings to --resume, or use a new --out")
+
+
 # ----------------------------------------------------------------------------- batches
 def build_rows(groups: list[dict], cfg: FitConfig) -> list[dict]:
     """Flatten groups into training sequences: rollouts (+ repaired samples)."""
@@ -297,6 +311,8 @@ def run_fit(cfg: FitConfig, log=print) -> dict:
     resume_from = latest_checkpoint(out) if cfg.resume else None
     if not cfg.resume and latest_checkpoint(out) is not None:
         raise UserError(f"{out} already holds checkpoints; pass --resume to continue or choose a new folder")
+    if resume_from is not None and (out / "fit_config.json").is_file():
+        _check_resume_settings(json.loads((out / "fit_config.json").read_text()), cfg, out)
     load_dir = resume_from if resume_from and cfg.lora_rank == 0 else cfg.model
     dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
     device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"

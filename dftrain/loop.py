@@ -66,6 +66,12 @@ class LoopConfig:
             raise UserError("--objective must be df-grpo or grpo")
         if self.eval_every <= 0 or self.eval_n <= 0:
             raise UserError("--eval-every and --eval-n must be positive")
+        from dftrain.fit import FitConfig
+
+        # the objective's settings are checked by the trainer's own rules before round 0 samples anything
+        FitConfig(data=Path("."), model=Path("."), out=Path("."), objective=self.objective,
+                  groups_per_step=self.groups_per_step, updates_per_batch=self.updates_per_batch, lr=self.lr,
+                  kappa=self.kappa, marked=self.marked, mass=self.mass).validate()
         from dataclasses import fields
 
         from dfgen.synth.grid import GridTask

@@ -213,7 +213,7 @@ def df_token_weights(
     failed: Tensor,
     kappa: float = 0.1,
     root_mask: Tensor | None = None,
-    marked: str = "edit",
+    marked: str = "edit",  # the function's default needs no root_mask; trainers default to "root" (FitConfig)
     delta: float = 0.5,
     mass: str = "keep",
 ) -> Tensor:

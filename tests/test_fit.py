@@ -59,6 +59,8 @@ def test_resume_continues_exactly(df_shards, sft_model, tmp_path):
     kw = dict(data=df_shards / "m", model=sft_model, groups_per_step=2, lr=1e-3, updates_per_batch=2)
     run_fit(FitConfig(out=tmp_path / "a", steps=4, **kw), log=lambda m: None)
     run_fit(FitConfig(out=tmp_path / "b", steps=2, save_every=1, **kw), log=lambda m: None)
+    with pytest.raises(UserError, match="other settings .marked: 'root' there"):  # not silently another objective
+        run_fit(FitConfig(out=tmp_path / "b", steps=4, resume=True, marked="edit", **kw), log=lambda m: None)
     run_fit(FitConfig(out=tmp_path / "b", steps=4, resume=True, **kw), log=lambda m: None)
     a, b = _losses(tmp_path / "a"), _losses(tmp_path / "b")
     assert len(a) == len(b) == 4
