@@ -113,7 +113,8 @@ def sample(
     group_size: int = typer.Option(8, help="Rollouts per prompt (G)."),
     temperature: float = typer.Option(1.0, help="Sampling temperature (0 = greedy)."),
     top_p: float = typer.Option(1.0, help="Nucleus sampling mass."),
-    max_new_tokens: int = typer.Option(64, help="Most tokens per rollout."),
+    max_new_tokens: int = typer.Option(None, help="Most tokens per rollout (default: long enough for every "
+                                                  "record's reference solution, at least 64)."),
     seed: int = typer.Option(0, help="Base seed; sample k of prompt id uses hash(seed, id, k)."),
     limit: int = typer.Option(None, help="Use only the first N prompts."),
     batch_size: int = typer.Option(64, help="Sequences per generate call."),

@@ -23,7 +23,7 @@ Run: ``dfgen sample --prompts runs/train --model runs/sft --out runs/r0 --group-
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from dfgen.errors import UserError
@@ -38,7 +38,7 @@ class SampleConfig:
     group_size: int = 8  # G rollouts per prompt; GRPO needs G >= 2
     temperature: float = 1.0  # 1.0 keeps behaviour logprobs equal to the policy's
     top_p: float = 1.0  # < 1 truncates the distribution (logprobs renormalised; see docstring)
-    max_new_tokens: int = 64  # the synthetic solutions need <= ~45 tokens
+    max_new_tokens: int | None = None  # None: fits every record's solution, at least 64 (grid.token_budget)
     seed: int = 0
     limit: int | None = None  # first N usable prompts only
     batch_size: int = 64  # sequences per generate call
@@ -61,7 +61,7 @@ class SampleConfig:
             raise UserError(f"--group-size must be at least 1, got {self.group_size}")
         if self.temperature < 0 or not 0 < self.top_p <= 1:
             raise UserError("--temperature must be >= 0 and --top-p in (0, 1]")
-        if self.max_new_tokens < 1 or self.batch_size < 1 or self.chunk_size < 1:
+        if (self.max_new_tokens is not None and self.max_new_tokens < 1) or self.batch_size < 1 or self.chunk_size < 1:
             raise UserError("--max-new-tokens, --batch-size and --chunk-size must be positive")
         if not 0 <= self.worker_index < self.num_workers:
             raise UserError(f"--worker-index must be in [0, {self.num_workers})")
@@ -116,13 +116,17 @@ def run_sample(cfg: SampleConfig, progress=None) -> dict:
     ctx = context_length(cfg.model)  # prompt + completion must fit the positions the model knows
     if cfg.backend == "vllm":
         ctx = min(ctx or cfg.max_model_len, cfg.max_model_len)
-    if ctx and cfg.max_new_tokens >= ctx:
+    if ctx and cfg.max_new_tokens and cfg.max_new_tokens >= ctx:
         raise UserError(f"--max-new-tokens {cfg.max_new_tokens} leaves no room for a prompt in the model's "
                         f"{ctx}-token context")
     records, skipped = load_prompts(cfg.prompts, limit=cfg.limit)
     mine = records[cfg.worker_index:: cfg.num_workers]
     chunks = [mine[k: k + cfg.chunk_size] for k in range(0, len(mine), cfg.chunk_size)]
     backend = get_backend(cfg.backend, cfg.model, batch_size=cfg.batch_size, **cfg.engine_kwargs())
+    if cfg.max_new_tokens is None:  # from all records, so every worker of a run resolves the same budget
+        from dfgen.synth.grid import token_budget
+
+        cfg = replace(cfg, max_new_tokens=token_budget(records, backend.tokenizer))
     meta = {"model": str(cfg.model), "model_fingerprint": model_fingerprint(cfg.model),
             "tokenizer_fingerprint": tokenizer_fingerprint(backend.tokenizer),
             "sampling": sampling_meta(cfg), "backend": cfg.backend, "prompts": str(cfg.prompts),

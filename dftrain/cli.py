@@ -195,7 +195,8 @@ def eval_(
     samples: int = typer.Option(1, help="Samples per record: pass@k (1 = greedy)."),
     temperature: float = typer.Option(None, help="Sampling temperature (default 0 = greedy for 1 sample, "
                                                  "1.0 for pass@k)."),
-    max_new_tokens: int = typer.Option(None, help="Most tokens per answer (default 64 for synth, 512 otherwise)."),
+    max_new_tokens: int = typer.Option(None, help="Most tokens per answer (default: synth fits every "
+                                                 "reference solution, at least 64; 512 otherwise)."),
     seed: int = typer.Option(0, help="Base seed; sample k of record id uses hash(seed, id, k)."),
     batch_size: int = typer.Option(64, help="Records per generate call."),
     device: str = typer.Option("auto", help="hf backend device: auto, cpu, cuda, cuda:N."),

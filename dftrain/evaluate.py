@@ -186,23 +186,25 @@ def summarize(results: list[dict], skipped: list | None = None) -> dict:
             "skipped_reasons": [list(s) for s in (skipped or [])[:20]]}
 
 
-def greedy_accuracy(model, processor, data: Path, limit: int | None = 200, max_new_tokens: int = 64) -> float:
+def greedy_accuracy(model, processor, data: Path, limit: int | None = 200, max_new_tokens: int | None = None) -> float:
     """Held-out greedy exact-match accuracy of an in-memory policy on a synthetic prompt set."""
     return greedy_profile(model, processor, data, limit, max_new_tokens)["accuracy"]
 
 
-def greedy_profile(model, processor, data: Path, limit: int | None = 200, max_new_tokens: int = 64) -> dict:
+def greedy_profile(model, processor, data: Path, limit: int | None = 200, max_new_tokens: int | None = None) -> dict:
     """Greedy accuracy plus ``steps_right``: the share whose every step matches the canonical
     solution (a right answer reached through wrong steps counts in ``accuracy`` only), the
     kinds of first errors (``dfgen.synth.grid.classify_response``), and ``failed_with_prefix``:
-    the share of failures whose first step is right (DF can only spare steps that exist)."""
+    the share of failures whose first step is right (DF can only spare steps that exist).
+    ``max_new_tokens`` None: long enough for every canonical solution (``token_budget``)."""
     import json as _json
 
     from dfgen.backends.hf import HFBackend
     from dfgen.records import load_prompts
-    from dfgen.synth.grid import classify_response, correct_prefix
+    from dfgen.synth.grid import classify_response, correct_prefix, token_budget
 
     recs, _ = load_prompts(data, limit=limit)
+    max_new_tokens = max_new_tokens or token_budget(recs, processor.tokenizer)
     backend = HFBackend(None, model=model, processor=processor)
     res = run_eval(backend, recs, "synth", max_new_tokens=max_new_tokens)
     kinds: dict = {}
@@ -407,7 +409,7 @@ class EvalConfig:
     limit: int | None = None
     samples: int = 1
     temperature: float | None = None  # None: 0 (greedy) for 1 sample, 1.0 for pass@k
-    max_new_tokens: int | None = None  # None: 64 for synth, 512 for the benchmarks
+    max_new_tokens: int | None = None  # None: synth: fits every solution (>= 64); benchmarks: 512
     seed: int = 0
     batch_size: int = 64
     device: str = "auto"
@@ -436,9 +438,9 @@ class EvalConfig:
             raise UserError("--temperature must be >= 0")
         if self.samples > 1 and self.temperature == 0:
             raise UserError("--samples > 1 needs --temperature > 0 (greedy samples are identical)")
-        if self.max_new_tokens is None:
-            self.max_new_tokens = 64 if self.bench == "synth" else 512
-        if self.max_new_tokens <= 0 or self.batch_size <= 0:
+        if self.max_new_tokens is None and self.bench != "synth":  # synth: fits its solutions (token_budget)
+            self.max_new_tokens = 512
+        if (self.max_new_tokens is not None and self.max_new_tokens <= 0) or self.batch_size <= 0:
             raise UserError("--max-new-tokens and --batch-size must be positive")
         if self.backend not in ("hf", "vllm"):
             raise UserError(f"unknown backend {self.backend!r} (hf or vllm)")
@@ -507,6 +509,10 @@ def evaluate(cfg: EvalConfig, progress=None, log=None) -> dict:
         else:
             kw["seed"] = cfg.seed
         backend = get_backend(cfg.backend, cfg.model, **kw)
+        if cfg.max_new_tokens is None:
+            from dfgen.synth.grid import token_budget
+
+            cfg.max_new_tokens = token_budget(records, backend.tokenizer)
         results = run_eval(backend, records, cfg.bench, max_new_tokens=cfg.max_new_tokens,
                            temperature=cfg.temperature, samples=cfg.samples, seed=cfg.seed,
                            batch_size=cfg.batch_size,

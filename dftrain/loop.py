@@ -43,7 +43,7 @@ class LoopConfig:
     task: dict = field(default_factory=dict)  # GridTask knobs for synthetic prompts
     group_size: int = 8
     temperature: float = 1.0
-    max_new_tokens: int = 64
+    max_new_tokens: int | None = None  # None: fits the round's reference solutions (>= 64), as dfgen sample
     repairer: str = "oracle"
     fit_steps: int = 8  # fit_steps * groups_per_step = prompts_per_round uses each group once
     groups_per_step: int = 8

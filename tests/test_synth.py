@@ -122,3 +122,20 @@ def test_correct_prefix_counts_the_leading_right_steps():
     assert correct_prefix(gold.replace("red = 3", "red = 1"), sol) == 0
     assert correct_prefix(gold.replace("blue = 2", "blue = 1"), sol) == 1
     assert correct_prefix("  Step 1: red = 3  \n", sol) == 1 and correct_prefix("", sol) == 0
+
+
+def test_token_budget_fits_every_reference_solution(tiny_model):
+    """A fixed 64-token budget truncated 3-4 read solutions (docs/RESULTS.md 3c); the budget is now
+    derived from the records: 64 for the default task, more for longer chains."""
+    from transformers import AutoTokenizer
+
+    from dfgen.synth.grid import GridTask, make_problems, solution_tokens, to_record, token_budget
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    for task, floor_only in ((GridTask(), True), (GridTask(min_reads=4, max_reads=4), False)):
+        recs = [to_record(p, i, 0, "train", task) for i, p in enumerate(make_problems(200, seed=0, task=task))]
+        lens = solution_tokens(recs, tok)
+        budget = token_budget(recs, tok)
+        assert len(lens) == 200 and budget >= max(lens) and budget >= 64
+        assert (budget == 64) == floor_only, (budget, max(lens))
+    assert token_budget([{"solution": None}], tok) == 64  # records without a solution: the floor

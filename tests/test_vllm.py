@@ -6,6 +6,7 @@ check that such a checkpoint loads in vLLM. The hf reference loads the same fold
 """
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -154,7 +155,12 @@ def test_score_matches_hf(engine, hf, prompts, group):
 
 
 def test_prompt_ids_match_hf(engine, hf, prompts):
-    assert engine.prompt_ids(prompts) == hf.prompt_ids(prompts)
+    from dfgen.policy import prompt_lengths
+
+    ids = engine.prompt_ids(prompts)
+    assert ids == hf.prompt_ids(prompts)
+    # the engine-free count used to skip prompts beyond the context agrees with the engine
+    assert prompt_lengths(engine.processor, prompts, batch_size=2) == [len(x) for x in ids]
 
 
 def test_sft_checkpoint_weights_are_the_ones_used(engine, hf, tiny_model, prompts, group):
@@ -177,12 +183,23 @@ def test_dfgen_sample_with_the_vllm_backend_end_to_end(sft_ckpt, train_prompts, 
     from dfgen.shards import open_shards
     from dftrain.data import GroupStream
 
+    from dfgen.synth.grid import make_problems
+
+    data = tmp_path / "data"  # 4 synthetic records and one question beyond --max-model-len 256
+    data.mkdir()
+    rows = []
+    for k, pr in enumerate(make_problems(4, seed=3)):
+        (data / f"{k}.png").write_bytes(pr.render())
+        rows.append({"id": f"p{k}", "question": pr.question(), "answer": str(pr.answer), "image_path": f"{k}.png"})
+    rows.insert(2, {"id": "long", "question": "How many red cells? " * 80, "answer": "1"})
+    (data / "p.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = tmp_path / "S"
-    p = subprocess.run([sys.executable, "-m", "dfgen.cli", "sample", "--prompts", str(train_prompts), "--model",
-                        str(sft_ckpt), "--out", str(out), "--backend", "vllm", "--group-size", "2", "--limit", "4",
+    p = subprocess.run([sys.executable, "-m", "dfgen.cli", "sample", "--prompts", str(data / "p.jsonl"), "--model",
+                        str(sft_ckpt), "--out", str(out), "--backend", "vllm", "--group-size", "2",
                         "--max-new-tokens", "24", "--max-model-len", "256"],
                        capture_output=True, text=True, timeout=900, env={**os.environ})
     assert p.returncode == 0, p.stderr[-3000:]
+    assert "prompt too long" in p.stdout + p.stderr  # skipped and counted, not a failed batch
     ss = open_shards(out, stage="sample")
     assert ss.meta["backend"] == "vllm" and ss.num_rows() == 4
     groups = GroupStream(ss, seed=0).take(4)

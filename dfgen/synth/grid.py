@@ -138,6 +138,23 @@ def solution_text(steps: list, answer: int) -> str:
     return "\n".join([s["line"] for s in steps] + [f"Answer: {answer}"])
 
 
+def solution_tokens(records, tokenizer) -> list[int]:
+    """Token count (eos included) of each record's canonical solution, for records that hold one."""
+    out = []
+    for r in records:
+        sol = json.loads(r["solution"]) if r.get("solution") else None
+        if sol and "steps" in sol:
+            out.append(len(tokenizer(solution_text(sol["steps"], sol["answer"]), add_special_tokens=False)["input_ids"]) + 1)
+    return out
+
+
+def token_budget(records, tokenizer, floor: int = 64, margin: int = 4) -> int:
+    """A generation budget that fits every canonical solution among ``records`` (+ ``margin``), at
+    least ``floor``: 64 for the default task (solutions <= 59 tokens), ~85 for 3-4 reads (<= 81).
+    A fixed 64 silently truncated longer chains (docs/RESULTS.md 3c)."""
+    return max([floor] + [n + margin for n in solution_tokens(records, tokenizer)])
+
+
 def _draw(task: GridTask, rng: random.Random) -> Problem:
     palette = list(PALETTE)[: task.colors]
     n_cells = task.grid * task.grid
