@@ -160,16 +160,21 @@ def test_sibling_repairer_only_repairs_groups_with_a_correct_rollout(pipeline):
         assert score(r, r["repaired_text"])[1] == 1.0
 
 
+def _first_shard(src, dst):
+    """A copy of the first shard of ``src`` alone in ``dst``: a one-shard input folder."""
+    dst.mkdir()
+    first = sorted(src.glob("*.parquet"))[0]
+    shutil.copy(first, dst / first.name)
+    return dst
+
+
 def test_model_repairer_runs_end_to_end_and_records_a_reason_for_each_rejection(pipeline, tmp_path):
     from dfgen.repair import RepairConfig, run_repair
     from dfgen.shards import ShardWriter, open_shards
 
     d, _, _ = pipeline
     # one shard is enough: the tiny policy is not a good repairer; verification is what is tested
-    src = tmp_path / "s1"
-    src.mkdir()
-    first = sorted((d / "s").glob("*.parquet"))[0]
-    shutil.copy(first, src / first.name)
+    src = _first_shard(d / "s", tmp_path / "s1")
     st = run_repair(RepairConfig(rollouts=src, out=tmp_path / "r", repairer="model", max_new_tokens=24))
     f = _flat(tmp_path / "r").filter(pl.col("reward") < 1)
     assert f.height == st["failed"] > 0
@@ -184,10 +189,7 @@ def test_model_repairer_rejects_prompts_beyond_the_context_per_rollout(pipeline,
     from dfgen.repair import RepairConfig, run_repair
 
     d, _, _ = pipeline
-    src = tmp_path / "s1"
-    src.mkdir()
-    first = sorted((d / "s").glob("*.parquet"))[0]
-    shutil.copy(first, src / first.name)
+    src = _first_shard(d / "s", tmp_path / "s1")
     ctx = context_length(json.loads((d / "s" / "config.json").read_text())["model"])
     template = tmp_path / "long.txt"  # the tiny tokenizer has "red" as one token: ctx of them cannot fit
     template.write_text("Fix it. " + "red " * ctx + "\nQuestion: {question}\nSolution:\n{solution}\n")
