@@ -149,15 +149,21 @@ def run_sample(cfg: SampleConfig, progress=None) -> dict:
             continue
         prompts = [Prompt(r["question"], decode_image(r["image"]) if r["image"] is not None else None) for r in chunk]
         n_chunk = len(chunk)
+        # hf renders prompt ids with the processor alone, so they double as the lengths below; vLLM's
+        # come from an engine call, which refuses the whole batch on one long prompt: count first.
+        pids = backend.prompt_ids(prompts) if prompts and backend.offline_prompt_ids else None
         if ctx:  # a prompt beyond the context is skipped and counted, never sampled into garbage
-            lens = prompt_lengths(backend.processor, prompts, cfg.batch_size)  # no engine call: vLLM would
-            fits = [n + cfg.max_new_tokens <= ctx for n in lens]  # refuse the whole batch on one long prompt
+            lens = ([len(p) for p in pids] if pids is not None
+                    else prompt_lengths(backend.processor, prompts, cfg.batch_size))
+            fits = [n + cfg.max_new_tokens <= ctx for n in lens]
             for r, n, ok in zip(chunk, lens, fits):
                 if not ok:
                     skipped.append((r["id"], f"prompt too long ({n} tokens + {cfg.max_new_tokens} new > "
                                              f"the model's {ctx}-token context)"))
             chunk, prompts = ([x for x, ok in zip(xs, fits) if ok] for xs in (chunk, prompts))
-        pids = backend.prompt_ids(prompts) if prompts else []
+            pids = [x for x, ok in zip(pids, fits) if ok] if pids is not None else None
+        if pids is None:
+            pids = backend.prompt_ids(prompts) if prompts else []
         seeds = [[sample_seed(cfg.seed, r["id"], k) for k in range(cfg.group_size)] for r in chunk]
         outs = backend.generate(prompts, seeds, scfg) if chunk else []
         rows = []

@@ -73,7 +73,7 @@ def _png16() -> bytes:
     return b.getvalue()
 
 
-def _prompts_jsonl(t: Path, base, bad: dict | None, files: dict | None = None) -> Path:
+def _prompts_jsonl(t: Path, base, bad: dict | None, files: dict | None = None, bad_first: bool = False) -> Path:
     """A dataset folder: one good record with an image file, and one bad (or odd) record."""
     d = t / "data"
     (d / "img").mkdir(parents=True)
@@ -84,6 +84,7 @@ def _prompts_jsonl(t: Path, base, bad: dict | None, files: dict | None = None) -
     rows = [{"id": "good", "question": p.question(), "answer": str(p.answer), "image_path": "img/ok.png"}]
     if bad is not None:
         rows.append({"id": "bad", "question": "How many red cells?", "answer": "1", **bad})
+    rows = rows[::-1] if bad_first else rows
     (d / "p.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return d / "p.jsonl"
 
@@ -162,7 +163,8 @@ def _symlink_outside(t: Path, base) -> Path:
 
 
 def _long_question(t: Path, base) -> Path:
-    return _prompts_jsonl(t, base, {"question": "How many red cells? " * 500})  # ~5000 tokens; context 1024
+    # ~5000 tokens (context 1024), first: the good row after it must keep its own prompt ids
+    return _prompts_jsonl(t, base, {"question": "How many red cells? " * 500}, bad_first=True)
 
 
 def _not_utf8(t: Path, base) -> Path:
@@ -300,7 +302,9 @@ def test_bad_input(case, base, tmp_path):
     import polars as pl
 
     assert p.returncode == 0, what
-    ids = sorted(pl.read_parquet(str(out / "*.parquet"))["id"].to_list())
+    rows = pl.read_parquet(str(out / "*.parquet"))
+    ids = sorted(rows["id"].to_list())
+    assert all(len(p) < 1024 for p in rows["prompt_ids"].to_list()), what  # each row keeps its own prompt ids
     if kind == "skip":
         assert f"skipped 1 bad prompt(s), e.g. bad: {expected}" in p.stdout, what
         assert ids == ["good"], what

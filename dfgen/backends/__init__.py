@@ -35,6 +35,7 @@ class Prompt:
 class Backend(Protocol):
     name: str
     tokenizer: object  # the policy tokenizer (fingerprints, decoding, suppression ids)
+    offline_prompt_ids: bool  # prompt_ids needs no engine call (safe for prompts beyond the context)
 
     def prompt_ids(self, prompts: list[Prompt]) -> list[list[int]]: ...
 

@@ -79,6 +79,7 @@ class _SeededSampler(LogitsProcessor):
 
 class HFBackend:
     name = "hf"
+    offline_prompt_ids = True  # the processor alone renders them
 
     def __init__(self, model_dir, batch_size: int = 64, device: str = "cpu", dtype=None,
                  trust_remote_code: bool = False, model=None, processor=None, fast_decode: bool = True):

@@ -103,6 +103,7 @@ def _checkpoint_dtype(model_dir: Path) -> str:
 
 class VLLMBackend:
     name = "vllm"
+    offline_prompt_ids = False  # read back from the engine (see prompt_ids)
     SCORE_BUDGET = 20_000_000  # (position, token) logprob entries per scoring call to vLLM
 
     def __init__(self, model_dir, tensor_parallel_size: int = 1, gpu_memory_utilization: float = 0.9,
