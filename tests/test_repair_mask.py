@@ -201,6 +201,45 @@ def test_model_repairer_rejects_prompts_beyond_the_context_per_rollout(pipeline,
     assert _flat(tmp_path / "r").height == _flat(src).height  # no rollout lost
 
 
+def test_model_repairer_generates_for_the_prompts_that_fit_and_rejects_only_the_others(pipeline, tmp_path):
+    """A template sized so that some failures' repair prompts fit the context and some do not: each
+    rollout gets the status of its own prompt (the generated outputs are not shifted by the rejects)."""
+    from dfgen.backends import Prompt
+    from dfgen.policy import context_length, decode_image, load_policy, prompt_lengths
+    from dfgen.repair import RepairConfig, run_repair
+
+    d, _, _ = pipeline
+    src = _first_shard(d / "s", tmp_path / "s1")
+    model = json.loads((d / "s" / "config.json").read_text())["model"]
+    ctx, new = context_length(model), 24
+    _, processor = load_policy(model)
+    bad = _flat(src).filter(pl.col("reward") < 1)
+
+    def lengths(text):
+        return prompt_lengths(processor, [Prompt(text.format(question=r["question"], reference_answer=r["answer"],
+                                                             solution=r["text"]), decode_image(r["image"]))
+                                          for r in bad.iter_rows(named=True)])
+
+    head = "Fix it.\nQuestion: {question}\nSolution:\n{solution}\n"
+    base = sorted(lengths(head))
+    per_word = (lengths("red " * 100 + head)[0] - lengths(head)[0]) / 100  # filler tokens per word
+    fill = int((ctx - new - base[len(base) // 2]) / per_word)  # puts the median prompt at the edge
+    template = tmp_path / "edge.txt"
+    template.write_text("red " * fill + head)
+    fits = [n + new <= ctx for n in lengths(template.read_text())]
+    assert 0 < sum(fits) < len(fits), "the template must split the failures"
+    st = run_repair(RepairConfig(rollouts=src, out=tmp_path / "r", repairer="model", template=template,
+                                 max_new_tokens=new))
+    out = _flat(tmp_path / "r").filter(pl.col("reward") < 1)
+    assert out.height == st["failed"] == len(fits)
+    key = ["id", "seed"]
+    status = dict(zip(map(tuple, out.select(key).rows()), out["repair_status"]))
+    for r, ok in zip(bad.select(key).rows(), fits):
+        assert (status[tuple(r)] == "repair prompt too long for the repair model") != ok, (r, ok, status[tuple(r)])
+    generated = out.filter(pl.col("repair_status") != "repair prompt too long for the repair model")
+    assert generated.height == sum(fits) and generated["repaired_text"].null_count() == 0
+
+
 def test_no_failed_rollouts_gives_an_empty_but_valid_output(tmp_path, pipeline):
     from tests.conftest import run_cli
 
