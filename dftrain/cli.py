@@ -210,7 +210,7 @@ def eval_(
     Records that cannot be evaluated (missing fields, missing or undecodable images, unknown answer
     types) are counted as skipped and listed, never counted correct.
 
-    Example: dftrain eval --model runs/sft --bench mathvista --data ../shared/data/mathvista/testmini_with_images.jsonl --out runs/eval/mathvista.json
+    Example: dftrain eval --model runs/sft --bench mathvista --data data/mathvista/testmini_with_images.jsonl --out runs/eval/mathvista.json
     """
     from dftrain.evaluate import EvalConfig, evaluate, items_path, summary_table
 

@@ -270,7 +270,8 @@ def test_empty_sequences():
 
 
 def test_numpy_input_and_pickling():
-    np = pytest.importorskip("numpy")
+    import numpy as np
+
     bad, rep = [3, 1, 4, 1, 5, 9, 2, 6], [3, 1, 4, 2, 5, 9, 6, 6, 7]
     a = align(np.array(bad, dtype=np.int32), np.array(rep, dtype=np.int64))
     assert a == align(bad, rep) and all(type(v) is int for v in a.mask_bad)

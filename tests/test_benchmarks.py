@@ -13,10 +13,7 @@ from PIL import Image
 from dfgen.benchmarks import BENCHMARKS, accuracy_summary, get_benchmark
 from dfgen.benchmarks import mathvista, mmstar, tabmwp
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-needs_data = pytest.mark.skipif(
-    not DATA.is_dir(), reason=f"shared benchmark samples not found at {DATA}"
-)
+from tests.conftest import DATA
 
 
 def _jsonl(path: Path) -> list[dict]:
@@ -51,7 +48,6 @@ def test_registry():
 # MathVista: official numbers
 
 
-@needs_data
 def test_mathvista_query_matches_official_for_all_testmini():
     rows = _jsonl(DATA / "mathvista" / "testmini_text_all.jsonl")
     assert len(rows) == 1000
@@ -63,7 +59,6 @@ def test_mathvista_query_matches_official_for_all_testmini():
     assert all(rec["question"] == row["query"] for rec, row in zip(records, rows))
 
 
-@needs_data
 def test_mathvista_normalisation_reproduces_official_golden_outputs():
     rows = _jsonl(DATA / "mathvista" / "official_outputs_golden.jsonl")
     assert len(rows) == 2000
@@ -84,7 +79,6 @@ def test_mathvista_normalisation_reproduces_official_golden_outputs():
           f"true_false; stored values {pred_stored}/2000 predictions, {tf_stored}/2000 true_false")
 
 
-@needs_data
 def test_mathvista_pure_python_levenshtein_matches():
     rows = _jsonl(DATA / "mathvista" / "official_outputs_golden.jsonl")
     for r in rows[:400]:
@@ -94,7 +88,6 @@ def test_mathvista_pure_python_levenshtein_matches():
             )
 
 
-@needs_data
 def test_mathvista_rule_extractor_on_official_responses_is_sane():
     """Offline extraction vs the official GPT extraction: not identical by design, but the
     free-form accuracy is close and the score pipeline runs on every response."""
@@ -121,7 +114,6 @@ def test_mathvista_rule_extractor_on_official_responses_is_sane():
 # MMStar: official numbers
 
 
-@needs_data
 def test_mmstar_official_rule_reproduces_llava_next_34b_scores():
     path = DATA / "mmstar" / "mmstar_1500_text_with_llava_next_34b_pred.jsonl"
     rows = _jsonl(path)
@@ -178,7 +170,6 @@ def test_mmstar_parse_options():
 # loading the real samples
 
 
-@needs_data
 def test_mathvista_loads_sample_with_images():
     records, skipped = mathvista.load(DATA / "mathvista" / "testmini_with_images.jsonl")
     assert skipped == []
@@ -203,14 +194,12 @@ def test_mathvista_loads_sample_with_images():
     assert [r["id"] for r in few] == [r["id"] for r in records[:3]]
 
 
-@needs_data
 def test_mathvista_missing_images_are_skipped_not_fatal():
     records, skipped = mathvista.load(DATA / "mathvista" / "testmini_text_all.jsonl")
     assert len(records) == 29 and len(skipped) == 971
     assert all("missing image" in reason for _, reason in skipped)
 
 
-@needs_data
 def test_tabmwp_loads_sample_and_prompt_never_contains_table():
     path = DATA / "tabmwp" / "tabmwp_test100.jsonl"
     rows = {r["pid"]: r for r in _jsonl(path)}
@@ -357,8 +346,8 @@ def test_tabmwp_bad_records_and_official_json_layout(bad_dataset):
 
 
 def test_mmstar_parquet_and_save_to_disk(tmp_path):
-    pa = pytest.importorskip("pyarrow")
-    pq = pytest.importorskip("pyarrow.parquet")
+    import pyarrow as pa
+    import pyarrow.parquet as pq
     good = _png()
     rows = [
         {"index": 0, "question": "Q?\nOptions: A: x, B: y", "image": {"bytes": good, "path": "0.png"},
@@ -383,7 +372,7 @@ def test_mmstar_parquet_and_save_to_disk(tmp_path):
     assert "unknown answer type" in reasons["3"]
     assert records[0]["question"].endswith(mmstar.INSTRUCTION)
 
-    datasets = pytest.importorskip("datasets")
+    import datasets
     datasets.disable_progress_bars()
     folder = tmp_path / "saved"
     datasets.Dataset.from_list(rows).save_to_disk(str(folder))
@@ -415,8 +404,8 @@ def test_mmstar_vlmevalkit_tsv(tmp_path):
 
 
 def test_mathvista_parquet_decoded_image(tmp_path):
-    pa = pytest.importorskip("pyarrow")
-    pq = pytest.importorskip("pyarrow.parquet")
+    import pyarrow as pa
+    import pyarrow.parquet as pq
     row = {
         "pid": "5", "question": "Find $m\\angle H$", "image": "images/5.jpg",
         "decoded_image": {"bytes": _png(), "path": "5.jpg"},

@@ -7,10 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import SHARED, run_cli
-
-DATA = SHARED / "data"
-needs_shared = pytest.mark.skipif(not DATA.is_dir(), reason="needs ../shared/data (benchmark samples)")
+from tests.conftest import DATA, run_cli
 
 ITEM_KEYS = {"id", "status", "category", "answer", "response", "extraction", "prediction", "correct", "error",
              "samples", "n_correct"}
@@ -48,7 +45,6 @@ def test_eval_synth_end_to_end(sft_model, test_prompts, tmp_path):
     assert all(isinstance(it["response"], str) and it["samples"] == 1 for it in items)
 
 
-@needs_shared
 @pytest.mark.parametrize("bench,path", [
     ("mathvista", DATA / "mathvista" / "testmini_with_images.jsonl"),
     ("tabmwp", DATA / "tabmwp" / "tabmwp_test100.jsonl"),
@@ -64,7 +60,6 @@ def test_eval_benchmarks_end_to_end(tiny_model, tmp_path, bench, path):
     assert all(it["status"] == "scored" and it["category"] for it in items)
 
 
-@needs_shared
 def test_eval_predictions_reproduce_mmstar_official_score(tmp_path):
     path = DATA / "mmstar" / "mmstar_1500_text_with_llava_next_34b_pred.jsonl"
     out = tmp_path / "mmstar.json"

@@ -13,6 +13,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tests.conftest import DATA
 from dftrain.loss import (
     AGG_MODES,
     LOSSES,
@@ -26,14 +27,12 @@ from dftrain.loss import (
     repaired_term,
 )
 
-GOLDEN = Path(__file__).resolve().parents[1] / ".." / "shared" / "golden" / "grpo_peer_numbers.json"
+GOLDEN = DATA / "golden" / "grpo_peer_numbers.json"
 TOL = 1e-5
 
 
 @pytest.fixture(scope="module")
 def golden():
-    if not GOLDEN.exists():
-        pytest.skip(f"golden peer numbers not found at {GOLDEN} (they live in the shared folder beside the repo)")
     d = json.loads(GOLDEN.read_text())
     inputs = {k: torch.tensor(v, dtype=torch.float64) for k, v in d["inputs"].items() if k != "index"}
     inputs["index"] = torch.tensor(d["inputs"]["index"], dtype=torch.long)
