@@ -11,7 +11,7 @@ the *first* wrong line is classified:
 * ``answer``: every step right, wrong final answer (or the answer does not match the last step);
 * ``format``: missing/extra lines, no ``Answer:`` line.
 
-Also reported: accuracy, and ``lucky``: correct answers whose own steps are wrong (the reward
+Also reported: accuracy, ``read_acc`` (the share of read steps that are right), and ``lucky``: correct answers whose own steps are wrong (the reward
 cannot tell them apart). DF's premise is that failed rollouts hold correct steps before the
 error; this profile says how often that is true for a given checkpoint.
 
@@ -31,7 +31,7 @@ def profile(model_dir, data, n: int) -> dict:
     p = greedy_profile(model, processor, data, limit=n)
     failed = sum(p["first_error"].values())
     return {"model": str(model_dir), "n": p["n"], "accuracy": p["accuracy"], "steps_right": p["steps_right"],
-            "lucky": p["accuracy"] - p["steps_right"], "failed": failed,
+            "lucky": p["accuracy"] - p["steps_right"], "read_acc": round(p["read_acc"], 4), "failed": failed,
             "failed_with_prefix": round(p["failed_with_prefix"], 3),
             "first_error": {k: round(v / max(failed, 1), 3) for k, v in sorted(p["first_error"].items(),
                                                                                  key=lambda kv: -kv[1])}}

@@ -15,6 +15,7 @@ from dfgen.cli import _quiet_hf
 from dfgen.errors import UserError, cli_errors
 from dftrain.fit import FitConfig as _Fit  # light modules: the configs are the one source of defaults
 from dftrain.loop import LoopConfig as _Loop
+from dftrain.sft import SFTConfig as _SFT
 
 # options `fit` and `loop` share: one help text each, defaults from the config dataclasses
 Objective = Annotated[str, typer.Option(help="df-grpo (masked) or grpo (plain baseline).")]
@@ -43,16 +44,20 @@ def sft(
     data: Path = typer.Option(..., help="Prompt set with solutions (dfgen synth output)."),
     model: Path = typer.Option(..., help="Policy folder to start from (e.g. dfgen tiny output)."),
     out: Path = typer.Option(..., help="Output model folder."),
-    steps: int = typer.Option(2000, help="Optimizer steps (600 teach only the format; docs/RESULTS.md)."),
-    batch_size: int = typer.Option(16, help="Prompts per step."),
-    lr: float = typer.Option(3e-3, help="Peak learning rate (cosine decay)."),
-    seed: int = typer.Option(0, help="Data order and init seed."),
+    steps: int = typer.Option(_SFT.steps, help="Optimizer steps (counting is learned late, in a jump; docs/RESULTS.md)."),
+    batch_size: int = typer.Option(_SFT.batch_size, help="Prompts per step."),
+    lr: float = typer.Option(_SFT.lr, help="Peak learning rate (linear warm-up, cosine decay)."),
+    vision_lr_scale: float = typer.Option(_SFT.vision_lr_scale, help="Vision tower lr as a multiple of --lr; "
+                                          "0 freezes it (training it broke counting; docs/RESULTS.md)."),
+    seed: int = typer.Option(_SFT.seed, help="Data order and init seed."),
     eval_data: Path = typer.Option(None, help="Held-out prompts: report greedy accuracy at the end."),
-    eval_n: int = typer.Option(200, help="Held-out problems to score."),
+    eval_n: int = typer.Option(_SFT.eval_n, help="Held-out problems to score."),
+    eval_every: int = typer.Option(_SFT.eval_every, help="Also score --eval-data every N steps (0 = only at the end)."),
+    device: str = typer.Option(_SFT.device, help="cpu | cuda | cuda:N | auto."),
 ):
     """Supervised warm start on the synthetic solutions (loss on the answer only).
 
-    Example: dftrain sft --data runs/train --model runs/tiny --out runs/sft --steps 2000
+    Example: dftrain sft --data runs/train --model runs/tiny --out runs/sft --eval-data runs/val
     """
     _quiet_hf()
     from rich.console import Console
@@ -61,11 +66,18 @@ def sft(
 
     if steps <= 0 or batch_size <= 0 or lr <= 0:
         raise UserError("--steps, --batch-size and --lr must be positive")
-    cfg = SFTConfig(data=data, model=model, out=out, steps=steps, batch_size=batch_size, lr=lr, seed=seed,
-                    eval_data=eval_data, eval_n=eval_n)
+    if vision_lr_scale < 0 or eval_every < 0 or eval_n <= 0:
+        raise UserError("--vision-lr-scale and --eval-every must be >= 0, --eval-n positive")
+    cfg = SFTConfig(data=data, model=model, out=out, steps=steps, batch_size=batch_size, lr=lr,
+                    vision_lr_scale=vision_lr_scale, seed=seed, eval_data=eval_data, eval_n=eval_n,
+                    eval_every=eval_every, device=device)
     con = Console(stderr=True)
-    res = run_sft(cfg, progress=lambda r: con.print(
-        f"step {r['step']}/{steps} | loss {r['loss']:.4f} | lr {r['lr']:.2e} | {r['elapsed_s']:.1f}s"))
+
+    def show(r):
+        held = f" | held-out accuracy {r['heldout']['accuracy']:.3f}" if "heldout" in r else ""
+        con.print(f"step {r['step']}/{steps} | loss {r['loss']:.4f} | lr {r['lr']:.2e} | {r['elapsed_s']:.1f}s{held}")
+
+    res = run_sft(cfg, progress=show)
     msg = f"saved {out} ({res['steps_per_s']:.2f} steps/s, final loss {res['final_loss']:.4f}"
     if "heldout_accuracy" in res:
         msg += f", held-out greedy accuracy {res['heldout_accuracy']:.3f}"
@@ -94,6 +106,8 @@ def fit(
     beta: float = typer.Option(0.0, help="k3 KL coefficient to the initial policy (0 = no reference)."),
     adv_scale: str = typer.Option("group", help="group (GRPO) or none (Dr. GRPO)."),
     agg: str = typer.Option("token-mean", help="Loss aggregation."),
+    freeze_vision: bool = typer.Option(_Fit.freeze_vision, help="Keep the vision tower fixed, as dftrain sft does "
+                                       "(training it in RL broke the tiny policy's perception; docs/RESULTS.md)."),
     lora_rank: int = typer.Option(0, help="LoRA rank (0 = full fine-tuning)."),
     gradient_checkpointing: bool = typer.Option(False, help="Trade compute for memory."),
     dtype: str = typer.Option("float32", help="float32 or bfloat16."),
@@ -114,7 +128,8 @@ def fit(
                     groups_per_step=groups_per_step, grad_accum=grad_accum, updates_per_batch=updates_per_batch,
                     micro_batch=micro_batch, lr=lr, kappa=kappa, marked=marked, delta=delta, mass=mass,
                     repaired_weight=repaired_weight, kappa_rep=kappa_rep, beta=beta, adv_scale=adv_scale, agg=agg,
-                    lora_rank=lora_rank, gradient_checkpointing=gradient_checkpointing, dtype=dtype,
+                    freeze_vision=freeze_vision, lora_rank=lora_rank, gradient_checkpointing=gradient_checkpointing,
+                    dtype=dtype,
                     save_every=save_every, resume=resume, optimizer_from=optimizer_from, seed=seed)
     from rich.console import Console
 

@@ -195,21 +195,25 @@ def greedy_profile(model, processor, data: Path, limit: int | None = 200, max_ne
     """Greedy accuracy plus ``steps_right``: the share whose every step matches the canonical
     solution (a right answer reached through wrong steps counts in ``accuracy`` only), the
     kinds of first errors (``dfgen.synth.grid.classify_response``), and ``failed_with_prefix``:
-    the share of failures whose first step is right (DF can only spare steps that exist).
+    the share of failures whose first step is right (DF can only spare steps that exist), and
+    ``read_acc``: the share of all read steps that are right (``dfgen.synth.grid.reads_right``).
     ``max_new_tokens`` None: long enough for every canonical solution (``token_budget``)."""
     import json as _json
 
     from dfgen.backends.hf import HFBackend
     from dfgen.records import load_prompts
-    from dfgen.synth.grid import classify_response, correct_prefix, token_budget
+    from dfgen.synth.grid import classify_response, correct_prefix, reads_right, token_budget
 
     recs, _ = load_prompts(data, limit=limit)
     max_new_tokens = max_new_tokens or token_budget(recs, processor.tokenizer)
     backend = HFBackend(None, model=model, processor=processor)
     res = run_eval(backend, recs, "synth", max_new_tokens=max_new_tokens)
     kinds: dict = {}
-    right, prefixed = 0, 0
+    right, prefixed, reads_ok, reads_n = 0, 0, 0, 0
     for r, rec in zip(res, recs):
+        if rec.get("solution"):
+            ok, n = reads_right(r["response"] or "", _json.loads(rec["solution"]))
+            reads_ok, reads_n = reads_ok + ok, reads_n + n
         kind, steps_ok = classify_response(r["response"] or "", _json.loads(rec["solution"])) \
             if rec.get("solution") else ("format", False)
         right += bool(r["correct"] and steps_ok and kind == "ok")
@@ -219,7 +223,8 @@ def greedy_profile(model, processor, data: Path, limit: int | None = 200, max_ne
                                                                     _json.loads(rec["solution"])) > 0
     failed = sum(kinds.values())
     return {"n": len(res), "accuracy": sum(r["correct"] for r in res) / len(res), "steps_right": right / len(res),
-            "first_error": kinds, "failed_with_prefix": prefixed / failed if failed else 0.0}
+            "first_error": kinds, "failed_with_prefix": prefixed / failed if failed else 0.0,
+            "read_acc": reads_ok / reads_n if reads_n else 0.0}
 
 
 # ----------------------------------------------------------------------------- predictions

@@ -68,6 +68,7 @@ class FitConfig:
     rep_in_denominator: bool = False  # repaired tokens count in the token-mean denominator
     dedup_repaired: bool = True  # one copy of each distinct repaired trajectory per group
     buffer_size: int = 256  # shuffle buffer (groups)
+    freeze_vision: bool = True  # keep the vision tower (model.model.visual) fixed, as dftrain sft does
     lora_rank: int = 0  # 0 = full fine-tuning
     lora_alpha: int = 16
     gradient_checkpointing: bool = False
@@ -329,6 +330,8 @@ def run_fit(cfg: FitConfig, log=print) -> dict:
     if shards.num_rows() == 0:
         raise UserError(f"{cfg.data} holds no groups")
     model, processor = load_policy(load_dir, dtype=dtype, device=device)
+    if cfg.freeze_vision and hasattr(getattr(model, "model", None), "visual"):
+        model.model.visual.requires_grad_(False)  # RL on a trained tower broke perception (docs/RESULTS.md)
     tok = processor.tokenizer
     temperature = float(shards.meta.get("sampling", {}).get("temperature", 1.0)) or 1.0
     suppress = suppress_ids(tok)

@@ -209,3 +209,22 @@ def test_reference_kl_is_finite_and_zero_until_the_policy_moves(df_shards, sft_m
     moved = [r["adv_abs_mean"] > 0 for r in recs]
     first = moved.index(True)  # steps before the first non-zero advantage leave the policy at the reference
     assert all(r["kl"] == 0 for r in recs[:first]) and max(r["kl"] for r in recs[first:]) > 0
+
+
+def test_fit_keeps_the_vision_tower_fixed_unless_asked(df_shards, sft_model, tmp_path):
+    from transformers import AutoModelForImageTextToText
+
+    from dftrain.fit import FitConfig, run_fit
+
+    base = AutoModelForImageTextToText.from_pretrained(sft_model)
+    kw = dict(data=df_shards / "m", model=sft_model, steps=2, groups_per_step=4, lr=1e-3)
+    run_fit(FitConfig(out=tmp_path / "frozen", **kw), log=lambda m: None)
+    run_fit(FitConfig(out=tmp_path / "trained", freeze_vision=False, **kw), log=lambda m: None)
+
+    def moved(out, part):
+        m = AutoModelForImageTextToText.from_pretrained(out)
+        a, b = getattr(m.model, part).state_dict(), getattr(base.model, part).state_dict()
+        return sum((a[k] - b[k]).abs().sum().item() for k in a)
+
+    assert moved(tmp_path / "frozen", "visual") == 0 and moved(tmp_path / "frozen", "language_model") > 0
+    assert moved(tmp_path / "trained", "visual") > 0

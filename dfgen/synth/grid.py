@@ -273,6 +273,15 @@ def correct_prefix(response: str, solution: dict) -> int:
     return k
 
 
+def reads_right(response: str, solution: dict) -> tuple[int, int]:
+    """(right, total) read steps: a read line of the canonical solution counts as right when the
+    response's line at the same position equals it (reads do not depend on earlier values, so a
+    read after an arithmetic slip still counts)."""
+    lines = [ln.strip() for ln in response.strip().splitlines()]
+    reads = [(k, s["line"]) for k, s in enumerate(solution["steps"]) if s["kind"] == "read"]
+    return sum(k < len(lines) and lines[k] == g for k, g in reads), len(reads)
+
+
 def classify_response(response: str, solution: dict) -> tuple[str, bool]:
     """(kind of the first wrong line, every step right) of a response against the canonical solution.
 
