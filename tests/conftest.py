@@ -59,5 +59,8 @@ def sft_model(tmp_path_factory, tiny_model, train_prompts) -> Path:
     from dftrain.sft import SFTConfig, run_sft
 
     out = tmp_path_factory.mktemp("models") / "sft"
-    run_sft(SFTConfig(data=train_prompts, model=tiny_model, out=out, steps=150, batch_size=16, lr=3e-3))
+    # The fixture as it always was (vision tower trained): tests pin behaviour on this exact policy;
+    # the default recipe's perception is tested in tests/test_perception.py.
+    run_sft(SFTConfig(data=train_prompts, model=tiny_model, out=out, steps=150, batch_size=16, lr=3e-3,
+                      vision_lr_scale=1.0))
     return out
