@@ -27,7 +27,9 @@ Run: ``python bench/perception_probe.py --out runs/probe``
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
+import shutil
 import sys
 import time
 from collections import Counter
@@ -67,8 +69,6 @@ def run_probe(name: str, task_kw: dict, args) -> dict:
     task = GridTask(**task_kw)
     for split, n in (("train", args.n_train), ("val", args.n_val)):
         if not (d / split / "config.json").exists():
-            import shutil
-
             shutil.rmtree(d / split, ignore_errors=True)
             write_synth(d / split, n, seed=args.seed, split=split, task=task)
     build_tiny(d / "tiny", seed=args.seed, **args.model)
@@ -125,6 +125,11 @@ def main(argv=None) -> int:
     bad = set(args.sft) - fields
     if bad:
         ap.error(f"unknown --sft keys {sorted(bad)}; choose from {sorted(fields)}")
+    from dfgen.policy import build_tiny
+
+    bad = set(args.model) - (set(inspect.signature(build_tiny).parameters) - {"out", "seed"})
+    if bad:
+        ap.error(f"unknown --model keys {sorted(bad)}; build_tiny takes hidden, layers, heads, vision_depth")
     from dfgen.synth.grid import GridTask
 
     for name, kw in probes.items():

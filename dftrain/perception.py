@@ -165,12 +165,33 @@ def feature_probe(model, processor, task, n_boards: int = 2000, seed: int = 5, s
     return {"per_colour": dict(zip(colours, accs)), "min": min(accs), "n_boards": N}
 
 
-if __name__ == "__main__":  # python -m dftrain.perception POLICY [GridTask JSON]
+def main(argv=None) -> int:
+    """``python -m dftrain.perception POLICY [GridTask JSON]``: both diagnostics as one JSON line."""
+    import argparse
     import sys
 
-    from dfgen.policy import load_policy
+    from dfgen.errors import UserError
     from dfgen.synth.grid import GridTask
 
-    m, p = load_policy(sys.argv[1])
-    t = GridTask(**(json.loads(sys.argv[2]) if len(sys.argv) > 2 else {}))
-    print(json.dumps({"dependence": read_dependence(m, p, t), "features": feature_probe(m, p, t)}))
+    ap = argparse.ArgumentParser(prog="python -m dftrain.perception", description=main.__doc__)
+    ap.add_argument("policy")
+    ap.add_argument("task", nargs="?", default="{}", help="GridTask knobs as JSON (default: the default task)")
+    args = ap.parse_args(argv)
+    try:
+        task = GridTask(**json.loads(args.task))
+        task.validate()
+    except (ValueError, TypeError) as e:
+        ap.error(f"bad task {args.task!r}: {e}")
+    from dfgen.policy import load_policy
+
+    try:
+        m, p = load_policy(args.policy)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(json.dumps({"dependence": read_dependence(m, p, task), "features": feature_probe(m, p, task)}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -84,6 +84,7 @@ def test_feature_probe_reads_counts_from_the_untrained_tower(tiny_model, one_rea
     (["--sft", "[1]"], "expected a JSON object"),
     (["--sft", '{"lrr": 1}'], "unknown --sft keys ['lrr']"),
     (["--task", '{"grid": 9}'], "bad task"),
+    (["--model", '{"width": 9}'], "unknown --model keys ['width']"),
     (["--n-train", "0"], "--n-train and --n-val must be positive"),
 ])
 def test_probe_script_refuses_bad_arguments(tmp_path, args, needle):
@@ -91,6 +92,17 @@ def test_probe_script_refuses_bad_arguments(tmp_path, args, needle):
                        capture_output=True, text=True, timeout=120)
     assert p.returncode == 2 and needle in p.stderr and "Traceback" not in p.stderr, p.stderr
     assert not (tmp_path / "probes.jsonl").exists()
+
+
+@pytest.mark.parametrize("args,code,needle", [
+    (["/nonexistent-policy"], 1, "error: model folder not found"),
+    (["/tmp", '{"grid": 9}'], 2, "bad task"),
+    (["/tmp", "not json"], 2, "bad task"),
+])
+def test_perception_command_refuses_bad_input(args, code, needle):
+    p = subprocess.run([sys.executable, "-m", "dftrain.perception", *args], capture_output=True, text=True, timeout=120)
+    assert p.returncode == code and needle in p.stderr and "Traceback" not in p.stderr, p.stderr
+    assert p.stdout == ""
 
 
 def test_sft_cli_defaults_are_the_config_defaults():
