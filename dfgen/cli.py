@@ -59,7 +59,7 @@ def synth(
     max_reads: int = typer.Option(3, help="Most colours read per question."),
     colors: int = typer.Option(4, help="Palette size (2-5)."),
     max_count: int = typer.Option(3, help="Most cells of one colour."),
-    ops: str = typer.Option("+", help="Operators: '+' or '+-'."),
+    ops: str = typer.Option("+", help="Operators to draw from: '+', '+-', '+-*' ('*' is times; operators fold left to right)."),
 ):
     """Synthetic visual-reasoning prompts (count colours on a grid, then add them up).
 

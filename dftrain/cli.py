@@ -53,6 +53,8 @@ def sft(
     eval_data: Path = typer.Option(None, help="Held-out prompts: report greedy accuracy at the end."),
     eval_n: int = typer.Option(_SFT.eval_n, help="Held-out problems to score."),
     eval_every: int = typer.Option(_SFT.eval_every, help="Also score --eval-data every N steps (0 = only at the end)."),
+    save_every: int = typer.Option(_SFT.save_every, help="Also keep the policy every N steps in OUT/steps/step_NNNNNN "
+                                   "(0 = only the end)."),
     device: str = typer.Option(_SFT.device, help="cpu | cuda | cuda:N | auto."),
 ):
     """Supervised warm start on the synthetic solutions (loss on the answer only).
@@ -66,11 +68,11 @@ def sft(
 
     if steps <= 0 or batch_size <= 0 or lr <= 0:
         raise UserError("--steps, --batch-size and --lr must be positive")
-    if vision_lr_scale < 0 or eval_every < 0 or eval_n <= 0:
-        raise UserError("--vision-lr-scale and --eval-every must be >= 0, --eval-n positive")
+    if vision_lr_scale < 0 or eval_every < 0 or save_every < 0 or eval_n <= 0:
+        raise UserError("--vision-lr-scale, --eval-every and --save-every must be >= 0, --eval-n positive")
     cfg = SFTConfig(data=data, model=model, out=out, steps=steps, batch_size=batch_size, lr=lr,
                     vision_lr_scale=vision_lr_scale, seed=seed, eval_data=eval_data, eval_n=eval_n,
-                    eval_every=eval_every, device=device)
+                    eval_every=eval_every, save_every=save_every, device=device)
     con = Console(stderr=True)
 
     def show(r):

@@ -12,7 +12,10 @@ The vision tower (``model.model.visual``: patch embedding, blocks and merger) tr
 sees"): the untrained tower's features already let a linear probe read every colour count, and
 training it together with the LM destroys that (the policy then counts near chance), while with
 the tower frozen the LM learns to count. ``eval_every`` > 0 records a held-out greedy curve
-(``curve`` in the metrics) so the late jump in accuracy can be seen.
+(``curve`` in the metrics) so the late jump in accuracy can be seen; ``save_every`` > 0 keeps the
+policy at those steps too (``OUT/steps/step_NNNNNN/``, standard HF folders, each with the held-out
+profile of that step when one was scored), so a point of the curve can be used as an RL start
+without rebuilding a schedule that ends there.
 
 Run: ``dftrain sft --data runs/demo/train --model runs/demo/tiny --out runs/demo/sft --eval-data runs/demo/val``
 """
@@ -21,6 +24,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -41,6 +45,7 @@ class SFTConfig:
     eval_data: Path | None = None  # held-out prompts for a greedy accuracy check (optional)
     eval_n: int = 200  # held-out problems scored at the end
     eval_every: int = 0  # > 0: also score eval_n held-out problems every this many steps (a curve)
+    save_every: int = 0  # > 0: also keep OUT/steps/step_NNNNNN every this many steps (intermediate starts)
     log_every: int = 50
     threads: int = 0  # torch threads; 0 = torch default
     device: str = "cpu"  # cpu | cuda | cuda:N | auto (cuda when available)
@@ -147,9 +152,8 @@ def _heldout(model, processor, cfg: SFTConfig) -> dict:
 def run_sft(cfg: SFTConfig, progress=None) -> dict:
     import torch
 
-    from dfgen.policy import decode_image, load_policy, save_processor_files
+    from dfgen.policy import decode_image, load_policy
     from dfgen.records import load_prompts
-    from dfgen.shards import write_json_atomic
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -163,6 +167,9 @@ def run_sft(cfg: SFTConfig, progress=None) -> dict:
     model.train()
     opt = torch.optim.AdamW(_param_groups(model, cfg.vision_lr_scale), lr=cfg.lr, weight_decay=0.0)
     rng = random.Random(cfg.seed)
+    out = Path(cfg.out)
+    staging = out.with_name(out.name + ".steps")  # intermediate folders, moved into OUT/steps at the end
+    shutil.rmtree(staging, ignore_errors=True)
     order: list[int] = []
     log, curve, t0 = [], [], time.time()
     for step in range(cfg.steps):
@@ -190,6 +197,13 @@ def run_sft(cfg: SFTConfig, progress=None) -> dict:
             if progress:
                 progress({"step": step + 1, "loss": log[-1]["loss"], "lr": _lr_at(step, cfg),
                           "elapsed_s": round(time.time() - t0, 2), "heldout": curve[-1]})
+        if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps:
+            t_save = time.time()
+            at = curve[-1] if curve and curve[-1]["step"] == step + 1 else None
+            _save(model, processor, staging / f"step_{step + 1:06d}", cfg,
+                  {"step": step + 1, "loss": log[-1]["loss"], **({"heldout": at} if at else {})})
+            model.train()
+            t0 += time.time() - t_save
     train_s = time.time() - t0
     model.eval()
     result = {"steps": cfg.steps, "train_seconds": round(train_s, 2),
@@ -199,16 +213,24 @@ def run_sft(cfg: SFTConfig, progress=None) -> dict:
         result["heldout_accuracy"] = curve[-1]["accuracy"]
         result["heldout"] = curve[-1]
         result["curve"] = curve
-    model.to("cpu")
-    out = Path(cfg.out)
     tmp = out.with_name(out.name + ".tmp")
-    import shutil
-
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    save_processor_files(tmp, processor.tokenizer, processor.image_processor)
-    write_json_atomic(tmp / "sft_config.json", {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()})
-    write_json_atomic(tmp / "sft_metrics.json", result)
+    _save(model, processor, tmp, cfg, result)
+    if staging.exists():
+        staging.rename(tmp / "steps")
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
     return result
+
+
+def _save(model, processor, d: Path, cfg: SFTConfig, metrics: dict) -> None:
+    """A standard HF folder (weights, processor files) with the SFT config and ``metrics`` beside it."""
+    from dfgen.policy import save_processor_files
+    from dfgen.shards import write_json_atomic
+
+    device = model.device
+    shutil.rmtree(d, ignore_errors=True)
+    model.to("cpu").save_pretrained(d, safe_serialization=True)
+    model.to(device)
+    save_processor_files(d, processor.tokenizer, processor.image_processor)
+    write_json_atomic(d / "sft_config.json", {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()})
+    write_json_atomic(d / "sft_metrics.json", metrics)

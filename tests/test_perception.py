@@ -70,6 +70,22 @@ def test_default_sft_freezes_the_vision_tower_and_a_scale_trains_it(one_read, ti
     assert not all(torch.equal(v, ref[k]) for k, v in trained.model.visual.state_dict().items())
 
 
+def test_save_every_keeps_loadable_intermediate_policies_inside_the_output(one_read, tiny_model):
+    import json
+
+    from dfgen.policy import load_policy
+
+    d, _ = one_read
+    _short_sft(d, tiny_model, "saved", steps=4, save_every=2)
+    mid = d / "saved" / "steps" / "step_000002"
+    assert sorted(p.name for p in (d / "saved" / "steps").iterdir()) == ["step_000002"]
+    assert json.loads((mid / "sft_metrics.json").read_text())["step"] == 2
+    m_mid, _ = load_policy(mid)
+    m_end, _ = load_policy(d / "saved")
+    assert not all(torch.equal(a, b) for a, b in zip(m_mid.parameters(), m_end.parameters()))
+    assert not (d / "saved.steps").exists() and not (d / "saved.tmp").exists()
+
+
 def test_feature_probe_reads_counts_from_the_untrained_tower(tiny_model, one_read):
     from dfgen.policy import load_policy
     from dftrain.perception import feature_probe

@@ -42,6 +42,31 @@ def test_solution_steps_are_consistent_with_the_image_and_answer():
         assert 2 <= len(p.steps) <= 7 and len(reads) in (2, 3, 4)
 
 
+def test_times_folds_left_to_right_and_its_lines_classify_and_repair_like_the_others():
+    from dfgen.repairers import oracle
+    from dfgen.synth.grid import classify_response
+
+    probs = list(make_problems(200, seed=0, task=GridTask(ops="+-*", min_reads=3, max_reads=3)))
+    assert any("times" in p.question() for p in probs)
+    for p in probs:
+        value = p.steps[0]["value"]
+        for op_step in (s for s in p.steps if s["kind"] == "op"):
+            b = op_step["b"]
+            value = {"+": value + b, "-": value - b, "*": value * b}[op_step["op"]]
+            assert op_step["value"] == value and op_step["line"].endswith(f"= {value}")
+        assert p.answer == value
+    p = next(p for p in probs if p.steps[2]["op"] == "*" and p.steps[2]["value"] != 0)
+    sol = {"steps": p.steps, "answer": p.answer}
+    gold = solution_text(p.steps, p.answer)
+    wrong = gold.replace(p.steps[2]["line"], p.steps[2]["line"][:-len(str(p.steps[2]["value"]))]
+                         + str(p.steps[2]["value"] + 1))
+    assert classify_response(gold, sol) == ("ok", True)
+    assert classify_response(wrong, sol)[0] == "arithmetic"
+    rec = to_record(p, 0, 0, "train", GridTask(ops="+-*"))
+    fixed = oracle.repair(rec, wrong).text
+    assert fixed.split("\n")[:2] == wrong.split("\n")[:2] and fixed == gold
+
+
 def test_image_size_matches_grid_and_cells_are_drawn():
     for g in (2, 3, 4):
         p = next(make_problems(1, seed=0, task=GridTask(grid=g, max_reads=2)))
@@ -84,6 +109,8 @@ def test_synth_cli_writes_prompt_records_polars_can_read(tmp_path):
     (["--n", "0"], "--n must be positive"),
     (["--n", "5", "--grid", "9"], "grid must be"),
     (["--n", "5", "--max-reads", "7"], "min_reads"),
+    (["--n", "5", "--ops", "+/"], "ops must be"),
+    (["--n", "5", "--ops", "++"], "ops must be"),
 ])
 def test_synth_bad_arguments_give_one_line_error_and_no_output(tmp_path, args, msg):
     from tests.conftest import run_cli

@@ -16,7 +16,7 @@ import re
 from dfgen.repairers import Proposal
 
 READ = re.compile(r"^\s*Step\s*(\d+)\s*:\s*([A-Za-z]+)\s*=\s*(-?\d+)\s*$")
-OP = re.compile(r"^\s*Step\s*(\d+)\s*:\s*(-?\d+)\s*([+-])\s*(-?\d+)\s*=\s*(-?\d+)\s*$")
+OP = re.compile(r"^\s*Step\s*(\d+)\s*:\s*(-?\d+)\s*([-+*])\s*(-?\d+)\s*=\s*(-?\d+)\s*$")
 
 
 def parse_line(line: str):

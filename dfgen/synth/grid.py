@@ -22,7 +22,10 @@ everything else to ``train``; each generator rejects problems of the other split
 
 Difficulty knobs (``GridTask``): ``grid`` (2-4 cells a side -> 56-112 px), ``reads``
 (colours read per question: 2-4, a range), ``colors`` (palette size), ``max_count`` (most
-cells of one colour), ``ops`` ("+" or "+-").
+cells of one colour), ``ops`` (the operators drawn from: "+", "+-", or with "*" for times, e.g.
+"+-*"). Operators fold left to right, as the steps say: "red plus blue times green" is
+(red + blue) * green. Multiplication makes the arithmetic, not only the reads, a place where a
+small policy fails: products of the running value reach two digits, and digits are single tokens.
 
 Run: ``dfgen synth --out data/synth_train --n 1000 --seed 0``.
 """
@@ -46,7 +49,7 @@ PALETTE = {
     "purple": (140, 60, 180),
 }
 SHAPES = ("square", "circle")
-OPS = {"+": "plus", "-": "minus"}
+OPS = {"+": "plus", "-": "minus", "*": "times"}
 
 
 @dataclass(frozen=True)
@@ -59,7 +62,7 @@ class GridTask:
     max_reads: int = 3
     colors: int = 4  # palette size (first N of PALETTE)
     max_count: int = 3  # at most this many cells of one colour
-    ops: str = "+"  # "+" or "+-" (minus can give negative answers)
+    ops: str = "+"  # operators to draw from: "+", "+-" (negative answers), "+-*" (two-digit products)
 
     def validate(self) -> None:
         if not 2 <= self.grid <= 4:
@@ -68,8 +71,10 @@ class GridTask:
             raise ValueError("need 1 <= min_reads <= max_reads <= colors")
         if not 2 <= self.colors <= len(PALETTE):
             raise ValueError(f"colors must be 2..{len(PALETTE)}")
-        if self.max_count < 1 or self.ops not in ("+", "+-"):
-            raise ValueError("max_count must be >= 1 and ops one of '+', '+-'")
+        if self.max_count < 1:
+            raise ValueError("max_count must be >= 1")
+        if not self.ops or set(self.ops) - set(OPS) or len(set(self.ops)) != len(self.ops):
+            raise ValueError(f"ops must be distinct operators from '+-*' (e.g. '+', '+-', '+-*'), got {self.ops!r}")
 
 
 @dataclass
@@ -125,7 +130,7 @@ def _solve(p: Problem) -> None:
             value = n
             continue
         op = p.ops[i - 1]
-        new = value + n if op == "+" else value - n
+        new = value + n if op == "+" else value - n if op == "-" else value * n
         steps.append({"kind": "op", "op": op, "a": value, "b": n, "value": new,
                       "line": f"Step {k}: {value} {op} {n} = {new}"})
         k += 1
@@ -260,7 +265,7 @@ def write_synth(out, n: int, seed: int = 0, split: str = "train", task: GridTask
 
 
 _READ = re.compile(r"^Step \d+: ([a-z]+) = (-?\d+)$")
-_OP = re.compile(r"^Step \d+: (-?\d+) ([+-]) (-?\d+) = (-?\d+)$")
+_OP = re.compile(r"^Step \d+: (-?\d+) ([-+*]) (-?\d+) = (-?\d+)$")
 
 
 def correct_prefix(response: str, solution: dict) -> int:
