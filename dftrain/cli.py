@@ -27,6 +27,17 @@ Kappa = Annotated[float, typer.Option(help="DF weight of unmarked tokens of a re
 Marked = Annotated[str, typer.Option(help="Which tokens DF marks: root (first edit), root+prop, edit (all edits).")]
 Mass = Annotated[str, typer.Option(help="keep or redistribute the failed rollout's blame.")]
 RepairedWeight = Annotated[float, typer.Option(help="Advantage of repaired samples (0 = off).")]
+PolicyLoss = Annotated[str, typer.Option(help=(
+    "The surrogate (dftrain.loss.POLICY_LOSSES); DF weights enter each as per-token advantages. "
+    "ppo: PPO clipped ratio, as GRPO (TRL loss_type grpo/bnpo/dapo); "
+    "gspo: sequence-level ratio, GSPO-token (Zheng et al. 2025, TRL importance_sampling_level=sequence); "
+    "sapo: soft sigmoid gate instead of the clip (Gao et al. 2025, TRL loss_type sapo); "
+    "cispo: clipped, detached IS weight times log-prob (MiniMax-M1 2025, TRL loss_type cispo)."))]
+ClipHigh = Annotated[float, typer.Option(help="Upper clip epsilon; > 0.2 is DAPO's clip-higher (0.28 there). "
+                                              "cispo: the IS weight cap minus 1 (TRL's epsilon_high 5.0 = 4.0 here).")]
+DualClip = Annotated[float, typer.Option(help="ppo/gspo dual clip C > 1 + clip-high: negative-advantage tokens "
+                                              "stop pushing past ratio C (verl clip_ratio_c, TRL delta). "
+                                              "Unset = off.")]
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
                   help="Differential Feedback training: warm start, masked GRPO, evaluation.\n\n"
@@ -104,6 +115,9 @@ def fit(
     delta: float = typer.Option(_Fit.delta, help="root+prop: weight of later edited tokens."),
     mass: Mass = _Fit.mass,
     repaired_weight: RepairedWeight = _Fit.repaired_weight,
+    policy_loss: PolicyLoss = _Fit.policy_loss,
+    clip_high: ClipHigh = _Fit.clip_high,
+    dual_clip: DualClip = _Fit.dual_clip,
     kappa_rep: float = typer.Option(0.0, help="Weight of unedited tokens of repaired samples."),
     beta: float = typer.Option(0.0, help="k3 KL coefficient to the initial policy (0 = no reference)."),
     adv_scale: str = typer.Option("group", help="group (GRPO) or none (Dr. GRPO)."),
@@ -129,7 +143,8 @@ def fit(
     cfg = FitConfig(data=data, model=model, out=out, objective=objective, steps=steps,
                     groups_per_step=groups_per_step, grad_accum=grad_accum, updates_per_batch=updates_per_batch,
                     micro_batch=micro_batch, lr=lr, kappa=kappa, marked=marked, delta=delta, mass=mass,
-                    repaired_weight=repaired_weight, kappa_rep=kappa_rep, beta=beta, adv_scale=adv_scale, agg=agg,
+                    repaired_weight=repaired_weight, policy_loss=policy_loss, clip_high=clip_high,
+                    dual_clip=dual_clip, kappa_rep=kappa_rep, beta=beta, adv_scale=adv_scale, agg=agg,
                     freeze_vision=freeze_vision, lora_rank=lora_rank, gradient_checkpointing=gradient_checkpointing,
                     dtype=dtype,
                     save_every=save_every, resume=resume, optimizer_from=optimizer_from, seed=seed)
@@ -161,6 +176,9 @@ def loop(
     marked: Marked = _Loop.marked,
     mass: Mass = _Loop.mass,
     repaired_weight: RepairedWeight = _Loop.repaired_weight,
+    policy_loss: PolicyLoss = _Loop.policy_loss,
+    clip_high: ClipHigh = _Loop.clip_high,
+    dual_clip: DualClip = _Loop.dual_clip,
     repairer: str = typer.Option("oracle", help="oracle, sibling or model."),
     carry_optimizer: bool = typer.Option(True, help="Continue AdamW state across rounds."),
     eval: list[Path] = typer.Option([], help="Prompt set(s) to score by greedy accuracy (repeatable)."),
@@ -186,7 +204,8 @@ def loop(
     cfg = LoopConfig(model=model, out=out, rounds=rounds, objective=objective, prompts=prompts,
                      prompts_per_round=prompts_per_round, task=task_knobs, group_size=group_size, fit_steps=fit_steps,
                      groups_per_step=groups_per_step, updates_per_batch=updates_per_batch, lr=lr, kappa=kappa,
-                     marked=marked, mass=mass, repaired_weight=repaired_weight, repairer=repairer,
+                     marked=marked, mass=mass, repaired_weight=repaired_weight, policy_loss=policy_loss,
+                     clip_high=clip_high, dual_clip=dual_clip, repairer=repairer,
                      carry_optimizer=carry_optimizer, eval=[str(e) for e in eval], eval_n=eval_n,
                      eval_every=eval_every, seed=seed)
     con = Console(stderr=True)

@@ -13,6 +13,11 @@ computes current log-probs of the stored rollout tokens, and minimises ``dftrain
   extra positive off-policy samples with advantage A (their behaviour log-probs come from the
   shards), tokens weighted ``mask_repaired + kappa_rep * (1 - mask_repaired)``.
 
+The surrogate is ``--policy-loss ppo|gspo|sapo|cispo`` (``dftrain.loss.POLICY_LOSSES``: PPO clip,
+GSPO-token, SAPO's soft gate, CISPO), with ``--clip-high`` (clip-higher; CISPO's IS bound is
+1 + clip-high) and ``--dual-clip C`` (ppo and gspo); DF's weights enter every one of them the same
+way, in the per-token advantage, and ``--objective grpo`` is each surrogate without DF.
+
 Advantages are per group over the *rollouts* (``--adv-scale group|none``). The importance ratio
 uses the stored behaviour logprobs, so the first update of a batch is exactly on-policy when the
 checkpoint that sampled is the one being trained; ``--updates-per-batch`` > 1 reuses a batch
@@ -54,8 +59,10 @@ class FitConfig:
     lr: float = 1e-4  # chosen on the val split over {3e-5, 1e-4} for both objectives (docs/RESULTS.md)
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
+    policy_loss: str = "ppo"  # ppo | gspo | sapo | cispo (dftrain.loss.POLICY_LOSSES)
     clip_low: float = 0.2
-    clip_high: float = 0.2
+    clip_high: float = 0.2  # > clip_low: DAPO's clip-higher; cispo: the IS weight is capped at 1 + this
+    dual_clip: float | None = None  # ppo/gspo: A < 0 tokens' loss bounded at -C*A (verl clip_ratio_c; 3 there)
     adv_scale: str = "group"  # group (GRPO) | none (Dr. GRPO)
     agg: str = "token-mean"  # token-mean | seq-mean-token-mean | seq-mean-token-sum | seq-mean-token-sum-norm
     beta: float = 0.0  # k3 KL to the frozen initial policy; 0 = no reference model loaded
@@ -81,7 +88,15 @@ class FitConfig:
     threads: int = 0
 
     def validate(self):
-        from dftrain.loss import AGG_MODES, MARKED_MODES, MASS_MODES
+        from dftrain.loss import AGG_MODES, MARKED_MODES, MASS_MODES, POLICY_LOSSES, check_surrogate
+
+        if self.policy_loss not in POLICY_LOSSES:
+            raise UserError(f"--policy-loss must be one of {', '.join(POLICY_LOSSES)}, got {self.policy_loss!r}")
+        try:
+            check_surrogate(self.policy_loss, self.clip_low, self.clip_high, self.dual_clip)
+        except ValueError as e:
+            raise UserError(f"--policy-loss {self.policy_loss}: {e}".replace("dual_clip", "--dual-clip")
+                            .replace("clip_high", "--clip-high").replace("clip_low", "--clip-low")) from None
 
         checks = [(self.objective in ("df-grpo", "grpo"), "--objective must be df-grpo or grpo"),
                   (self.steps > 0 and self.groups_per_step > 0 and self.micro_batch > 0, "sizes must be positive"),
@@ -214,7 +229,8 @@ def micro_loss(model, prep: dict, cfg: FitConfig, suppress, temperature, ref_mod
     loss, metrics = LOSSES[cfg.objective](lp, prep["old"], prep["adv"], cm.to(lp.dtype), token_weights=prep["weights"],
                                           is_repaired=prep["is_rep"], rep_in_denominator=cfg.rep_in_denominator,
                                           ref_logprobs=prep["ref"], beta=cfg.beta, clip_low=cfg.clip_low,
-                                          clip_high=cfg.clip_high, agg=cfg.agg)
+                                          clip_high=cfg.clip_high, agg=cfg.agg, surrogate=cfg.policy_loss,
+                                          dual_clip=cfg.dual_clip)
     return loss, metrics, lp.detach(), cm
 
 

@@ -53,6 +53,9 @@ class LoopConfig:
     marked: str = "root"
     mass: str = "keep"
     repaired_weight: float = 0.0
+    policy_loss: str = "ppo"  # the surrogate, as dftrain fit --policy-loss
+    clip_high: float = 0.2
+    dual_clip: float | None = None
     carry_optimizer: bool = True
     eval: list = field(default_factory=list)  # prompt sets scored by greedy accuracy
     eval_n: int = 500
@@ -71,7 +74,8 @@ class LoopConfig:
         # the objective's settings are checked by the trainer's own rules before round 0 samples anything
         FitConfig(data=Path("."), model=Path("."), out=Path("."), objective=self.objective,
                   groups_per_step=self.groups_per_step, updates_per_batch=self.updates_per_batch, lr=self.lr,
-                  kappa=self.kappa, marked=self.marked, mass=self.mass).validate()
+                  kappa=self.kappa, marked=self.marked, mass=self.mass, policy_loss=self.policy_loss,
+                  clip_high=self.clip_high, dual_clip=self.dual_clip).validate()
         from dataclasses import fields
 
         from dfgen.synth.grid import GridTask
@@ -182,6 +186,7 @@ def run_loop(cfg: LoopConfig, log=print) -> dict:
                                     steps=cfg.fit_steps, groups_per_step=cfg.groups_per_step,
                                     updates_per_batch=cfg.updates_per_batch, lr=cfg.lr, kappa=cfg.kappa,
                                     marked=cfg.marked, mass=cfg.mass, repaired_weight=cfg.repaired_weight,
+                                    policy_loss=cfg.policy_loss, clip_high=cfg.clip_high, dual_clip=cfg.dual_clip,
                                     optimizer_from=prev_fit if cfg.carry_optimizer else None,
                                     seed=cfg.seed * 1000 + r), log=lambda m: None)
             rec["fit_loss_mean"] = sum(res["losses"]) / len(res["losses"])

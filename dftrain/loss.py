@@ -15,22 +15,55 @@ eps: verl uses 1e-6, TRL 1e-4 (the golden advantages differ by up to 6e-4 becaus
 is verl's 1e-6 and the argument reproduces either.
 
 Each completion token t of rollout i has ratio rho_t = exp(logp_theta - logp_old) and a signed weight
-w_t, folded into a per-token advantage A_t = A_i * w_t; the loss per token is PPO's clipped surrogate
+w_t, folded into a per-token advantage A_t = A_i * w_t. A *policy loss* (the surrogate, `POLICY_LOSSES`,
+one signature, chosen by name as verl's `register_policy_loss`) turns (rho, A_t) into a per-token loss
+L_t; `aggregate` is the only reduction. The surrogates:
 
-    L_t = -min(rho_t * A_t, clip(rho_t, 1 - clip_low, 1 + clip_high) * A_t)   (+ beta * k3_t)
+  "ppo"    L_t = -min(rho_t A_t, clip(rho_t, 1 - clip_low, 1 + clip_high) A_t)       (GRPO / PPO clip;
+           clip_high > clip_low is DAPO's clip-higher, TRL `epsilon_high`)
+           dual clip (`dual_clip` = c > 1 + clip_high, verl `clip_ratio_c`, TRL `delta`): for A_t < 0 also
+           L_t <= -c A_t, so a token whose ratio ran past c stops pushing (its gradient is 0). TRL's
+           two-sided `delta` clamps rho at delta before the min: for A < 0 the same number and gradient,
+           for A > 0 no change (clip already caps rho at 1 + clip_high < delta).
+  "gspo"   GSPO (Zheng et al. 2025, TRL `importance_sampling_level="sequence"`): the ratio of the whole
+           sequence, s_i = exp(mean_t(logp_t - old_t)), clipped as "ppo" (the GSPO paper uses clip ranges
+           of 3e-4 / 4e-4; set them with clip_low / clip_high). Where DF's weights enter: in A_t, per token,
+           under the sequence ratio, as the paper's GSPO-token variant,
+               s_{i,t} = sg[s_i] * pi(y_t) / sg[pi(y_t)],   L_t = -min(s_{i,t} A_t, clip(s_{i,t}) A_t).
+           Its value is s_i on every token and its gradient is s_i * grad log pi(y_t) per token. Plain
+           GSPO differentiates s_i itself, which spreads every token's advantage over the whole sequence
+           (grad_t = s_i / |y_i| * sum_u A_u): with per-token weights it would blame the correct steps of a
+           failed rollout as much as its wrong ones, which is what DF exists to avoid. With one advantage
+           per sequence (DF off, or kappa = 1) and any aggregation whose per-token factor is constant within
+           a row (all four below), GSPO-token and GSPO give the same loss AND the same gradient, which is
+           what the TRL goldens check. The clip decides per sequence, so it never splits a row.
+  "sapo"   SAPO (Gao et al. 2025, TRL `loss_type="sapo"`): a soft gate instead of the clip,
+               L_t = -(4 / tau) * sigmoid(tau * (rho_t - 1)) * A_t,  tau = tau_pos if A_t > 0 else tau_neg,
+           (value and gradient equal PPO's at rho = 1, and the gradient decays smoothly off-policy). The
+           temperature follows the sign of the *weighted* A_t, so a negative kappa's positive credit gets
+           tau_pos. No clip: dual_clip is refused.
+  "cispo"  CISPO (MiniMax-M1 2025, TRL `loss_type="cispo"`): a REINFORCE term whose importance weight is
+           clamped and detached, L_t = -sg[min(rho_t, 1 + clip_high)] * A_t * logp_t, so every token keeps
+           a gradient. TRL's `epsilon_high` is the bound itself (recommended 5.0), i.e. clip_high = 4.0 here.
+           No lower bound, and dual_clip is refused.
 
+DF's token weights enter every surrogate the same way, as A_t, which is what makes them meaningful for
+all four: kappa = 1 is exactly the surrogate without DF; a weight never changes the sign of a token's
+update for w >= 0; a marked token (w = 1) gets a larger gradient than an unmarked one (w = kappa < 1).
 Folding w into A_t, rather than multiplying L_t by w_t, is what makes negative weights correct: for
-w >= 0 both are the same number (w commutes with min), and for w < 0 the clip acts on the side that
-matches the token's effective sign, as for any negative-advantage token. log(rho) is clamped to
+w >= 0 both are the same number for "ppo" (w commutes with min), and for w < 0 the clip acts on the side
+that matches the token's effective sign, as for any negative-advantage token. log(rho) is clamped to
 [-20, 20] (as verl) so garbage log-probs on padding never make inf * 0 = NaN.
 The optional KL term is k3 = exp(ref - logp) - (ref - logp) - 1 per token, added before aggregation
-and NOT weighted by w (it is a regulariser, not credit). TRL adds beta * k3 per token the same way;
+and NOT weighted by w (it is a regulariser, not credit). TRL adds beta * k3 per token the same way
+(TRL 1.16's default `use_bias_correction_kl=True` also multiplies k3 by the ratio; we do not);
 verl aggregates it separately with the same mode, which is the same number since aggregation is linear.
 verl's "low_var_kl" also clamps k3 to [-10, 10]; k3 >= 0 and reaches 10 only when ref - logp > 2.53 or
 < -11, which never happens on the golden inputs (max k3 there is 1.24), so we do not clamp k3 (its
 gradient stays); like verl we clamp ref - logp to [-20, 20] so exp never overflows on padding.
-We do not implement verl's dual clip (clip_ratio_c = 3 for A < 0); it only bites when rho > 3 and
-the golden inputs have rho < 2.9, so verl and TRL agree there and so do we.
+Golden numbers: data/golden/grpo_peer_numbers.json (verl and TRL, "ppo"), and
+data/golden/trl_policy_losses.json (TRL 1.16's own `_compute_loss` for every surrogate above, loss and
+gradient, DF off and on; made by `bench/golden_trl_losses.py`).
 
 How DF departs from GRPO (token weights, `df_token_weights`)
 ------------------------------------------------------------
@@ -94,6 +127,7 @@ ADV_SCALES = ("group", "batch", "none")
 AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
 MARKED_MODES = ("edit", "root", "root+prop")
 MASS_MODES = ("keep", "redistribute")
+SAPO_TAU = (1.0, 1.05)  # (tau_pos, tau_neg): the SAPO paper's and TRL's defaults
 LOG_RATIO_CLAMP = 20.0  # as verl: exp(20) is finite, so padding never produces inf * 0 = NaN
 
 
@@ -158,6 +192,79 @@ def _masked_mean(x: Tensor, mask: Tensor) -> Tensor:
     return (x * mask).sum() / mask.sum().clamp(min=1)
 
 
+# ---------------------------------------------------------------- policy losses (surrogates)
+# One signature: (logprobs, old_logprobs, adv, mask, clip_low, clip_high, dual_clip, sapo_tau) with adv the
+# weighted per-token advantage (B, T), returning (per-token loss (B, T), cut (B, T): 1 where the clip or
+# clamp was active) before any aggregation. Registered by name; the CLI's choices are this registry's keys.
+POLICY_LOSSES: dict = {}
+
+
+def register_policy_loss(name: str):
+    def deco(fn):
+        POLICY_LOSSES[name] = fn
+        return fn
+
+    return deco
+
+
+def _clipped(ratio: Tensor, adv: Tensor, clip_low: float, clip_high: float, dual_clip: float | None):
+    surr = -adv * ratio  # (B, T)
+    surr_clipped = -adv * ratio.clamp(1 - clip_low, 1 + clip_high)  # (B, T)
+    loss = torch.maximum(surr, surr_clipped)  # (B, T) = -min(rho A, clip(rho) A)
+    cut = surr_clipped > surr  # (B, T) verl pg_clipfrac
+    if dual_clip is not None:
+        bound = -adv * dual_clip  # (B, T)
+        dual = (adv < 0) & (loss > bound)
+        loss = torch.where(dual, bound, loss)
+        cut = cut | dual
+    return loss, cut
+
+
+@register_policy_loss("ppo")
+def ppo_surrogate(logprobs, old_logprobs, adv, mask, clip_low, clip_high, dual_clip, sapo_tau):
+    """PPO's clipped surrogate per token (GRPO, DAPO's clip-higher, verl's dual clip)."""
+    ratio = torch.exp((logprobs - old_logprobs).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))  # (B, T)
+    return _clipped(ratio, adv, clip_low, clip_high, dual_clip)
+
+
+@register_policy_loss("gspo")
+def gspo_surrogate(logprobs, old_logprobs, adv, mask, clip_low, clip_high, dual_clip, sapo_tau):
+    """GSPO-token: the sequence ratio's value, each token's own gradient (module docstring)."""
+    seq = ((logprobs - old_logprobs) * mask).sum(-1, keepdim=True) / mask.sum(-1, keepdim=True).clamp(min=1)  # (B, 1)
+    log_ratio = seq.detach().clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP) + logprobs - logprobs.detach()  # (B, T)
+    return _clipped(torch.exp(log_ratio), adv, clip_low, clip_high, dual_clip)
+
+
+@register_policy_loss("sapo")
+def sapo_surrogate(logprobs, old_logprobs, adv, mask, clip_low, clip_high, dual_clip, sapo_tau):
+    """SAPO's soft gate (no clip)."""
+    ratio = torch.exp((logprobs - old_logprobs).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))  # (B, T)
+    tau = torch.where(adv > 0, sapo_tau[0], sapo_tau[1]).to(ratio.dtype)  # (B, T)
+    return -torch.sigmoid(tau * (ratio - 1)) * 4 / tau * adv, torch.zeros_like(ratio, dtype=torch.bool)
+
+
+@register_policy_loss("cispo")
+def cispo_surrogate(logprobs, old_logprobs, adv, mask, clip_low, clip_high, dual_clip, sapo_tau):
+    """CISPO: clamped, detached IS weight times A_t * logp_t."""
+    ratio = torch.exp((logprobs - old_logprobs).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)).detach()  # (B, T)
+    return -ratio.clamp(max=1 + clip_high) * adv * logprobs, ratio > 1 + clip_high
+
+
+def check_surrogate(surrogate: str, clip_low: float, clip_high: float, dual_clip: float | None,
+                    sapo_tau: tuple[float, float] = SAPO_TAU) -> None:
+    """ValueError (one line) for a surrogate and settings that do not go together."""
+    _check("surrogate", surrogate, tuple(POLICY_LOSSES))
+    if not (0 <= clip_low < 1 and clip_high >= 0):
+        raise ValueError(f"clip_low={clip_low} must be in [0, 1) and clip_high={clip_high} >= 0")
+    if dual_clip is not None:
+        if surrogate not in ("ppo", "gspo"):
+            raise ValueError(f"dual_clip bounds a clipped surrogate; {surrogate} has none (use ppo or gspo)")
+        if not dual_clip > 1 + clip_high:
+            raise ValueError(f"dual_clip={dual_clip} must exceed 1 + clip_high = {1 + clip_high}")
+    if min(sapo_tau) <= 0:
+        raise ValueError(f"sapo temperatures must be positive, got {sapo_tau}")
+
+
 def policy_loss(
     logprobs: Tensor,
     old_logprobs: Tensor,
@@ -172,19 +279,21 @@ def policy_loss(
     ref_logprobs: Tensor | None = None,
     beta: float = 0.0,
     in_denominator: Tensor | None = None,
+    surrogate: str = "ppo",
+    dual_clip: float | None = None,
+    sapo_tau: tuple[float, float] = SAPO_TAU,
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """Clipped surrogate on per-token advantages A_t = A * w_t, aggregated by `aggregate`.
+    """A surrogate of `POLICY_LOSSES` on per-token advantages A_t = A * w_t, aggregated by `aggregate`.
     logprobs, old_logprobs, completion_mask, token_weights: (B, T); advantages: (B,) or (B, T)."""
+    check_surrogate(surrogate, clip_low, clip_high, dual_clip, sapo_tau)
     mask = completion_mask.to(logprobs.dtype)  # (B, T)
     adv = advantages.to(logprobs.dtype)
     adv = adv.unsqueeze(-1) if adv.dim() == 1 else adv  # (B, 1) or (B, T)
     if token_weights is not None:
         adv = adv * token_weights  # (B, T) signed per-token advantage
-    log_ratio = (logprobs - old_logprobs).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)  # (B, T)
-    ratio = torch.exp(log_ratio)  # (B, T)
-    surr = -adv * ratio  # (B, T)
-    surr_clipped = -adv * ratio.clamp(1 - clip_low, 1 + clip_high)  # (B, T)
-    pg_mat = torch.maximum(surr, surr_clipped)  # (B, T) = -min(rho A, clip(rho) A)
+    adv = adv.expand_as(logprobs)  # (B, T)
+    pg_mat, cut = POLICY_LOSSES[surrogate](logprobs, old_logprobs, adv, mask, clip_low, clip_high, dual_clip,
+                                           sapo_tau)  # (B, T) each
     loss_mat = pg_mat
     kl_mat = None
     if beta != 0.0:
@@ -194,11 +303,13 @@ def policy_loss(
         loss_mat = pg_mat + beta * kl_mat
     loss = aggregate(loss_mat, mask, agg, max_len, in_denominator)
     with torch.no_grad():
-        ratio_d, mask_d = ratio.detach(), mask.detach()
+        mask_d = mask.detach()
+        log_ratio = (logprobs - old_logprobs).detach().clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)  # (B, T)
+        ratio_d = torch.exp(log_ratio)
         metrics = {
             "pg_loss": aggregate(pg_mat.detach(), mask_d, agg, max_len, in_denominator),
-            "clipfrac": _masked_mean((surr_clipped > surr).to(mask_d.dtype).detach(), mask_d),  # verl pg_clipfrac
-            "ppo_kl": _masked_mean(-log_ratio.detach(), mask_d),  # verl ppo_kl
+            "clipfrac": _masked_mean(cut.to(mask_d.dtype), mask_d),  # verl pg_clipfrac (+ dual clip, cispo clamp)
+            "ppo_kl": _masked_mean(-log_ratio, mask_d),  # verl ppo_kl
             "ratio_mean": _masked_mean(ratio_d, mask_d),
             "ratio_max": torch.where(mask_d > 0, ratio_d, torch.zeros_like(ratio_d)).max(),
         }
@@ -273,6 +384,9 @@ def df_loss(
     clip_high: float = 0.2,
     agg: str = "token-mean",
     max_len: int | None = None,
+    surrogate: str = "ppo",
+    dual_clip: float | None = None,
+    sapo_tau: tuple[float, float] = SAPO_TAU,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """DF-GRPO on one batch of rollouts and (optionally) repaired samples, rows flagged by is_repaired
     (B,) bool. token_weights (B, T) from df_token_weights / repaired_term; None means all 1."""
@@ -281,7 +395,8 @@ def df_loss(
         in_denominator = ~is_repaired.bool()  # (B,)
     loss, metrics = policy_loss(
         logprobs, old_logprobs, advantages, completion_mask, token_weights, clip_low, clip_high, agg, max_len,
-        ref_logprobs=ref_logprobs, beta=beta, in_denominator=in_denominator,
+        ref_logprobs=ref_logprobs, beta=beta, in_denominator=in_denominator, surrogate=surrogate,
+        dual_clip=dual_clip, sapo_tau=sapo_tau,
     )
     with torch.no_grad():
         mask = completion_mask.to(logprobs.dtype)  # (B, T)
@@ -308,8 +423,11 @@ def grpo_loss(
     clip_high: float = 0.2,
     agg: str = "token-mean",
     max_len: int | None = None,
+    surrogate: str = "ppo",
+    dual_clip: float | None = None,
+    sapo_tau: tuple[float, float] = SAPO_TAU,
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """Plain GRPO with the same signature as df_loss: token_weights are ignored and repaired rows are
+    """Plain GRPO (or any surrogate without DF) with the same signature as df_loss: token_weights are ignored and repaired rows are
     dropped (masked out and out of every denominator), so one batch can feed either objective."""
     del token_weights, rep_in_denominator
     mask = completion_mask
@@ -318,6 +436,7 @@ def grpo_loss(
     return df_loss(
         logprobs, old_logprobs, advantages, mask, is_repaired=is_repaired, rep_in_denominator=False,
         ref_logprobs=ref_logprobs, beta=beta, clip_low=clip_low, clip_high=clip_high, agg=agg, max_len=max_len,
+        surrogate=surrogate, dual_clip=dual_clip, sapo_tau=sapo_tau,
     )
 
 

@@ -84,6 +84,30 @@ def test_plain_grpo_and_df_give_the_same_loss_when_kappa_is_one(df_shards, sft_m
     assert abs(g[0] - k[0]) > 1e-6  # the mask changes the objective
 
 
+@pytest.mark.parametrize("policy_loss,extra", [("gspo", {"dual_clip": 3.0}), ("sapo", {}), ("cispo", {"clip_high": 4.0})])
+def test_every_policy_loss_trains_and_equals_grpo_at_kappa_one(policy_loss, extra, df_shards, sft_model, tmp_path):
+    from dftrain.fit import FitConfig, run_fit
+
+    kw = dict(data=df_shards / "m", model=sft_model, groups_per_step=16, steps=1, policy_loss=policy_loss, **extra)
+    run_fit(FitConfig(out=tmp_path / "g", objective="grpo", **kw), log=lambda m: None)
+    run_fit(FitConfig(out=tmp_path / "d", objective="df-grpo", kappa=1.0, **kw), log=lambda m: None)
+    run_fit(FitConfig(out=tmp_path / "k", objective="df-grpo", kappa=0.0, **kw), log=lambda m: None)
+    g, d, k = _losses(tmp_path / "g"), _losses(tmp_path / "d"), _losses(tmp_path / "k")
+    assert g[0] != 0.0 and math.isfinite(g[0])
+    assert abs(g[0] - d[0]) < 1e-6 and abs(g[0] - k[0]) > 1e-6
+    assert json.loads((tmp_path / "k" / "fit_config.json").read_text())["policy_loss"] == policy_loss
+
+
+@pytest.mark.parametrize("bad,match", [(["--policy-loss", "trpo"], "--policy-loss must be one of ppo, gspo, sapo, cispo"),
+                                       (["--policy-loss", "sapo", "--dual-clip", 3], "sapo has none"),
+                                       (["--dual-clip", 1.1], "--dual-clip=1.1 must exceed 1 + --clip-high")])
+def test_fit_refuses_surrogate_settings_that_do_not_go_together(bad, match, df_shards, sft_model, tmp_path):
+    r = run_cli("dftrain", "fit", "--data", df_shards / "m", "--model", sft_model, "--out", tmp_path / "o", *bad,
+                check=False)
+    assert r.returncode != 0 and match in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "o").exists()
+
+
 def test_micro_batching_does_not_change_the_update(df_shards, sft_model, tmp_path):
     from dftrain.fit import FitConfig, run_fit
 

@@ -70,7 +70,8 @@ def test_optimizer_from_continues_adam_moments(tmp_path, sft_model, train_prompt
 
 @pytest.mark.parametrize("bad", [["--rounds", 0], ["--group-size", 1], ["--objective", "ppo"], ["--task", "{grid: 3"],
                                  ["--task", '{"grid": 9}'], ["--task", '{"colours": 3}'], ["--task", "[3]"],
-                                 ["--marked", "first"], ["--kappa", 2], ["--mass", "spread"], ["--lr", 0]])
+                                 ["--marked", "first"], ["--kappa", 2], ["--mass", "spread"], ["--lr", 0],
+                                 ["--policy-loss", "trpo"], ["--policy-loss", "cispo", "--dual-clip", 3]])
 def test_loop_rejects_bad_settings(tmp_path, sft_model, bad):
     p = run_cli("dftrain", "loop", "--model", sft_model, "--out", tmp_path / "l", *bad, check=False)
     assert p.returncode != 0 and p.stderr.startswith("error:") and "Traceback" not in p.stderr

@@ -46,7 +46,7 @@ def test_the_scan_would_catch_an_escape():
 
 
 def test_fixtures_are_in_data():
-    expected = ["golden/grpo_peer_numbers.json", "mathvista/testmini_with_images.jsonl",
+    expected = ["golden/grpo_peer_numbers.json", "golden/trl_policy_losses.json", "mathvista/testmini_with_images.jsonl",
                 "mathvista/testmini_text_all.jsonl", "mathvista/official_outputs_golden.jsonl",
                 "mmstar/mmstar_1500_text_with_llava_next_34b_pred.jsonl", "tabmwp/tabmwp_test100.jsonl", "README.md"]
     missing = [e for e in expected if not (DATA / e).is_file()]
