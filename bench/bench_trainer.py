@@ -1,12 +1,14 @@
-"""Trainer cost, side by side in one run: GRPO vs DF-GRPO step time, tokens/s, peak RSS, and the
-data loader's throughput against what the trainer consumes.
+"""Trainer cost, side by side in one run: GRPO vs DF-GRPO step time for every policy loss
+(``--policy-loss``: ppo, gspo, sapo, cispo), tokens/s, peak RSS, and the data loader's throughput
+against what the trainer consumes. The DF overhead of a loss is its df-grpo step time over its own
+grpo step time, both measured interleaved in this run.
 
 Makes DF shards with the real pipeline (tiny model, a short SFT, sample, oracle repair, mask), then
 times ``dftrain.fit`` steps (8 groups x 8 rollouts, 2 updates per batch, as the TRL anchor in
 shared/notes) for each objective, interleaved, and streams the shards through ``GroupStream``
 alone. Peak RSS of the loader with 1x and 10x the shards is measured in subprocesses.
 
-Run: python bench/bench_trainer.py [--steps 10] [--json out.json]
+Run: python bench/bench_trainer.py [--steps 10] [--policy-losses ppo,gspo,sapo,cispo] [--json out.json]
 """
 import argparse
 import json
@@ -65,6 +67,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--policy-losses", default="ppo,gspo,sapo,cispo", help="comma list; the first is the baseline")
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
@@ -79,18 +82,25 @@ def main():
 
     d = Path(tempfile.mkdtemp())
     make_df_shards(d)
-    times = {"grpo": [], "df-grpo": []}
-    toks = {"grpo": [], "df-grpo": []}
+    losses = [x for x in args.policy_losses.split(",") if x]
+    extra = {"cispo": {"clip_high": 4.0}}  # TRL's recommended epsilon_high 5.0
+    times = {(loss, obj): [] for loss in losses for obj in ("grpo", "df-grpo")}
+    toks = {k: [] for k in times}
     for rep in range(2):
-        for obj in ("grpo", "df-grpo"):
-            out = d / f"fit-{obj}-{rep}"
-            run_fit(FitConfig(data=d / "m", model=d / "sft", out=out, objective=obj, steps=args.steps,
-                              groups_per_step=8, updates_per_batch=2, seed=rep), log=lambda m: None)
-            recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()][2:]  # skip warm-up
-            times[obj] += [r["step_s"] for r in recs]
-            toks[obj] += [r["tok_per_s"] for r in recs]
-    med = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
-    tps = {k: sorted(v)[len(v) // 2] for k, v in toks.items()}
+        for loss in losses:
+            for obj in ("grpo", "df-grpo"):
+                out = d / f"fit-{loss}-{obj}-{rep}"
+                run_fit(FitConfig(data=d / "m", model=d / "sft", out=out, objective=obj, steps=args.steps,
+                                  groups_per_step=8, updates_per_batch=2, seed=rep, policy_loss=loss,
+                                  **extra.get(loss, {})), log=lambda m: None)
+                recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()][2:]  # skip warm-up
+                times[loss, obj] += [r["step_s"] for r in recs]
+                toks[loss, obj] += [r["tok_per_s"] for r in recs]
+    med_all = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+    tps_all = {k: sorted(v)[len(v) // 2] for k, v in toks.items()}
+    base = losses[0]
+    med = {obj: med_all[base, obj] for obj in ("grpo", "df-grpo")}
+    tps = {obj: tps_all[base, obj] for obj in ("grpo", "df-grpo")}
     ss = open_shards(d / "m")
     n = ss.num_rows()
     t = time.time()
@@ -100,6 +110,11 @@ def main():
     res = {"machine": f"{platform.machine()} {os.cpu_count()} cpus", "torch_threads": torch.get_num_threads(),
            "step_s_median": med, "tok_per_s_median": tps,
            "df_overhead": round(med["df-grpo"] / med["grpo"] - 1, 4),
+           "policy_loss": base,
+           "per_policy_loss": {loss: {"step_s_median": {obj: med_all[loss, obj] for obj in ("grpo", "df-grpo")},
+                                      "df_overhead": round(med_all[loss, "df-grpo"] / med_all[loss, "grpo"] - 1, 4),
+                                      "vs_ppo_grpo": round(med_all[loss, "grpo"] / med_all[losses[0], "grpo"], 4)}
+                               for loss in losses},
            "loader_groups_per_s": round(load_gps, 1), "trainer_groups_per_s": round(train_gps, 1),
            "loader_vs_trainer": round(load_gps / train_gps, 1),
            "peak_rss_mib_process": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}

@@ -6,8 +6,9 @@ the *first* wrong line is classified:
 * ``colour``: a read step names the wrong colour (the question was misread: a text error);
 * ``count``: right colour, wrong count (the image was misread: a perception error);
 * ``arithmetic``: an operation line with right operands and a wrong result;
-* ``carried``: an operation line whose operands differ from the canonical ones (only reachable
-  when an earlier line was wrong, so it never is the first; counted for completeness);
+* ``carried``: an operation line whose operands differ from the canonical ones; as the *first*
+  wrong line it means the policy mis-copied a value it had written right (an attention slip, as
+  common as arithmetic slips on the ``+-*`` tasks);
 * ``answer``: every step right, wrong final answer (or the answer does not match the last step);
 * ``format``: missing/extra lines, no ``Answer:`` line.
 

@@ -125,6 +125,8 @@ def sample(
     gpu_memory_utilization: float = typer.Option(0.9, help="vllm: fraction of GPU memory for the engine."),
     max_model_len: int = typer.Option(1024, help="vllm: longest prompt + completion."),
     dtype: str = typer.Option("auto", help="vllm: model dtype (auto = the checkpoint's)."),
+    ray: str = typer.Option(None, help="Run the --num-workers workers as Ray tasks on a cluster: auto (the "
+                                       "cluster this node belongs to) or HOST:PORT. Needs pip install 'dfkit[ray]'."),
 ):
     """Sample G rollouts per prompt with behaviour logprobs and exact rewards (resumable).
 
@@ -139,6 +141,8 @@ def sample(
                        worker_index=worker_index, tensor_parallel_size=tensor_parallel_size,
                        gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len, dtype=dtype)
     cfg.validate()
+    if ray is not None:
+        return _on_ray("sample", cfg, ray, "groups", "groups")
     import time
 
     state = {"t0": time.time(), "n": 0, "tok": 0}
@@ -175,6 +179,28 @@ class Level(str, Enum):
     step = "step"
 
 
+def _on_ray(stage: str, cfg, address: str, key: str, unit: str) -> None:
+    """A stage's workers as Ray tasks (dfgen.cluster): one bar over all of them, then each one's throughput."""
+    from dfgen import cluster
+
+    prog, task = _progress(None, f"{stage} on Ray (groups)")
+    started = {"on": False}
+
+    def tick(done, total):
+        if not started["on"]:
+            prog.start()
+            started["on"] = True
+        prog.update(task, completed=done, total=total)
+
+    try:
+        stats = (cluster.sample_on_ray if stage == "sample" else cluster.repair_on_ray)(cfg, address, progress=tick)
+    finally:
+        prog.stop()
+    for line in cluster.throughput_lines(stats, unit, key):
+        typer.echo(line)
+    typer.echo(f"{len(stats)} Ray workers wrote {cfg.out}")
+
+
 def _stage_progress(desc: str):
     prog, task = _progress(None, desc)
     started = {"on": False}
@@ -199,6 +225,8 @@ def repair(
     model: Path = typer.Option(None, help="Sampling policy (default: the one recorded in the shards)."),
     max_edit_ratio: float = typer.Option(0.5, help="Reject repairs editing more than this fraction of tokens."),
     template: Path = typer.Option(None, help="Prompt template for the model repairer."),
+    ray: str = typer.Option(None, help="One Ray task per input worker's shards: auto or HOST:PORT "
+                                       "(pip install 'dfkit[ray]')."),
 ):
     """Repair every failed rollout minimally, verify it, score it under the sampling policy.
 
@@ -209,6 +237,8 @@ def repair(
 
     cfg = RepairConfig(rollouts=rollouts, out=out, repairer=repairer.value, repair_model=repair_model,
                        backend=backend.value, model=model, max_edit_ratio=max_edit_ratio, template=template)
+    if ray is not None:
+        return _on_ray("repair", cfg, ray, "failed", "failed rollouts")
     prog, tick = _stage_progress("repairing shards")
     try:
         st = run_repair(cfg, progress=tick)

@@ -40,7 +40,7 @@ def run_mask(cfg: MaskConfig, progress=None) -> dict:
 
     from dfgen.align import align, step_ids, step_mask
     from dfgen.policy import tokenizer_fingerprint
-    from dfgen.shards import ShardWriter, open_shards, write_json_atomic
+    from dfgen.shards import ShardWriter, WriterLock, open_shards, shard_position, write_json_atomic
 
     if cfg.level not in ("token", "step"):
         raise UserError(f"--level must be token or step, got {cfg.level!r}")
@@ -58,52 +58,52 @@ def run_mask(cfg: MaskConfig, progress=None) -> dict:
         raise UserError("--out must differ from --repairs (inputs are never overwritten)")
     meta = {**{k: v for k, v in ss.meta.items() if k not in ("stage", "schema_version", "package_version")},
             "mask": {"level": cfg.level, "root_level": cfg.level, "tokenizer": str(tdir)}}
-    if out.exists() and any(out.glob("*.parquet")):
-        have = open_shards(out).meta
-        hm = have.get("mask", {})  # root_level: absent before root masks followed --level (they were token-level)
-        if have.get("stage") != "mask" or hm.get("level") != cfg.level or hm.get("root_level", "token") != cfg.level or \
-                have.get("repair") != meta.get("repair"):
-            raise UserError(f"{out} holds shards of another run; use a new output folder (nothing was overwritten)")
-    piece: dict = {}
+    with WriterLock(out, {shard_position(f)[0] for f in ss.files}):  # held until the last shard is written
+        if out.exists() and any(out.glob("*.parquet")):
+            have = open_shards(out).meta
+            hm = have.get("mask", {})  # root_level: absent before root masks followed --level (they were token-level)
+            if have.get("stage") != "mask" or hm.get("level") != cfg.level or hm.get("root_level", "token") != cfg.level or \
+                    have.get("repair") != meta.get("repair"):
+                raise UserError(f"{out} holds shards of another run; use a new output folder (nothing was overwritten)")
+        piece: dict = {}
 
-    def texts(ids):
-        for i in ids:
-            if i not in piece:
-                piece[i] = tok.decode([i])
-        return [piece[i] for i in ids]
+        def texts(ids):
+            for i in ids:
+                if i not in piece:
+                    piece[i] = tok.decode([i])
+            return [piece[i] for i in ids]
 
-    writers: dict = {}
-    st = {"masked": 0, "tokens": 0, "marked": 0, "shards_skipped": 0}
-    for f in ss.files:
-        name = f.name
-        w_idx, chunk = int(name[6:9]), int(name[10:15])
-        if w_idx not in writers:
-            writers[w_idx] = ShardWriter(out, "mask", meta, worker=w_idx)
-        if writers[w_idx].is_done(chunk):
-            st["shards_skipped"] += 1
-            continue
-        rows = list(open_shards(f).iter_rows())
-        for row in rows:
-            for r in row["rollouts"]:
-                if r.get("repair_status") != "ok":
-                    continue
-                bad, rep = list(r["token_ids"]), list(r["repaired_ids"])
-                a = align(bad, rep)
-                steps_b, steps_r = step_ids(texts(bad)), step_ids(texts(rep))
-                sb, sr = step_mask(a.mask_bad, steps_b), step_mask(a.mask_repaired, steps_r)
-                r["step_mask_bad"], r["step_mask_repaired"] = sb, sr
-                if cfg.level == "step":
-                    r["mask_bad"], r["mask_repaired"] = sb, sr
-                    r["root_bad"], r["root_repaired"] = step_mask(a.root_bad, steps_b), step_mask(a.root_repaired, steps_r)
-                else:
-                    r["mask_bad"], r["mask_repaired"] = a.mask_bad, a.mask_repaired
-                    r["root_bad"], r["root_repaired"] = a.root_bad, a.root_repaired
-                st["masked"] += 1
-                st["tokens"] += len(bad)
-                st["marked"] += sum(r["mask_bad"])
-        writers[w_idx].write(chunk, rows)
-        if progress:
-            progress(len(rows))
-    st["mask_density"] = st["marked"] / st["tokens"] if st["tokens"] else 0.0
-    write_json_atomic(out / "config.json", {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()})
-    return st
+        writers: dict = {}
+        st = {"masked": 0, "tokens": 0, "marked": 0, "shards_skipped": 0}
+        for f in ss.files:
+            w_idx, chunk = shard_position(f)
+            if w_idx not in writers:
+                writers[w_idx] = ShardWriter(out, "mask", meta, worker=w_idx)
+            if writers[w_idx].is_done(chunk):
+                st["shards_skipped"] += 1
+                continue
+            rows = list(open_shards(f).iter_rows())
+            for row in rows:
+                for r in row["rollouts"]:
+                    if r.get("repair_status") != "ok":
+                        continue
+                    bad, rep = list(r["token_ids"]), list(r["repaired_ids"])
+                    a = align(bad, rep)
+                    steps_b, steps_r = step_ids(texts(bad)), step_ids(texts(rep))
+                    sb, sr = step_mask(a.mask_bad, steps_b), step_mask(a.mask_repaired, steps_r)
+                    r["step_mask_bad"], r["step_mask_repaired"] = sb, sr
+                    if cfg.level == "step":
+                        r["mask_bad"], r["mask_repaired"] = sb, sr
+                        r["root_bad"], r["root_repaired"] = step_mask(a.root_bad, steps_b), step_mask(a.root_repaired, steps_r)
+                    else:
+                        r["mask_bad"], r["mask_repaired"] = a.mask_bad, a.mask_repaired
+                        r["root_bad"], r["root_repaired"] = a.root_bad, a.root_repaired
+                    st["masked"] += 1
+                    st["tokens"] += len(bad)
+                    st["marked"] += sum(r["mask_bad"])
+            writers[w_idx].write(chunk, rows)
+            if progress:
+                progress(len(rows))
+        st["mask_density"] = st["marked"] / st["tokens"] if st["tokens"] else 0.0
+        write_json_atomic(out / "config.json", {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()})
+        return st

@@ -62,14 +62,16 @@ def _template(cfg: RepairConfig) -> str:
     return t
 
 
-def run_repair(cfg: RepairConfig, progress=None) -> dict:
+def run_repair(cfg: RepairConfig, progress=None, only_worker: int | None = None) -> dict:
+    """Repair every failed rollout of ``cfg.rollouts`` (only the shards of input worker ``only_worker``
+    when given: one Ray task's share, ``dfgen.cluster``)."""
     from rapidfuzz.distance import Levenshtein
 
     from dfgen.answers import score
     from dfgen.backends import Prompt, SamplingConfig, get_backend
     from dfgen.policy import context_length, decode_image, model_fingerprint, prompt_lengths
     from dfgen.repairers import Proposal, oracle, sibling
-    from dfgen.shards import ShardWriter, open_shards, write_json_atomic
+    from dfgen.shards import ShardWriter, WriterLock, open_shards, shard_position, write_json_atomic
 
     cfg.validate()
     ss = open_shards(cfg.rollouts, stage="sample")
@@ -101,85 +103,83 @@ def run_repair(cfg: RepairConfig, progress=None) -> dict:
     out = Path(cfg.out)
     if out.resolve() == Path(cfg.rollouts).resolve():
         raise UserError("--out must differ from --rollouts (inputs are never overwritten)")
-    if out.exists() and any(out.glob("*.parquet")):
-        have = open_shards(out).meta
-        if have.get("stage") != "repair" or have.get("repair") != meta["repair"] or \
-                have.get("model_fingerprint") != meta.get("model_fingerprint"):
-            raise UserError(f"{out} holds shards of another run; use a new output folder (nothing was overwritten)")
-    writers: dict = {}
-    st = {"failed": 0, "ok": 0, "repaired_tokens": 0, "reasons": {}, "shards_skipped": 0, "repaired_per_s": 0.0}
-    t0 = time.time()
-    for f in ss.files:
-        name = f.name  # part-wXXX-NNNNN.parquet
-        try:
-            w_idx, chunk = int(name[6:9]), int(name[10:15])
-        except ValueError:
-            raise UserError(f"unexpected shard name {name}; rollouts must come from dfgen sample") from None
-        if w_idx not in writers:
-            writers[w_idx] = ShardWriter(out, "repair", meta, worker=w_idx)
-        writer = writers[w_idx]
-        if writer.is_done(chunk):
-            st["shards_skipped"] += 1
-            continue
-        rows = [r for r in open_shards(f).iter_rows()]
-        todo = []  # (row, rollout index)
-        for row in rows:
-            for i, r in enumerate(row["rollouts"]):
-                if r["reward"] is not None and r["reward"] < 1:
-                    todo.append((row, i))
-        proposals: list = []
-        if cfg.repairer == "oracle":
-            proposals = [oracle.repair(row, row["rollouts"][i]["text"]) for row, i in todo]
-        elif cfg.repairer == "sibling":
-            proposals = [sibling.repair(row["rollouts"], i) for row, i in todo]
-        elif todo:
-            prompts = [Prompt(template.format(question=row["question"], reference_answer=row["answer"],
-                                              solution=row["rollouts"][i]["text"]),
-                              decode_image(row["image"]) if row["image"] is not None else None) for row, i in todo]
-            fits = ([n + cfg.max_new_tokens <= ctx for n in prompt_lengths(gen.processor, prompts, cfg.batch_size)]
-                    if ctx else [True] * len(prompts))
-            outs = iter(gen.generate([p for p, ok in zip(prompts, fits) if ok], [[0]] * sum(fits),
-                                     SamplingConfig(temperature=0.0, max_new_tokens=cfg.max_new_tokens))
-                        if any(fits) else [])
-            proposals = []
-            for ok in fits:
-                o = next(outs)[0] if ok else None
-                proposals.append(Proposal(None, "repair prompt too long for the repair model") if o is None else
-                                 Proposal(o.text) if o.finish_reason == "stop" else
-                                 Proposal(o.text, "repair model hit max tokens"))
-        keep = []  # (row, i, ids)
-        for (row, i), prop in zip(todo, proposals):
-            r = row["rollouts"][i]
-            r["repairer"] = cfg.repairer
-            st["failed"] += 1
-            status = prop.reason or "ok"
-            if prop.text is not None:
-                r["repaired_text"] = prop.text
-                ids = tok(prop.text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-                bad = list(r["token_ids"])
-                r["edit_ratio"] = Levenshtein.distance(bad, ids) / max(len(bad), 1)
-                if status == "ok" and score(row, prop.text)[1] < 1:
-                    status = "wrong answer after repair"
-                elif status == "ok" and r["edit_ratio"] > cfg.max_edit_ratio:
-                    status = "edit ratio above bound"
-                if status == "ok":
-                    keep.append((row, i, ids))
-            r["repair_status"] = status
-            st["reasons"][status] = st["reasons"].get(status, 0) + 1
-        if keep:
-            prompts = [Prompt(row["question"], decode_image(row["image"]) if row["image"] is not None else None)
-                       for row, _, _ in keep]
-            lps = scorer.score(prompts, [ids for _, _, ids in keep], temperature=temperature)
-            for (row, i, ids), lp in zip(keep, lps):
-                row["rollouts"][i]["repaired_ids"] = ids
-                row["rollouts"][i]["repaired_logprobs"] = lp
-            st["ok"] += len(keep)
-            st["repaired_tokens"] += sum(len(ids) for _, _, ids in keep)
-        writer.write(chunk, rows)
-        if progress:
-            progress(len(rows))
-    dt = time.time() - t0
-    st["seconds"] = round(dt, 2)
-    st["repaired_per_s"] = round(st["failed"] / dt, 1) if dt > 0 else 0.0
-    write_json_atomic(out / "config.json", {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()})
-    return st
+    files = [f for f in ss.files if only_worker is None or shard_position(f)[0] == only_worker]
+    with WriterLock(out, {shard_position(f)[0] for f in files}):  # held until the last shard is written
+        if out.exists() and any(out.glob("*.parquet")):
+            have = open_shards(out).meta
+            if have.get("stage") != "repair" or have.get("repair") != meta["repair"] or \
+                    have.get("model_fingerprint") != meta.get("model_fingerprint"):
+                raise UserError(f"{out} holds shards of another run; use a new output folder (nothing was overwritten)")
+        writers: dict = {}
+        st = {"failed": 0, "ok": 0, "repaired_tokens": 0, "reasons": {}, "shards_skipped": 0, "repaired_per_s": 0.0}
+        t0 = time.time()
+        for f in files:
+            w_idx, chunk = shard_position(f)
+            if w_idx not in writers:
+                writers[w_idx] = ShardWriter(out, "repair", meta, worker=w_idx)
+            writer = writers[w_idx]
+            if writer.is_done(chunk):
+                st["shards_skipped"] += 1
+                continue
+            rows = [r for r in open_shards(f).iter_rows()]
+            todo = []  # (row, rollout index)
+            for row in rows:
+                for i, r in enumerate(row["rollouts"]):
+                    if r["reward"] is not None and r["reward"] < 1:
+                        todo.append((row, i))
+            proposals: list = []
+            if cfg.repairer == "oracle":
+                proposals = [oracle.repair(row, row["rollouts"][i]["text"]) for row, i in todo]
+            elif cfg.repairer == "sibling":
+                proposals = [sibling.repair(row["rollouts"], i) for row, i in todo]
+            elif todo:
+                prompts = [Prompt(template.format(question=row["question"], reference_answer=row["answer"],
+                                                  solution=row["rollouts"][i]["text"]),
+                                  decode_image(row["image"]) if row["image"] is not None else None) for row, i in todo]
+                fits = ([n + cfg.max_new_tokens <= ctx for n in prompt_lengths(gen.processor, prompts, cfg.batch_size)]
+                        if ctx else [True] * len(prompts))
+                outs = iter(gen.generate([p for p, ok in zip(prompts, fits) if ok], [[0]] * sum(fits),
+                                         SamplingConfig(temperature=0.0, max_new_tokens=cfg.max_new_tokens))
+                            if any(fits) else [])
+                proposals = []
+                for ok in fits:
+                    o = next(outs)[0] if ok else None
+                    proposals.append(Proposal(None, "repair prompt too long for the repair model") if o is None else
+                                     Proposal(o.text) if o.finish_reason == "stop" else
+                                     Proposal(o.text, "repair model hit max tokens"))
+            keep = []  # (row, i, ids)
+            for (row, i), prop in zip(todo, proposals):
+                r = row["rollouts"][i]
+                r["repairer"] = cfg.repairer
+                st["failed"] += 1
+                status = prop.reason or "ok"
+                if prop.text is not None:
+                    r["repaired_text"] = prop.text
+                    ids = tok(prop.text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+                    bad = list(r["token_ids"])
+                    r["edit_ratio"] = Levenshtein.distance(bad, ids) / max(len(bad), 1)
+                    if status == "ok" and score(row, prop.text)[1] < 1:
+                        status = "wrong answer after repair"
+                    elif status == "ok" and r["edit_ratio"] > cfg.max_edit_ratio:
+                        status = "edit ratio above bound"
+                    if status == "ok":
+                        keep.append((row, i, ids))
+                r["repair_status"] = status
+                st["reasons"][status] = st["reasons"].get(status, 0) + 1
+            if keep:
+                prompts = [Prompt(row["question"], decode_image(row["image"]) if row["image"] is not None else None)
+                           for row, _, _ in keep]
+                lps = scorer.score(prompts, [ids for _, _, ids in keep], temperature=temperature)
+                for (row, i, ids), lp in zip(keep, lps):
+                    row["rollouts"][i]["repaired_ids"] = ids
+                    row["rollouts"][i]["repaired_logprobs"] = lp
+                st["ok"] += len(keep)
+                st["repaired_tokens"] += sum(len(ids) for _, _, ids in keep)
+            writer.write(chunk, rows)
+            if progress:
+                progress(len(rows))
+        dt = time.time() - t0
+        st["seconds"] = round(dt, 2)
+        st["repaired_per_s"] = round(st["failed"] / dt, 1) if dt > 0 else 0.0
+        write_json_atomic(out / "config.json", {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()})
+        return st

@@ -82,7 +82,7 @@ def check_existing(out: Path, meta: dict) -> None:
         return
     have = open_shards(out).meta
     for k in ("stage", "model_fingerprint", "tokenizer_fingerprint", "sampling", "prompts_fingerprint",
-              "num_workers"):
+              "num_workers", "seed"):
         if have.get(k) != meta.get(k):
             raise UserError(f"{out} holds shards with a different {k} ({have.get(k)} vs {meta.get(k)}); "
                             f"use a new output folder (nothing was overwritten)")
@@ -109,7 +109,7 @@ def run_sample(cfg: SampleConfig, progress=None) -> dict:
                               tokenizer_fingerprint)
     from dfgen.records import load_prompts
     from dfgen.seeds import sample_seed
-    from dfgen.shards import ShardWriter, write_json_atomic
+    from dfgen.shards import ShardWriter, WriterLock, write_json_atomic
 
     cfg.validate()
     check_policy_dir(cfg.model)
@@ -133,55 +133,56 @@ def run_sample(cfg: SampleConfig, progress=None) -> dict:
             "prompts_fingerprint": prompts_fingerprint(records), "num_workers": cfg.num_workers,
             "seed": cfg.seed}
     out = Path(cfg.out)
-    check_existing(out, {**meta, "stage": "sample"})
-    writer = ShardWriter(out, "sample", meta, worker=cfg.worker_index)
-    write_json_atomic(out / "config.json", {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()})
-    scfg = SamplingConfig(cfg.temperature, cfg.top_p, cfg.max_new_tokens)
-    stats = {"groups": 0, "rollouts": 0, "tokens": 0, "reward_sum": 0.0, "skipped_prompts": len(skipped), "chunks_skipped": 0}
-    t0 = time.time()
-    if progress:
-        progress(0, 0, total=len(mine) * cfg.group_size)
-    for ci, chunk in enumerate(chunks):
-        if writer.is_done(ci):
-            stats["chunks_skipped"] += 1
-            if progress:
-                progress(len(chunk) * cfg.group_size, 0)
-            continue
-        prompts = [Prompt(r["question"], decode_image(r["image"]) if r["image"] is not None else None) for r in chunk]
-        n_chunk = len(chunk)
-        # hf renders prompt ids with the processor alone, so they double as the lengths below; vLLM's
-        # come from an engine call, which refuses the whole batch on one long prompt: count first.
-        pids = backend.prompt_ids(prompts) if prompts and backend.offline_prompt_ids else None
-        if ctx:  # a prompt beyond the context is skipped and counted, never sampled into garbage
-            lens = ([len(p) for p in pids] if pids is not None
-                    else prompt_lengths(backend.processor, prompts, cfg.batch_size))
-            fits = [n + cfg.max_new_tokens <= ctx for n in lens]
-            for r, n, ok in zip(chunk, lens, fits):
-                if not ok:
-                    skipped.append((r["id"], f"prompt too long ({n} tokens + {cfg.max_new_tokens} new > "
-                                             f"the model's {ctx}-token context)"))
-            chunk, prompts = ([x for x, ok in zip(xs, fits) if ok] for xs in (chunk, prompts))
-            pids = [x for x, ok in zip(pids, fits) if ok] if pids is not None else None
-        if pids is None:
-            pids = backend.prompt_ids(prompts) if prompts else []
-        seeds = [[sample_seed(cfg.seed, r["id"], k) for k in range(cfg.group_size)] for r in chunk]
-        outs = backend.generate(prompts, seeds, scfg) if chunk else []
-        rows = []
-        for r, samples, ss, pid in zip(chunk, outs, seeds, pids):
-            rolls = []
-            for s, sd in zip(samples, ss):
-                pred, reward = score(r, s.text)
-                rolls.append(rollout_row(s, reward, pred, sd))
-                stats["tokens"] += len(s.token_ids)
-                stats["reward_sum"] += reward
-            rows.append({**r, "prompt_ids": pid, "rollouts": rolls})
-        writer.write(ci, rows)
-        stats["groups"] += len(rows)
-        stats["rollouts"] += len(rows) * cfg.group_size
+    with WriterLock(out, [cfg.worker_index]):  # held until the last shard is written
+        check_existing(out, {**meta, "stage": "sample"})
+        writer = ShardWriter(out, "sample", meta, worker=cfg.worker_index)
+        write_json_atomic(out / "config.json", {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()})
+        scfg = SamplingConfig(cfg.temperature, cfg.top_p, cfg.max_new_tokens)
+        stats = {"groups": 0, "rollouts": 0, "tokens": 0, "reward_sum": 0.0, "skipped_prompts": len(skipped), "chunks_skipped": 0}
+        t0 = time.time()
         if progress:
-            progress(n_chunk * cfg.group_size, sum(len(s.token_ids) for o in outs for s in o))
-    stats["skipped_prompts"] = len(skipped)
-    stats["seconds"] = round(time.time() - t0, 2)
-    stats["mean_reward"] = stats["reward_sum"] / stats["rollouts"] if stats["rollouts"] else None
-    stats["skipped"] = skipped[:20]
-    return stats
+            progress(0, 0, total=len(mine) * cfg.group_size)
+        for ci, chunk in enumerate(chunks):
+            if writer.is_done(ci):
+                stats["chunks_skipped"] += 1
+                if progress:
+                    progress(len(chunk) * cfg.group_size, 0)
+                continue
+            prompts = [Prompt(r["question"], decode_image(r["image"]) if r["image"] is not None else None) for r in chunk]
+            n_chunk = len(chunk)
+            # hf renders prompt ids with the processor alone, so they double as the lengths below; vLLM's
+            # come from an engine call, which refuses the whole batch on one long prompt: count first.
+            pids = backend.prompt_ids(prompts) if prompts and backend.offline_prompt_ids else None
+            if ctx:  # a prompt beyond the context is skipped and counted, never sampled into garbage
+                lens = ([len(p) for p in pids] if pids is not None
+                        else prompt_lengths(backend.processor, prompts, cfg.batch_size))
+                fits = [n + cfg.max_new_tokens <= ctx for n in lens]
+                for r, n, ok in zip(chunk, lens, fits):
+                    if not ok:
+                        skipped.append((r["id"], f"prompt too long ({n} tokens + {cfg.max_new_tokens} new > "
+                                                 f"the model's {ctx}-token context)"))
+                chunk, prompts = ([x for x, ok in zip(xs, fits) if ok] for xs in (chunk, prompts))
+                pids = [x for x, ok in zip(pids, fits) if ok] if pids is not None else None
+            if pids is None:
+                pids = backend.prompt_ids(prompts) if prompts else []
+            seeds = [[sample_seed(cfg.seed, r["id"], k) for k in range(cfg.group_size)] for r in chunk]
+            outs = backend.generate(prompts, seeds, scfg) if chunk else []
+            rows = []
+            for r, samples, ss, pid in zip(chunk, outs, seeds, pids):
+                rolls = []
+                for s, sd in zip(samples, ss):
+                    pred, reward = score(r, s.text)
+                    rolls.append(rollout_row(s, reward, pred, sd))
+                    stats["tokens"] += len(s.token_ids)
+                    stats["reward_sum"] += reward
+                rows.append({**r, "prompt_ids": pid, "rollouts": rolls})
+            writer.write(ci, rows)
+            stats["groups"] += len(rows)
+            stats["rollouts"] += len(rows) * cfg.group_size
+            if progress:
+                progress(n_chunk * cfg.group_size, sum(len(s.token_ids) for o in outs for s in o))
+        stats["skipped_prompts"] = len(skipped)
+        stats["seconds"] = round(time.time() - t0, 2)
+        stats["mean_reward"] = stats["reward_sum"] / stats["rollouts"] if stats["rollouts"] else None
+        stats["skipped"] = skipped[:20]
+        return stats

@@ -10,6 +10,10 @@ Every stage writes a folder of zstd parquet shards plus manifests::
   ``image`` (bytes, stored once) and ``rollouts``: a list of structs. Fields of later stages
   exist from the start and stay null until the stage that fills them runs, so one schema
   serves every stage and ``explode("rollouts").unnest("rollouts")`` always works.
+* **One writer.** A stage holds ``OUT/_lock.wNNN`` (a kernel file lock, ``filelock``) for each
+  worker index it writes, from before it looks at the folder until it is done; a second writer of
+  the same (folder, worker) gets a one-line error naming the holder (``_lock.wNNN.holder``). The
+  kernel drops the lock when the holder dies, SIGKILL included, so a retry takes it over.
 * **Atomic.** A shard is written to ``.name.tmp`` and renamed into place after fsync; a killed
   writer leaves no half shard, only a temp file that the next run deletes. Manifests are
   replaced the same way.
@@ -167,6 +171,65 @@ class ShardWriter:
         write_json_atomic(self.manifest_path, {"schema_version": SCHEMA_VERSION, "stage": self.stage,
                                                "meta": meta, "shards": self.done})
         return self.out / name
+
+
+class WriterLock:
+    """The one-writer lock of worker indices ``workers`` of the shard folder ``out`` (module
+    docstring). A context manager; creates ``out`` if needed."""
+
+    def __init__(self, out: Path, workers):
+        self.out, self.workers, self.locks = Path(out), sorted(set(workers)), []
+
+    def __enter__(self) -> "WriterLock":
+        import socket
+        import sys
+        import time
+
+        from filelock import FileLock, Timeout
+
+        try:
+            self.out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise _named(e, self.out) from None
+        for w in self.workers:
+            path = self.out / f"_lock.w{w:03d}"
+            lock = FileLock(path, timeout=0)
+            try:
+                lock.acquire()
+            except Timeout:
+                self.__exit__(None, None, None)
+                raise UserError(f"{self.out} (worker {w}) is being written by another process: "
+                                f"{_holder(path)}; wait for it to finish or use another output folder") from None
+            except OSError as e:
+                self.__exit__(None, None, None)
+                raise _named(e, path) from None
+            self.locks.append(lock)
+            write_json_atomic(path.with_name(path.name + ".holder"),
+                              {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%FT%T"),
+                               "command": " ".join(sys.argv)[:300]})
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for lock in self.locks:
+            lock.release()
+        self.locks = []
+
+
+def shard_position(f: Path) -> tuple[int, int]:
+    """(worker index, chunk) of a shard named ``part-wXXX-NNNNN.parquet``."""
+    name = Path(f).name
+    try:
+        return int(name[6:9]), int(name[10:15])
+    except ValueError:
+        raise UserError(f"unexpected shard name {name}; shards must come from a dfgen stage") from None
+
+
+def _holder(path: Path) -> str:
+    try:
+        h = json.loads(path.with_name(path.name + ".holder").read_text())
+        return f"pid {h['pid']} on {h['host']} since {h['since']} ({h['command']})"
+    except (OSError, ValueError, KeyError):
+        return "holder unknown"
 
 
 # ----------------------------------------------------------------------------- reading

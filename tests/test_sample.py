@@ -189,3 +189,63 @@ def test_fast_decode_gives_the_same_samples_as_generate(sft_model, train_prompts
     assert "stop" in {s.finish_reason for s in flat_a}  # rows finish at different steps
     diff = max(abs(x - y) for sa, sb in zip(flat_a, flat_b) for x, y in zip(sa.logprobs, sb.logprobs))
     assert diff < 1e-5
+
+
+HOLD = """
+import sys, time
+from pathlib import Path
+from dfgen.shards import WriterLock
+with WriterLock(Path(sys.argv[1]), [0]):
+    print("held", flush=True)
+    time.sleep(120)
+"""
+
+
+def _hold(folder):
+    """Another process holding the writer lock of worker 0 of ``folder``."""
+    p = subprocess.Popen([sys.executable, "-c", HOLD, str(folder)], stdout=subprocess.PIPE, text=True)
+    assert p.stdout.readline().strip() == "held"
+    return p
+
+
+def test_a_second_writer_of_a_folder_is_refused_naming_the_holder_and_a_killed_one_is_taken_over(
+        sampled, sft_model, train_prompts, tmp_path):
+    args = ["--prompts", train_prompts, "--model", sft_model, "--group-size", 2, "--limit", 4, "--chunk-size", 2]
+    stages = {"sample": ["sample", *args, "--out", tmp_path / "S"],
+              "repair": ["repair", "--rollouts", sampled, "--out", tmp_path / "R"],
+              "mask": ["mask", "--repairs", tmp_path / "R", "--out", tmp_path / "M"]}
+    for stage, cmd in stages.items():
+        out = cmd[cmd.index("--out") + 1]
+        holder = _hold(out)
+        r = run_cli("dfgen", *cmd, check=False)
+        assert r.returncode != 0 and "being written by another process" in r.stderr, (stage, r.stderr)
+        assert f"pid {holder.pid}" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+        assert not list(out.glob("*.parquet"))
+        holder.send_signal(signal.SIGKILL)  # the kernel drops a dead holder's lock: the next run takes over
+        holder.wait()
+        run_cli("dfgen", *cmd)
+        assert list(out.glob("*.parquet")), stage
+
+
+def test_two_samplers_racing_for_one_folder_leave_exactly_one_runs_shards(sft_model, train_prompts, tmp_path):
+    out = tmp_path / "S"
+    base = [sys.executable, "-m", "dfgen.cli", "sample", "--prompts", str(train_prompts), "--model", str(sft_model),
+            "--out", str(out), "--group-size", 2, "--limit", 16, "--chunk-size", 2]
+    procs = {seed: subprocess.Popen([*map(str, base), "--seed", str(seed)], stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, text=True) for seed in (1, 2)}
+    done = {seed: (p.wait(timeout=300), p.stderr.read()) for seed, p in procs.items()}
+    winners = [seed for seed, (rc, _) in done.items() if rc == 0]
+    assert len(winners) == 1, done
+    (loser_rc, loser_err), = [v for seed, v in done.items() if seed not in winners]
+    assert "being written by another process" in loser_err or "different seed" in loser_err, loser_err
+    assert len(loser_err.strip().splitlines()) == 1
+    from dfgen.shards import open_shards
+
+    ss = open_shards(out)
+    assert ss.meta["seed"] == winners[0] and json.loads((out / "config.json").read_text())["seed"] == winners[0]
+    g = pl.read_parquet(str(out / "*.parquet"))
+    assert g.height == 16 and g["id"].n_unique() == 16
+    from dfgen.seeds import sample_seed
+
+    for row in g.iter_rows(named=True):  # every rollout in the folder is the winner's
+        assert [x["seed"] for x in row["rollouts"]] == [sample_seed(winners[0], row["id"], k) for k in range(2)]
