@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test test-faults clean setup-vllm test-vllm
+.PHONY: setup demo test test-faults clean setup-vllm test-vllm setup-verl test-verl
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -40,3 +40,10 @@ setup-vllm:
 test-vllm: setup-vllm
 	VLLM_CPU_KVCACHE_SPACE=1 VLLM_LOGGING_LEVEL=WARNING HF_HUB_OFFLINE=1 \
 		.venv-vllm/bin/python -m pytest -q -m vllm tests/test_vllm.py -p no:cacheprovider
+
+# verl (0.9.1) in its own venv, ./.venv-verl: it pins transformers < 5.11; see scripts/setup_verl.sh.
+setup-verl:
+	bash scripts/setup_verl.sh
+
+test-verl: setup-verl
+	HF_HUB_OFFLINE=1 .venv-verl/bin/python -m pytest -q -m verl tests/test_verl.py -p no:cacheprovider

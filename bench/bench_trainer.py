@@ -68,6 +68,7 @@ def main():
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--json", type=Path)
     ap.add_argument("--policy-losses", default="ppo,gspo,sapo,cispo", help="comma list; the first is the baseline")
+    ap.add_argument("--reps", type=int, default=4, help="fits per (loss, objective), interleaved")
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
@@ -86,16 +87,16 @@ def main():
     extra = {"cispo": {"clip_high": 4.0}}  # TRL's recommended epsilon_high 5.0
     times = {(loss, obj): [] for loss in losses for obj in ("grpo", "df-grpo")}
     toks = {k: [] for k in times}
-    for rep in range(2):
-        for loss in losses:
-            for obj in ("grpo", "df-grpo"):
-                out = d / f"fit-{loss}-{obj}-{rep}"
-                run_fit(FitConfig(data=d / "m", model=d / "sft", out=out, objective=obj, steps=args.steps,
-                                  groups_per_step=8, updates_per_batch=2, seed=rep, policy_loss=loss,
-                                  **extra.get(loss, {})), log=lambda m: None)
-                recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()][2:]  # skip warm-up
-                times[loss, obj] += [r["step_s"] for r in recs]
-                toks[loss, obj] += [r["tok_per_s"] for r in recs]
+    for rep in range(args.reps):
+        order = [(loss, obj) for loss in losses for obj in ("grpo", "df-grpo")]
+        for loss, obj in (order if rep % 2 == 0 else order[::-1]):  # alternate the order: drift cancels
+            out = d / f"fit-{loss}-{obj}-{rep}"
+            run_fit(FitConfig(data=d / "m", model=d / "sft", out=out, objective=obj, steps=args.steps,
+                              groups_per_step=8, updates_per_batch=2, seed=rep, policy_loss=loss,
+                              **extra.get(loss, {})), log=lambda m: None)
+            recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()][2:]  # skip warm-up
+            times[loss, obj] += [r["step_s"] for r in recs]
+            toks[loss, obj] += [r["tok_per_s"] for r in recs]
     med_all = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
     tps_all = {k: sorted(v)[len(v) // 2] for k, v in toks.items()}
     base = losses[0]

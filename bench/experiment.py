@@ -111,7 +111,7 @@ def summarize(rounds: list[dict], split: str, avg_last: int) -> dict:
 
 # settings every run in one --out must share (the rest, e.g. --seeds or --jobs, may change on a rerun)
 SAME_SETTINGS = ("marked", "kappa", "mass", "repaired_weight", "repairer", "task", "rounds", "prompts_per_round",
-                 "group_size", "fit_steps", "eval_every", "sft")
+                 "group_size", "fit_steps", "eval_every", "sft", "policy_loss", "clip_high", "dual_clip")
 
 
 def main():
@@ -128,6 +128,9 @@ def main():
     ap.add_argument("--marked", default="root", choices=["root", "root+prop", "edit"])
     ap.add_argument("--mass", default="keep", choices=["keep", "redistribute"])
     ap.add_argument("--repaired-weight", type=float, default=0.0)
+    ap.add_argument("--policy-loss", default="ppo", help="the surrogate of both arms (dftrain.loss.POLICY_LOSSES)")
+    ap.add_argument("--clip-high", type=float, default=0.2)
+    ap.add_argument("--dual-clip", type=float, default=None)
     ap.add_argument("--repairer", default="oracle", choices=["oracle", "sibling"], help="oracle or sibling (a correct rollout of the same group)")
     ap.add_argument("--task", default="{}", help="GridTask knobs as JSON, e.g. '{\"min_reads\": 3}'")
     ap.add_argument("--eval-n", type=int, default=1000)
@@ -182,7 +185,7 @@ def main():
     results = json.loads(results_f.read_text()) if results_f.exists() else {}
     if "config" in results:  # finished runs are reused: they must be runs of these settings
         have, want = results["config"], vars(args) | {"sft": str(sft)}
-        older = {"marked": "edit", "repairer": "oracle"}  # what a config written before the key existed ran
+        older = {"marked": "edit", "repairer": "oracle", "policy_loss": "ppo", "clip_high": 0.2}  # before the key existed
         norm = lambda k, v: json.loads(v) if k == "task" else str(v) if k == "sft" else v  # noqa: E731
         diff = [k for k in SAME_SETTINGS if norm(k, have.get(k) or older.get(k, have.get(k))) != norm(k, want[k])]
         if diff:
@@ -199,6 +202,7 @@ def main():
     base = dict(model=str(sft), rounds=args.rounds, prompts_per_round=args.prompts_per_round,
                 group_size=args.group_size, fit_steps=args.fit_steps, kappa=args.kappa, marked=args.marked,
                 mass=args.mass, repaired_weight=args.repaired_weight, repairer=args.repairer, task=task, eval_every=args.eval_every,
+                policy_loss=args.policy_loss, clip_high=args.clip_high, dual_clip=args.dual_clip,
                 eval=[str(out / "val"), str(out / "test")], eval_n=args.eval_n, threads=args.threads)
     lrs = [float(x) for x in args.lrs.split(",")]
     arms = ["grpo", "df-grpo"] + (["grpo-tok"] if args.token_matched else [])
@@ -225,7 +229,11 @@ def main():
     pending = [s for s in specs if not (Path(s["out"]) / f"round_{args.rounds - 1:03d}" / "round.json").exists()]
     if pending and not args.summarize_only:
         print(f"{len(pending)} runs to do, {args.jobs} at a time", flush=True)
-        with ProcessPoolExecutor(max_workers=args.jobs) as ex:
+        import multiprocessing
+
+        # spawn, not fork: the parent has run torch (the SFT accuracy), and a forked child of a process
+        # whose OpenMP pool is up hangs on its first parallel op (seen: the first sampling call, in a futex)
+        with ProcessPoolExecutor(max_workers=args.jobs, mp_context=multiprocessing.get_context("spawn")) as ex:
             for r in ex.map(run_job, [dict(s) for s in pending]):
                 print(f"  {r['name']}: {r['seconds']}s", flush=True)
     results |= summarize_grid(out, specs, arms, lrs, args, results["sft_accuracy"])

@@ -1,0 +1,57 @@
+"""DF inside other trainers: ``trl`` (TRL's GRPOTrainer) and ``verl`` (a registered advantage estimator).
+
+Both share ``repair_masks``: repair the blamed completions of a batch, align each with its repair,
+and return the edit and root-cause masks that ``dftrain.loss.df_token_weights`` turns into weights.
+"""
+from __future__ import annotations
+
+import json
+
+
+def oracle_repairer(row: dict, text: str) -> str | None:
+    """The synthetic task's oracle (``dfgen.repairers.oracle``) from the row's ``solution`` column."""
+    from dfgen.repairers import oracle
+
+    if "solution" not in row:
+        raise ValueError("repairer='oracle' needs a 'solution' column (dfgen synth's step solutions) in the data")
+    sol = row["solution"]
+    return oracle.repair({**row, "solution": json.dumps(sol) if isinstance(sol, dict) else sol}, text).text
+
+
+def resolve_repairer(repairer):
+    if repairer == "oracle":
+        return oracle_repairer
+    if not callable(repairer):
+        raise ValueError(f"repairer must be 'oracle' or a callable (row, text) -> text | None, got {repairer!r}")
+    return repairer
+
+
+def repair_masks(tokenizer, rows: list[dict], completion_ids, lengths: list[int], blamed: list[bool], repairer):
+    """(mask_bad, root_bad) (B, T) float and repaired (B,) bool for the ``blamed`` completions, and
+    metrics ``df/repaired_frac``, ``df/mask_density``. A completion is repaired when the repairer returns
+    a text other than its own; the repair is tokenized (EOS appended when the completion ended in one)
+    and aligned token by token (``dfgen.align.align``)."""
+    import torch
+
+    from dfgen.align import align
+
+    B, T = completion_ids.shape
+    mask_bad, root = torch.zeros(B, T), torch.zeros(B, T)
+    repaired = torch.zeros(B, dtype=torch.bool)
+    eos = tokenizer.eos_token_id
+    for i in (i for i in range(B) if blamed[i]):
+        ids = completion_ids[i, : int(lengths[i])].tolist()
+        text = tokenizer.decode(ids, skip_special_tokens=True)
+        fixed = repairer(rows[i], text)
+        if fixed is None or fixed == text:
+            continue
+        rep = tokenizer(fixed, add_special_tokens=False)["input_ids"] + ([eos] if ids and ids[-1] == eos else [])
+        a = align(ids, rep)
+        mask_bad[i, : len(ids)] = torch.tensor(a.mask_bad, dtype=torch.float32)
+        root[i, : len(ids)] = torch.tensor(a.root_bad, dtype=torch.float32)
+        repaired[i] = True
+    n_blamed, n_rep = sum(blamed), int(repaired.sum())
+    rep_tokens = float(sum(lengths[i] for i in range(B) if repaired[i]))
+    stats = {"df/repaired_frac": n_rep / n_blamed if n_blamed else 0.0,
+             "df/mask_density": float(mask_bad[repaired].sum()) / rep_tokens if rep_tokens else 0.0}
+    return mask_bad, root, repaired, stats

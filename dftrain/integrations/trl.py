@@ -1,0 +1,112 @@
+"""Differential Feedback inside TRL's ``GRPOTrainer``: ``DFGRPOTrainer`` (``pip install '.[trl]'``, trl 1.16).
+
+A TRL user adds DF to a GRPO run by changing the trainer class and naming a repairer; the rest of
+the script (model, reward functions, ``GRPOConfig``, dataset) stays as it is::
+
+    from dftrain.integrations.trl import DFConfig, DFGRPOTrainer
+    trainer = DFGRPOTrainer(model=model, reward_funcs=reward, args=GRPOConfig(...), train_dataset=ds,
+                            processing_class=processor, df=DFConfig(kappa=0.1, marked="root"), repairer="oracle")
+
+What happens to each generation batch, after TRL has generated, scored and computed its advantages:
+
+1. Every completion with advantage A_i < 0 is repaired: ``repairer="oracle"`` uses the dataset's
+   ``solution`` column (the synthetic task's step solution, ``dfgen.repairers.oracle``: the smallest
+   correct line edit); any callable ``(row, completion_text) -> repaired text or None`` works too (a
+   model prompted to repair, a sibling lookup of your own). ``row`` is the dataset row of that prompt.
+2. The completion's token ids and the repair's (the repair text tokenized, EOS appended when the
+   completion ended with one) are aligned by ``dfgen.align.align`` (token Levenshtein): the edited
+   tokens (``mask_bad``) and the first edit (``root_bad``).
+3. The advantages become (B, T): A_i * w_t with w = ``dftrain.loss.df_token_weights`` (``kappa``,
+   ``marked``, ``delta``, ``mass``, as ``dftrain fit``) on repaired rows and 1 on every other token,
+   times the completion mask. TRL's own ``_compute_loss`` accepts (B, T) advantages (its comment says
+   so), so the loss, its aggregation and the clip stay TRL's.
+
+TRL's metrics gain ``df/repaired_frac`` (repaired share of the negative-advantage completions) and
+``df/mask_density`` (marked tokens per completion token of the repaired ones).
+
+Where DF weights are meaningful, and what is refused at construction (one-line ``ValueError``):
+the token-level losses (``grpo``, ``bnpo``, ``dr_grpo``, ``dapo``, ``cispo``, ``sapo``) take them per
+token. ``vespo`` and ``luspo`` turn the advantage into a per-sequence weight, and
+``importance_sampling_level="sequence"`` differentiates the sequence ratio, which spreads each
+token's weight over the whole sequence (``dftrain/loss.py``, "gspo"): refused (``dftrain fit
+--policy-loss gspo`` is GSPO with per-token credit).
+
+Equal to stock ``GRPOTrainer`` when kappa = 1 (same loss and gradients), and its advantages equal
+``df_token_weights`` for the same rows: ``tests/test_trl_integration.py``.
+Not done: the ``sibling`` repairer (a group's rollouts may be split across processes in TRL) and a
+built-in ``model`` repairer (pass a callable); repairs are not re-verified by the reward functions.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from trl import GRPOTrainer
+
+from dftrain.integrations import repair_masks, resolve_repairer
+
+TOKEN_LEVEL_LOSSES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo")
+
+
+@dataclass(frozen=True)
+class DFConfig:
+    kappa: float = 0.1  # weight of the unmarked tokens of a repaired failed completion (1 = GRPO)
+    marked: str = "root"  # root | root+prop | edit, as dftrain fit
+    delta: float = 0.5  # root+prop: weight of the later edited tokens
+    mass: str = "keep"  # keep | redistribute
+
+
+def check_trl_args(args) -> None:
+    """One-line ValueError for TRL settings under which per-token DF weights are not per-token."""
+    if args.loss_type not in TOKEN_LEVEL_LOSSES:
+        raise ValueError(f"DF needs a token-level loss; loss_type={args.loss_type!r} weighs whole sequences "
+                         f"(use one of {', '.join(TOKEN_LEVEL_LOSSES)})")
+    if args.importance_sampling_level != "token":
+        raise ValueError("DF needs importance_sampling_level='token': TRL's sequence-level ratio spreads each "
+                         "token's weight over the sequence (dftrain fit --policy-loss gspo keeps it per token)")
+    if getattr(args, "use_liger_kernel", False):
+        raise ValueError("DF needs TRL's own loss: use_liger_kernel's fused loss takes one advantage per sequence")
+
+
+class DFGRPOTrainer(GRPOTrainer):
+    """``GRPOTrainer`` whose advantages carry DF token weights (module docstring)."""
+
+    def __init__(self, *args, df: DFConfig | None = None, repairer="oracle", **kwargs):
+        from dftrain.loss import df_token_weights
+
+        self.df = df or DFConfig()
+        df_token_weights(torch.zeros(1, 1), torch.ones(1, 1), torch.tensor([True]), kappa=self.df.kappa,
+                         root_mask=torch.zeros(1, 1), marked=self.df.marked, delta=self.df.delta,
+                         mass=self.df.mass)  # refuses bad DF settings before TRL loads anything
+        self.repairer = resolve_repairer(repairer)
+        targs = kwargs.get("args", args[2] if len(args) > 2 else None)
+        if targs is not None:
+            check_trl_args(targs)  # before TRL loads the model or the reference
+        super().__init__(*args, **kwargs)
+        check_trl_args(self.args)
+
+    def _generate_and_score_completions(self, inputs):
+        out = super()._generate_and_score_completions(inputs)
+        adv = out["advantages"]
+        if adv.dim() != 1:  # already per token (another subclass): leave it alone
+            return out
+        mask_bad, root, failed, stats = self.df_masks(inputs, out["completion_ids"], out["completion_mask"], adv)
+        out["advantages"] = adv[:, None] * self.df_weights(mask_bad, root, failed, out["completion_mask"])
+        mode = "train" if self.model.training else "eval"
+        for k, v in stats.items():
+            self._metrics[mode][k].append(v)
+        return out
+
+    def df_masks(self, rows: list[dict], completion_ids, completion_mask, advantages):
+        """(mask_bad, root_bad) as (B, T) float, failed (B,) bool (A < 0 and repaired), and metrics."""
+        tok = getattr(self.processing_class, "tokenizer", self.processing_class)
+        return repair_masks(tok, rows, completion_ids, completion_mask.sum(-1).tolist(), (advantages < 0).tolist(),
+                            self.repairer)
+
+    def df_weights(self, mask_bad, root, failed, completion_mask):
+        from dftrain.loss import df_token_weights
+
+        cm = completion_mask.to(mask_bad.device, torch.float32)
+        w = df_token_weights(mask_bad, cm, failed, kappa=self.df.kappa, root_mask=root, marked=self.df.marked,
+                             delta=self.df.delta, mass=self.df.mass)  # (B, T)
+        return w.to(completion_mask.device)

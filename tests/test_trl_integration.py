@@ -1,0 +1,174 @@
+"""DF inside the real TRL (1.16) GRPOTrainer, on the tiny policy and the synthetic task, offline:
+kappa = 1 is stock GRPOTrainer (same loss and gradients on the same batch), DF's per-token advantages
+put full blame on the root cause and kappa on the rest, two training steps run end to end, and TRL
+settings under which the weights would not be per token are refused."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from dftrain.integrations.trl import DFConfig, DFGRPOTrainer  # make setup installs the trl extra
+
+G, PROMPTS = 4, 4
+
+
+def reward(completions, **cols):
+    """Exact-answer reward of the synthetic task (dfgen.answers.score), from the dataset's columns."""
+    from dfgen.answers import score
+
+    keys = [k for k in cols if k not in ("prompts", "completion_ids", "trainer_state", "log_extra", "log_metric")]
+    out = []
+    for i, c in enumerate(completions):
+        text = c[0]["content"] if isinstance(c, list) else c
+        out.append(score({k: cols[k][i] for k in keys}, text)[1])
+    return out
+
+
+@pytest.fixture(scope="module")
+def dataset(train_prompts):
+    from datasets import Dataset
+
+    from dfgen.policy import decode_image
+    from dfgen.records import load_prompts
+
+    recs, _ = load_prompts(train_prompts, limit=16)
+    rows = [{"prompt": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": r["question"]}]}],
+             "image": decode_image(r["image"]), "answer": r["answer"], "answer_type": r["answer_type"],
+             "source": r["source"], "solution": r["solution"]} for r in recs]
+    return Dataset.from_list(rows)
+
+
+def make(sft_model, dataset, tmp_path, df=None, max_steps=2, **cfg):
+    from trl import GRPOConfig
+
+    from dfgen.policy import load_policy
+
+    torch.manual_seed(0)
+    model, processor = load_policy(sft_model)
+    args = GRPOConfig(output_dir=str(tmp_path / "trl"), per_device_train_batch_size=PROMPTS * G, num_generations=G,
+                      max_completion_length=64, max_steps=max_steps, learning_rate=1e-3, beta=0.0, use_cpu=True,
+                      bf16=False, report_to="none", logging_steps=1, save_strategy="no", seed=0,
+                      dataloader_num_workers=0, **cfg)
+    t = DFGRPOTrainer(model=model, reward_funcs=reward, args=args, train_dataset=dataset, processing_class=processor,
+                      df=df or DFConfig())
+    t.current_gradient_accumulation_steps = 1  # Trainer.train() sets it; the tests also call compute_loss directly
+    return t
+
+
+def _batch(dataset):
+    return [dataset[i] for i in range(PROMPTS) for _ in range(G)]  # TRL's layout: each prompt G times
+
+
+def _loss_and_grad(trainer, out):
+    trainer.model.zero_grad(set_to_none=True)
+    loss = trainer.compute_loss(trainer.model, out)
+    loss.backward()
+    return float(loss.detach()), torch.cat([p.grad.flatten() for p in trainer.model.parameters() if p.grad is not None])
+
+
+def test_kappa_one_is_stock_grpo_trainer_loss_and_gradients(sft_model, dataset, tmp_path):
+    from trl import GRPOTrainer
+
+    t = make(sft_model, dataset, tmp_path, df=DFConfig(kappa=1.0))
+    t.model.train()
+    batch = _batch(dataset)
+    torch.manual_seed(1)
+    ours = t._generate_and_score_completions(batch)
+    torch.manual_seed(1)
+    stock = GRPOTrainer._generate_and_score_completions(t, batch)
+    assert torch.equal(ours["completion_ids"], stock["completion_ids"])
+    assert ours["advantages"].dim() == 2 and stock["advantages"].dim() == 1
+    assert (stock["advantages"] != 0).any(), "the batch should hold mixed groups"
+    assert any(v > 0 for v in t._metrics["train"]["df/repaired_frac"])  # repairs happened, kappa = 1 ignores them
+    l1, g1 = _loss_and_grad(t, ours)
+    l2, g2 = _loss_and_grad(t, stock)
+    assert abs(l1 - l2) < 1e-5 and torch.allclose(g1, g2, atol=1e-5)
+
+
+def _full_runs(trainer, batch, kappa):
+    """Per blamed completion: (its A, the token positions at full weight A, at kappa * A, its length)."""
+    from trl import GRPOTrainer
+
+    torch.manual_seed(1)
+    out = trainer._generate_and_score_completions(batch)
+    torch.manual_seed(1)
+    a = GRPOTrainer._generate_and_score_completions(trainer, batch)["advantages"]  # (B,) TRL's own
+    return out, a
+
+
+def _runs(idx: list[int]) -> int:
+    return sum(1 for k, i in enumerate(idx) if k == 0 or i != idx[k - 1] + 1)
+
+
+@pytest.mark.parametrize("marked", ["root", "edit"])
+def test_df_advantages_put_full_blame_on_the_marked_tokens_and_kappa_on_the_rest(sft_model, dataset, tmp_path,
+                                                                                 marked):
+    from dfgen.synth.grid import correct_prefix
+
+    kappa = 0.1
+    t = make(sft_model, dataset, tmp_path, df=DFConfig(kappa=kappa, marked=marked))
+    batch = _batch(dataset)
+    out, a = _full_runs(t, batch, kappa)
+    adv, cm, ids = out["advantages"], out["completion_mask"], out["completion_ids"]
+    tok = t.processing_class.tokenizer
+    checked, runs = 0, []
+    for i in range(adv.shape[0]):
+        n = int(cm[i].sum())
+        assert (adv[i, n:] == 0).all()
+        if a[i] >= 0:
+            assert torch.allclose(adv[i, :n], a[i].expand(n))  # not blamed: TRL's advantage on every token
+            continue
+        full = (adv[i, :n] - a[i]).abs() < 1e-6
+        part = (adv[i, :n] - kappa * a[i]).abs() < 1e-6
+        assert (full | part).all()  # two levels only: the root cause at A, the rest at kappa * A
+        if not full.any() or full.all():
+            continue  # not repaired (left at A everywhere) or nothing to tell apart
+        text = tok.decode(ids[i, :n].tolist(), skip_special_tokens=True)
+        first_wrong = correct_prefix(text, json.loads(batch[i]["solution"]))  # index of the first wrong line
+        first_root = int(full.nonzero()[0])
+        line_of_root = tok.decode(ids[i, :first_root + 1].tolist(), skip_special_tokens=True).count("\n")
+        assert line_of_root == first_wrong, (text, first_root)  # the blame starts on the first wrong line
+        runs.append(_runs(full.nonzero().flatten().tolist()))
+        checked += 1
+    assert checked > 0, "no repaired completion with a correct prefix in the batch"
+    if marked == "root":
+        assert set(runs) == {1}, runs  # one contiguous run: the first edit only
+    else:
+        assert max(runs) > 1, runs  # every edit: the recomputed later lines too (so "root" above can fail)
+
+
+def test_the_example_trains_two_steps_end_to_end_offline_and_logs_df_metrics(sft_model, train_prompts, tmp_path):
+    """examples/trl_df_grpo.py, as a user runs it: a fresh tiny policy plus SFT, TRL's own train loop."""
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    from tests.conftest import ROOT
+
+    p = subprocess.run([sys.executable, str(ROOT / "examples" / "trl_df_grpo.py"), "--model", str(sft_model),
+                        "--prompts", str(train_prompts), "--out", str(tmp_path / "o"), "--steps", "2"],
+                       capture_output=True, text=True, timeout=600, env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
+    assert p.returncode == 0, p.stderr[-3000:]
+    logged = [json.loads(x) for x in p.stdout.splitlines() if x.startswith('{"step"')]  # TRL prints its own dicts
+    assert [h["step"] for h in logged] == [1, 2]
+    assert all(0 <= h["df/repaired_frac"] <= 1 and 0 <= h["df/mask_density"] <= 1 for h in logged)
+    assert any(h["df/repaired_frac"] > 0 for h in logged)
+    new, old = load_file(tmp_path / "o" / "model.safetensors"), load_file(sft_model / "model.safetensors")
+    assert any(not torch.equal(new[k], old[k]) for k in old)
+
+
+@pytest.mark.parametrize("cfg,msg", [({"loss_type": "vespo"}, "DF needs a token-level loss"),
+                                     ({"importance_sampling_level": "sequence"}, "importance_sampling_level='token'")])
+def test_settings_where_weights_are_not_per_token_are_refused(sft_model, dataset, tmp_path, cfg, msg):
+    with pytest.raises(ValueError, match=msg):
+        make(sft_model, dataset, tmp_path, **cfg)
+
+
+def test_bad_df_settings_are_refused_before_trl_starts(sft_model, dataset, tmp_path):
+    with pytest.raises(ValueError, match="kappa"):
+        make(sft_model, dataset, tmp_path, df=DFConfig(kappa=2.0))
+    with pytest.raises(ValueError, match="repairer must be"):
+        DFGRPOTrainer(model=None, reward_funcs=reward, repairer="sibling")
