@@ -12,8 +12,9 @@ Every stage writes a folder of zstd parquet shards plus manifests::
   serves every stage and ``explode("rollouts").unnest("rollouts")`` always works.
 * **One writer.** A stage holds ``OUT/_lock.wNNN`` (a kernel file lock, ``filelock``) for each
   worker index it writes, from before it looks at the folder until it is done; a second writer of
-  the same (folder, worker) gets a one-line error naming the holder (``_lock.wNNN.holder``). The
-  kernel drops the lock when the holder dies, SIGKILL included, so a retry takes it over.
+  the same (folder, worker) gets a one-line error naming the holder (``_lock.wNNN.holder``, removed
+  when the holder is done). The kernel drops the lock when the holder dies, SIGKILL included, so a
+  retry takes it over. A run that fails before writing anything leaves no folder behind.
 * **Atomic.** A shard is written to ``.name.tmp`` and renamed into place after fsync; a killed
   writer leaves no half shard, only a temp file that the next run deletes. Manifests are
   replaced the same way.
@@ -178,7 +179,7 @@ class WriterLock:
     docstring). A context manager; creates ``out`` if needed."""
 
     def __init__(self, out: Path, workers):
-        self.out, self.workers, self.locks = Path(out), sorted(set(workers)), []
+        self.out, self.workers, self.locks, self.created = Path(out), sorted(set(workers)), [], False
 
     def __enter__(self) -> "WriterLock":
         import socket
@@ -188,6 +189,7 @@ class WriterLock:
         from filelock import FileLock, Timeout
 
         try:
+            self.created = not self.out.exists()
             self.out.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise _named(e, self.out) from None
@@ -197,11 +199,11 @@ class WriterLock:
             try:
                 lock.acquire()
             except Timeout:
-                self.__exit__(None, None, None)
+                self.__exit__(UserError)
                 raise UserError(f"{self.out} (worker {w}) is being written by another process: "
                                 f"{_holder(path)}; wait for it to finish or use another output folder") from None
             except OSError as e:
-                self.__exit__(None, None, None)
+                self.__exit__(UserError)
                 raise _named(e, path) from None
             self.locks.append(lock)
             write_json_atomic(path.with_name(path.name + ".holder"),
@@ -209,10 +211,17 @@ class WriterLock:
                                "command": " ".join(sys.argv)[:300]})
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type=None, *exc) -> None:
         for lock in self.locks:
+            Path(lock.lock_file + ".holder").unlink(missing_ok=True)  # before the release: never a new holder's
             lock.release()
         self.locks = []
+        if exc_type is not None and self.created and self.out.is_dir():
+            # a run refused before it wrote anything leaves no folder behind, only its error
+            if all(p.name.startswith("_lock.w") for p in self.out.iterdir()):
+                for p in self.out.iterdir():
+                    p.unlink(missing_ok=True)
+                self.out.rmdir()
 
 
 def shard_position(f: Path) -> tuple[int, int]:
