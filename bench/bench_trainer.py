@@ -63,6 +63,70 @@ def make_df_shards(d: Path, sft_steps: int = 300, prompts: int = 96) -> None:
     run_mask(MaskConfig(repairs=d / "r", out=d / "m"))
 
 
+def df_cost_direct(d: Path, losses: list, extra: dict, med: dict, reps: int = 30) -> dict:
+    """What DF adds to a step, timed directly (the step-time difference above is within this VM's
+    step-to-step noise): building the DF token weights of the batch (``df_token_weights``, once per
+    batch; the rest of the preparation is the same for both objectives), and the loss + backward on
+    the batch's (B, T) tensors with weights minus without (once per update; the model's forward and
+    backward are the same computation for both objectives)."""
+    import statistics
+
+    import torch
+
+    from dfgen.policy import decode_image, load_policy
+    from dfgen.shards import open_shards
+    from dftrain.data import GroupStream
+    from dftrain.fit import FitConfig, build_rows, prepare_micro
+    from dftrain.loss import LOSSES, df_token_weights
+
+    groups = GroupStream(open_shards(d / "m"), seed=0).take(8)
+    for g in groups:
+        g["_image"] = decode_image(g["image"])
+    _, processor = load_policy(d / "sft")
+
+    def timed(f):
+        out = []
+        for _ in range(reps):
+            t = time.perf_counter()
+            f()
+            out.append(time.perf_counter() - t)
+        return statistics.median(out)
+
+    res = {}
+    for loss in losses:
+        cfgs = {obj: FitConfig(data=d / "m", model=d / "sft", out=d / "x", objective=obj, policy_loss=loss,
+                               **extra.get(loss, {})) for obj in ("grpo", "df-grpo")}
+        rows = {obj: build_rows(groups, c) for obj, c in cfgs.items()}
+        prep = {obj: prepare_micro(processor, groups, rows[obj], cfgs[obj]) for obj in cfgs}
+        r_df, c_df, cm = rows["df-grpo"], cfgs["df-grpo"], prep["df-grpo"]["cm"]
+
+        def pad(xs, T=cm.shape[1]):
+            return torch.tensor([(list(x) if x is not None else [0] * len(r["ids"])) + [0] * (T - len(r["ids"]))
+                                 for x, r in zip(xs, r_df)], dtype=torch.float32)
+
+        def weights():
+            failed = torch.tensor([r["failed"] for r in r_df])
+            df_token_weights(pad([r["mask"] for r in r_df]), cm, failed, kappa=c_df.kappa,
+                             root_mask=pad([r["root"] for r in r_df]), marked=c_df.marked, delta=c_df.delta,
+                             mass=c_df.mass)
+        t_weights = timed(weights)
+        t_loss = {}
+        for obj, c in cfgs.items():
+            p = prep[obj]
+            lp = (p["old"] + 0.01 * torch.randn_like(p["old"])).requires_grad_(True)
+
+            def step(p=p, c=c, lp=lp, obj=obj):
+                loss_, _ = LOSSES[obj](lp, p["old"], p["adv"], p["cm"].to(lp.dtype), token_weights=p["weights"],
+                                       is_repaired=p["is_rep"], clip_low=c.clip_low, clip_high=c.clip_high,
+                                       agg=c.agg, surrogate=c.policy_loss, dual_clip=c.dual_clip)
+                loss_.backward()
+            t_loss[obj] = timed(step)
+        extra_s = t_weights + 2 * (t_loss["df-grpo"] - t_loss["grpo"])  # 2 updates per batch
+        res[loss] = {"df_extra_s_per_step": round(extra_s, 5),
+                     "df_overhead_direct": round(extra_s / med[loss, "grpo"], 4)}
+    return res
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=10)
@@ -98,6 +162,7 @@ def main():
             times[loss, obj] += [r["step_s"] for r in recs]
             toks[loss, obj] += [r["tok_per_s"] for r in recs]
     med_all = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+    direct = df_cost_direct(d, losses, extra, med_all)
     tps_all = {k: sorted(v)[len(v) // 2] for k, v in toks.items()}
     base = losses[0]
     med = {obj: med_all[base, obj] for obj in ("grpo", "df-grpo")}
@@ -114,7 +179,8 @@ def main():
            "policy_loss": base,
            "per_policy_loss": {loss: {"step_s_median": {obj: med_all[loss, obj] for obj in ("grpo", "df-grpo")},
                                       "df_overhead": round(med_all[loss, "df-grpo"] / med_all[loss, "grpo"] - 1, 4),
-                                      "vs_ppo_grpo": round(med_all[loss, "grpo"] / med_all[losses[0], "grpo"], 4)}
+                                      "vs_ppo_grpo": round(med_all[loss, "grpo"] / med_all[losses[0], "grpo"], 4),
+                                      **direct[loss]}
                                for loss in losses},
            "loader_groups_per_s": round(load_gps, 1), "trainer_groups_per_s": round(train_gps, 1),
            "loader_vs_trainer": round(load_gps / train_gps, 1),

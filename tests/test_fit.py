@@ -252,3 +252,35 @@ def test_fit_keeps_the_vision_tower_fixed_unless_asked(df_shards, sft_model, tmp
 
     assert moved(tmp_path / "frozen", "visual") == 0 and moved(tmp_path / "frozen", "language_model") > 0
     assert moved(tmp_path / "trained", "visual") > 0
+
+
+def test_shards_round_trip_into_per_token_advantages_an_external_trainer_reads(df_shards, sft_model, tmp_path):
+    """dftrain.integrations.shard_advantages: one row per rollout, weights equal to what fit trains on."""
+    from datasets import Dataset
+
+    from dfgen.shards import open_shards
+    from dftrain.fit import FitConfig, build_rows, prepare_micro
+    from dftrain.integrations import shard_advantages
+    from dfgen.policy import load_policy
+
+    ds = shard_advantages(df_shards / "m", kappa=0.1, marked="root")
+    ds.to_parquet(tmp_path / "adv.parquet")
+    back = Dataset.from_parquet(str(tmp_path / "adv.parquet"))
+    assert back.to_list() == ds.to_list()
+    groups = list(open_shards(df_shards / "m").iter_rows())
+    assert len(ds) == sum(len(g["rollouts"]) for g in groups)
+    cfg = FitConfig(data=df_shards / "m", model=sft_model, out=tmp_path / "x", kappa=0.1, marked="root")
+    rows = build_rows(groups, cfg)
+    _, processor = load_policy(sft_model)
+    for g in groups:
+        from dfgen.policy import decode_image
+
+        g["_image"] = decode_image(g["image"])
+    prep = prepare_micro(processor, groups, rows, cfg)
+    w, adv = prep["weights"], prep["adv"]
+    for i, r in enumerate(ds):
+        n = len(r["completion_ids"])
+        assert r["completion_ids"] == rows[i]["ids"]
+        assert abs(r["advantage"] - float(adv[i])) < 1e-6
+        assert torch.allclose(torch.tensor(r["token_weights"]), w[i, :n].float(), atol=1e-6)
+    assert any(min(r["token_weights"]) < 1 for r in ds)  # some rollouts carry DF weights

@@ -55,3 +55,37 @@ def repair_masks(tokenizer, rows: list[dict], completion_ids, lengths: list[int]
     stats = {"df/repaired_frac": n_rep / n_blamed if n_blamed else 0.0,
              "df/mask_density": float(mask_bad[repaired].sum()) / rep_tokens if rep_tokens else 0.0}
     return mask_bad, root, repaired, stats
+
+
+def shard_advantages(data, kappa: float = 0.1, marked: str = "root", delta: float = 0.5, mass: str = "keep",
+                     adv_scale: str = "group"):
+    """A DF shard set (``dfgen mask`` output) as a ``datasets.Dataset`` an external trainer consumes:
+    one row per rollout with ``id``, ``question``, ``prompt_ids``, ``completion_ids``, ``logprobs``
+    (behaviour), ``reward``, ``advantage`` (GRPO's, per group over the rollouts) and ``token_weights`` /
+    ``token_advantages`` (lists of the completion's length: ``dftrain.loss.df_token_weights`` with these
+    settings, and advantage x weight), exactly what ``dftrain fit --objective df-grpo`` trains on."""
+    from pathlib import Path
+
+    import torch
+    from datasets import Dataset
+
+    from dfgen.shards import open_shards
+    from dftrain.loss import df_token_weights, group_advantages
+
+    ss = open_shards(Path(data), stage="mask")
+    out = []
+    for g, row in enumerate(ss.iter_rows()):
+        rolls = row["rollouts"]
+        adv = group_advantages(torch.tensor([float(r["reward"]) for r in rolls]), torch.zeros(len(rolls)),
+                               scale=adv_scale)  # (G,) one group
+        for k, (r, a) in enumerate(zip(rolls, adv.tolist())):
+            n = len(r["token_ids"])
+            ok = r.get("repair_status") == "ok" and r.get("mask_bad") is not None and r["reward"] < 1
+            bad = torch.tensor([r["mask_bad"] if ok else [0] * n], dtype=torch.float32)  # (1, T)
+            root = torch.tensor([r.get("root_bad") or [0] * n if ok else [0] * n], dtype=torch.float32)
+            w = df_token_weights(bad, torch.ones(1, n), torch.tensor([ok]), kappa=kappa, root_mask=root,
+                                 marked=marked, delta=delta, mass=mass)[0].tolist()
+            out.append({"id": row["id"], "question": row["question"], "rollout": k, "prompt_ids": row["prompt_ids"],
+                        "completion_ids": r["token_ids"], "logprobs": r["logprobs"], "reward": float(r["reward"]),
+                        "advantage": a, "token_weights": w, "token_advantages": [a * x for x in w]})
+    return Dataset.from_list(out)
