@@ -5,7 +5,8 @@ AdamW state carried across rounds, fresh training prompts every round, identical
 a seed). The grid is arms x ``--lrs`` x ``--seeds``; every run is scored on the *val* and *test*
 splits (disjoint by content hash) every ``--eval-every`` rounds. Each arm's lr is the one with the
 best mean val accuracy (mean of the last ``--avg-last`` evaluations); only that lr's *test*
-numbers are reported, so test never influences a choice.
+numbers are reported, so test never influences a choice. ``--screen-seeds K``: the lr grid runs
+on the first K seeds only (the screen); the other seeds then run at each arm's chosen lr.
 
 * (a) matched rollouts and gradient steps: ``grpo`` vs ``df-grpo``;
 * (b) ``--token-matched``: ``grpo-tok`` gets extra prompts (and steps) per round so its sampled
@@ -14,8 +15,12 @@ numbers are reported, so test never influences a choice.
 Setup: the tiny policy (``--hidden/--layers``: 128/2 = the 0.77M default, 256/4 = ~5M) and its SFT
 start (``--sft-steps``, ``--sft-device``), or ``--sft DIR``. Reported in ``OUT/results.json`` and
 ``OUT/curves.png``: SFT accuracy, the lr x arm table (val and test), per-seed test results, paired
-differences with a 95% t-interval, and mechanism statistics of the DF arm (mask density, share of
-failures whose first error comes after the first step, negative-gradient mass DF keeps).
+differences with a 95% t-interval for accuracy, every-step-right and the lucky rate (right answers
+through wrong steps), the paired difference by where the SFT start's first error falls on each test
+problem (``by_sft_prefix``: problems the start fails after k right lines), and mechanism statistics
+of the DF arm (mask density, share of failures whose first error comes after the first step,
+negative-gradient mass DF keeps). Per-problem results come from each evaluated round's
+``eval/test.jsonl`` (written by ``dftrain loop``; rescored from the round's checkpoint if absent).
 ``--jobs K`` runs K loops side by side (``--threads`` torch threads each); runs cut short are
 summarized over the evaluations all of them reached (``--summarize-only`` re-reads a folder).
 
@@ -109,6 +114,50 @@ def summarize(rounds: list[dict], split: str, avg_last: int) -> dict:
             "rollouts": sum(r["rollouts"] for r in rounds)}
 
 
+def test_items(run_dir: Path, eval_dirs: dict, n: int, avg_last: int, n_evals: int) -> list[list[dict]]:
+    """Per-problem test rows of the run's last ``avg_last`` of its first ``n_evals`` evaluations,
+    rescored from the round's checkpoint where ``eval/test.jsonl`` is missing (runs made before the
+    loop wrote it)."""
+    rounds = [r for r in json.loads((run_dir / "loop.json").read_text())["rounds"] if r.get("accuracy")][:n_evals]
+    out = []
+    for r in rounds[-avg_last:]:
+        rd = run_dir / f"round_{r['round']:03d}"
+        f = rd / "eval" / "test.jsonl"
+        if not f.exists():
+            from dfgen.policy import load_policy
+            from dfgen.shards import write_jsonl_atomic
+            from dftrain.evaluate import greedy_profile
+
+            m, p = load_policy(rd / "fit")
+            prof = greedy_profile(m, p, eval_dirs["test"], limit=n, items=True)
+            assert abs(prof["accuracy"] - r["accuracy"]["test"]) < 1e-9, (rd, prof["accuracy"], r["accuracy"])
+            f.parent.mkdir(exist_ok=True)
+            write_jsonl_atomic(f, prof["items"])
+        out.append([json.loads(line) for line in f.read_text().splitlines()])
+    return out
+
+
+def item_stats(evals: list[list[dict]], buckets: dict) -> dict:
+    """Mean over evaluations of accuracy, every-step-right, lucky, and accuracy per bucket of ids."""
+    mean = lambda xs: sum(xs) / len(xs) if xs else float("nan")  # noqa: E731
+    st = {"accuracy": mean([mean([r["correct"] for r in e]) for e in evals]),
+          "steps_right": mean([mean([r["steps_right"] for r in e]) for e in evals])}
+    st["lucky"] = st["accuracy"] - st["steps_right"]
+    for b, ids in buckets.items():
+        st[f"bucket:{b}"] = mean([mean([r["correct"] for r in e if r["id"] in ids]) for e in evals])
+    return st
+
+
+def prefix_bucket(row: dict) -> str:
+    """Where the SFT start's first error falls on a problem, as the share f of the canonical lines it
+    gets right before it: ``right`` (no error), ``f<0.5``, ``0.5-0.75``, ``0.75-1`` or ``f=1`` (every
+    step right, wrong answer line)."""
+    if row["correct"]:
+        return "right"
+    f = row["prefix"] / max(1, row["steps"])
+    return "f<0.5" if f < 0.5 else "0.5-0.75" if f < 0.75 else "0.75-1" if f < 1 else "f=1"
+
+
 # settings every run in one --out must share (the rest, e.g. --seeds or --jobs, may change on a rerun)
 SAME_SETTINGS = ("marked", "kappa", "mass", "repaired_weight", "repairer", "task", "rounds", "prompts_per_round",
                  "group_size", "fit_steps", "eval_every", "sft", "policy_loss", "clip_high", "dual_clip")
@@ -118,6 +167,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, default=Path("runs/exp2"))
     ap.add_argument("--seeds", type=int, default=5)
+    ap.add_argument("--screen-seeds", type=int, default=None,
+                    help="run the lr grid on the first K seeds only, the rest at each arm's chosen lr (default: all)")
     ap.add_argument("--first-seed", type=int, default=0, help="seeds first-seed .. first-seed+seeds-1")
     ap.add_argument("--lrs", default="3e-5,1e-4", help="comma-separated lr grid; chosen per arm on val")
     ap.add_argument("--rounds", type=int, default=10)
@@ -157,6 +208,8 @@ def main():
         GridTask(**task_knobs).validate()
     except (ValueError, TypeError) as e:
         ap.error(f"--task {args.task!r}: {e}")
+    if args.screen_seeds is not None and not 1 <= args.screen_seeds <= args.seeds:
+        ap.error("--screen-seeds must be between 1 and --seeds")
     if min(args.seeds, args.rounds, args.eval_every, args.avg_last, args.jobs, args.eval_n, args.val_n) < 1:
         ap.error("--seeds, --rounds, --eval-every, --avg-last, --jobs, --eval-n and --val-n must be positive")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -165,7 +218,8 @@ def main():
     torch.set_num_threads(args.threads if args.jobs == 1 else min(8, os.cpu_count() or 2))
     from dfgen.policy import build_tiny, load_policy
     from dfgen.synth.grid import GridTask, write_synth
-    from dftrain.evaluate import greedy_accuracy
+    from dfgen.shards import write_jsonl_atomic
+    from dftrain.evaluate import greedy_profile
     from dftrain.sft import SFTConfig, run_sft
 
     out = args.out
@@ -193,10 +247,13 @@ def main():
                      f"({', '.join(f'--{k.replace(chr(95), chr(45))} {have.get(k)}' for k in diff)}); "
                      f"pass the same settings or use a new --out")
     results["config"] = vars(args) | {"out": str(out), "sft": str(sft)}
-    if "sft_accuracy" not in results:
+    if "sft_accuracy" not in results or not (out / "sft_test_items.jsonl").exists():
         m, p = load_policy(sft)
-        results["sft_accuracy"] = {"test": greedy_accuracy(m, p, out / "test", limit=args.eval_n),
-                                   "val": greedy_accuracy(m, p, out / "val", limit=args.val_n)}
+        prof = greedy_profile(m, p, out / "test", limit=args.eval_n, items=True)
+        write_jsonl_atomic(out / "sft_test_items.jsonl", prof.pop("items"))
+        results["sft_accuracy"] = {"test": prof["accuracy"],
+                                   "val": greedy_profile(m, p, out / "val", limit=args.val_n)["accuracy"]}
+        results["sft_profile"] = {"test": prof}
         results_f.write_text(json.dumps(results, indent=2))
     print(f"SFT start: {results['sft_accuracy']}", flush=True)
     base = dict(model=str(sft), rounds=args.rounds, prompts_per_round=args.prompts_per_round,
@@ -215,74 +272,118 @@ def main():
         r0 = probe["rounds"][0]
         ratio = results["token_ratio"] = (r0["generated_tokens"] + r0["repair"]["repaired_tokens"]) / r0["generated_tokens"]
         results_f.write_text(json.dumps(results, indent=2))
-    specs = []
-    for arm in arms:
-        for lr in lrs:
-            for s in range(args.first_seed, args.first_seed + args.seeds):
-                name = f"{arm}/lr{lr:g}/s{s}"
-                spec = base | dict(name=name, out=str(out / name), objective="grpo" if arm == "grpo-tok" else arm,
-                                   lr=lr, seed=s)
-                if arm == "grpo-tok":  # same groups per step, more prompts and steps per round
-                    n = int(round(args.prompts_per_round * ratio / args.group_size)) * args.group_size
-                    spec |= dict(prompts_per_round=n, fit_steps=max(1, n * args.fit_steps // args.prompts_per_round))
-                specs.append(spec)
-    pending = [s for s in specs if not (Path(s["out"]) / f"round_{args.rounds - 1:03d}" / "round.json").exists()]
-    if pending and not args.summarize_only:
-        print(f"{len(pending)} runs to do, {args.jobs} at a time", flush=True)
-        import multiprocessing
+    seeds = list(range(args.first_seed, args.first_seed + args.seeds))
+    screen = seeds[:args.screen_seeds or args.seeds]
 
-        # spawn, not fork: the parent has run torch (the SFT accuracy), and a forked child of a process
-        # whose OpenMP pool is up hangs on its first parallel op (seen: the first sampling call, in a futex)
-        with ProcessPoolExecutor(max_workers=args.jobs, mp_context=multiprocessing.get_context("spawn")) as ex:
-            for r in ex.map(run_job, [dict(s) for s in pending]):
-                print(f"  {r['name']}: {r['seconds']}s", flush=True)
-    results |= summarize_grid(out, specs, arms, lrs, args, results["sft_accuracy"])
+    def spec(arm, lr, s):
+        name = f"{arm}/lr{lr:g}/s{s}"
+        sp = base | dict(name=name, out=str(out / name), objective="grpo" if arm == "grpo-tok" else arm, lr=lr, seed=s)
+        if arm == "grpo-tok":  # same groups per step, more prompts and steps per round
+            n = int(round(args.prompts_per_round * ratio / args.group_size)) * args.group_size
+            sp |= dict(prompts_per_round=n, fit_steps=max(1, n * args.fit_steps // args.prompts_per_round))
+        return sp
+
+    def run_all(specs):
+        pending = [s for s in specs if not (Path(s["out"]) / f"round_{args.rounds - 1:03d}" / "round.json").exists()]
+        if pending and not args.summarize_only:
+            print(f"{len(pending)} runs to do, {args.jobs} at a time", flush=True)
+            import multiprocessing
+
+            # spawn, not fork: the parent has run torch (the SFT accuracy), and a forked child of a process
+            # whose OpenMP pool is up hangs on its first parallel op (seen: the first sampling call, in a futex)
+            with ProcessPoolExecutor(max_workers=args.jobs, mp_context=multiprocessing.get_context("spawn")) as ex:
+                for r in ex.map(run_job, [dict(s) for s in pending]):
+                    print(f"  {r['name']}: {r['seconds']}s", flush=True)
+
+    # (1) the screen: every lr on the screen seeds; (2) the other seeds at each arm's val choice
+    run_all([spec(a, lr, s) for a in arms for lr in lrs for s in screen])
+    chosen = choose_lr(out, arms, lrs, screen, args)
+    specs = [spec(a, lr, s) for a in arms for lr in lrs for s in screen] + \
+        [spec(a, float(chosen[a]), s) for s in seeds if s not in screen for a in arms]  # seed-major: pairs finish together
+    run_all(specs[len(arms) * len(lrs) * len(screen):])
+    results |= summarize_grid(out, arms, lrs, screen, seeds, args, results["sft_accuracy"])
     results["seconds"] = round(time.time() - t_all, 1)
     results_f.write_text(json.dumps(results, indent=2))
     print(json.dumps(results["summary"], indent=2))
     plot(out, results, arms, args)
 
 
-def summarize_grid(out: Path, specs, arms, lrs, args, sft_acc) -> dict:
-    """Choose each arm's lr on val; report its test accuracy; paired differences per seed.
+def load_runs(out: Path, names) -> dict:
+    return {n: json.loads((out / n / "loop.json").read_text())["rounds"] for n in names if (out / n / "loop.json").exists()}
+
+
+def final_of(runs: dict, name: str, split: str, n_evals: int, avg_last: int) -> float:
+    evals = [r["accuracy"][split] for r in runs[name] if r.get("accuracy")][:n_evals]
+    k = min(avg_last, len(evals))
+    return sum(evals[-k:]) / k if k else float("nan")
+
+
+def screen_table(out: Path, arms, lrs, screen, args):
+    """(lr x arm table of val/test means over the screen seeds that finished every cell, those seeds)."""
+    names = [f"{a}/lr{lr:g}/s{s}" for a in arms for lr in lrs for s in screen]
+    runs = load_runs(out, names)
+    n_evals = min((sum(1 for r in v if r.get("accuracy")) for v in runs.values()), default=0)
+    done = [s for s in screen if all(f"{a}/lr{lr:g}/s{s}" in runs for a in arms for lr in lrs)]
+    table = {a: {f"{lr:g}": {sp: sum(final_of(runs, f"{a}/lr{lr:g}/s{s}", sp, n_evals, args.avg_last) for s in done)
+                             / max(1, len(done)) for sp in ("val", "test")} for lr in lrs} for a in arms}
+    return table, done
+
+
+def choose_lr(out: Path, arms, lrs, screen, args) -> dict:
+    """Each arm's lr: the best mean val accuracy over the screen (test plays no part)."""
+    table, _ = screen_table(out, arms, lrs, screen, args)
+    return {a: max(table[a], key=lambda k: table[a][k]["val"]) for a in arms}
+
+
+def summarize_grid(out: Path, arms, lrs, screen, seeds, args, sft_acc) -> dict:
+    """The screen's lr x arm table, each arm's lr chosen on val, its test results over every seed,
+    and paired differences per seed (accuracy, every-step-right, lucky, by the SFT start's first
+    error position).
 
     Runs cut short (a time limit) are summarized over the evaluations every run has, so all arms
     are compared at the same point."""
-    runs = {}
-    for s in specs:
-        f = Path(s["out"]) / "loop.json"
-        if f.exists():
-            runs[s["name"]] = json.loads(f.read_text())["rounds"]
+    table, screen_done = screen_table(out, arms, lrs, screen, args)
+    chosen = {a: max(table[a], key=lambda k: table[a][k]["val"]) for a in arms}
+    names = {a: {s: f"{a}/lr{chosen[a]}/s{s}" for s in seeds} for a in arms}
+    runs = load_runs(out, [n for a in arms for n in names[a].values()])
     n_evals = min((sum(1 for r in v if r.get("accuracy")) for v in runs.values()), default=0)
-
-    def final(name, split):
-        evals = [r["accuracy"][split] for r in runs[name] if r.get("accuracy")][:n_evals]
-        k = min(args.avg_last, len(evals))
-        return sum(evals[-k:]) / k if k else float("nan")
-
-    seeds = [s for s in range(args.first_seed, args.first_seed + args.seeds) if all(f"{a}/lr{lr:g}/s{s}" in runs for a in arms for lr in lrs)]
-    table, chosen = {}, {}
-    for arm in arms:
-        for lr in lrs:
-            table.setdefault(arm, {})[f"{lr:g}"] = {
-                split: sum(final(f"{arm}/lr{lr:g}/s{s}", split) for s in seeds) / max(1, len(seeds))
-                for split in ("val", "test")}
-        chosen[arm] = max(table[arm], key=lambda k: table[arm][k]["val"])
-    test = {arm: [final(f"{arm}/lr{chosen[arm]}/s{s}", "test") for s in seeds] for arm in arms}
-    summ = {"seeds": len(seeds), "evals_used": n_evals, "lr_chosen_on_val": chosen,
-            "test_mean": {a: sum(v) / max(1, len(v)) for a, v in test.items()}, "sft": sft_acc}
-    if len(seeds) > 1:
-        summ["a_df_minus_grpo"] = paired([d - g for d, g in zip(test["df-grpo"], test["grpo"])])
+    done = [s for s in seeds if all(names[a][s] in runs for a in arms)]
+    sft_rows = [json.loads(line) for line in (out / "sft_test_items.jsonl").read_text().splitlines()]
+    buckets: dict = {}
+    for r in sft_rows:
+        buckets.setdefault(prefix_bucket(r), set()).add(r["id"])
+    eval_dirs = {"test": out / "test"}
+    stats = {a: [item_stats(test_items(out / names[a][s], eval_dirs, args.eval_n, args.avg_last, n_evals), buckets)
+                 for s in done] for a in arms}
+    test = {a: [st["accuracy"] for st in stats[a]] for a in arms}
+    for a in arms:  # the per-problem files reproduce the recorded accuracies
+        for s, acc in zip(done, test[a]):
+            assert abs(acc - final_of(runs, names[a][s], "test", n_evals, args.avg_last)) < 1e-9, (a, s)
+    summ = {"seeds": len(done), "screen_seeds": len(screen_done), "evals_used": n_evals, "lr_chosen_on_val": chosen,
+            "test_mean": {a: sum(v) / max(1, len(v)) for a, v in test.items()}, "sft": sft_acc,
+            "steps_right_mean": {a: sum(st["steps_right"] for st in v) / max(1, len(v)) for a, v in stats.items()},
+            "lucky_mean": {a: sum(st["lucky"] for st in v) / max(1, len(v)) for a, v in stats.items()},
+            "bucket_sizes": {b: len(ids) for b, ids in sorted(buckets.items())}}
+    if len(done) > 1:
+        for key, other in (("a_df_minus_grpo", "grpo"), ("b_df_minus_grpo_tok", "grpo-tok")):
+            if other not in stats:
+                continue
+            pairs = list(zip(stats["df-grpo"], stats[other]))
+            summ[key] = paired([d["accuracy"] - g["accuracy"] for d, g in pairs])
+            summ[key + "_steps_right"] = paired([d["steps_right"] - g["steps_right"] for d, g in pairs])
+            summ[key + "_lucky"] = paired([d["lucky"] - g["lucky"] for d, g in pairs])
+            summ[key + "_by_sft_prefix"] = {b: paired([d[f"bucket:{b}"] - g[f"bucket:{b}"] for d, g in pairs])
+                                            for b in sorted(buckets)}
         summ["grpo_minus_sft"] = paired([g - sft_acc["test"] for g in test["grpo"]])
         summ["df_minus_sft"] = paired([d - sft_acc["test"] for d in test["df-grpo"]])
-        if "grpo-tok" in test:
-            summ["b_df_minus_grpo_tok"] = paired([d - g for d, g in zip(test["df-grpo"], test["grpo-tok"])])
-    mech = [mechanism(p, args.kappa, args.marked, args.mass) for p in sorted(out.glob(f"df-grpo/lr{chosen.get('df-grpo')}/s*/round_*/df"))]
+    mech = [mechanism(p, args.kappa, args.marked, args.mass) for s in done
+            for p in sorted((out / names["df-grpo"][s]).glob("round_*/df"))]
     mech = [m for m in mech if m]
     if mech:
         summ["mechanism_mean"] = {k: sum(m[k] for m in mech) / len(mech)
                                   for k in ("mask_density", "root_density", "neg_mass_kept", "first_error_after_step1")}
-    return {"grid": table, "test_per_seed": test, "summary": summ}
+    return {"grid": table, "test_per_seed": test, "stats_per_seed": {a: dict(zip(map(str, done), v)) for a, v in stats.items()},
+            "summary": summ}
 
 
 def plot(out: Path, results: dict, arms: list[str], args):

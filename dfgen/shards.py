@@ -106,10 +106,19 @@ def _named(e: OSError, path: Path) -> OSError:
 
 
 def write_json_atomic(path: Path, obj) -> None:
+    _write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True, default=str))
+
+
+def write_jsonl_atomic(path: Path, rows) -> None:
+    """One JSON object per line, all or nothing (as ``write_json_atomic``)."""
+    _write_text_atomic(path, "".join(json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in rows))
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
     path = Path(path)
     tmp = path.with_name("." + path.name + ".tmp")
     try:
-        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
+        tmp.write_text(text, encoding="utf-8")
         _fsync_replace(tmp, path)
     except OSError as e:  # disk full, read-only: no temp file stays behind
         tmp.unlink(missing_ok=True)

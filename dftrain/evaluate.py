@@ -26,7 +26,6 @@ Run: ``dftrain eval --model runs/demo/sft --bench synth --data runs/demo/test --
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import asdict, dataclass
 from enum import Enum
@@ -191,12 +190,15 @@ def greedy_accuracy(model, processor, data: Path, limit: int | None = 200, max_n
     return greedy_profile(model, processor, data, limit, max_new_tokens)["accuracy"]
 
 
-def greedy_profile(model, processor, data: Path, limit: int | None = 200, max_new_tokens: int | None = None) -> dict:
+def greedy_profile(model, processor, data: Path, limit: int | None = 200, max_new_tokens: int | None = None,
+                   items: bool = False) -> dict:
     """Greedy accuracy plus ``steps_right``: the share whose every step matches the canonical
     solution (a right answer reached through wrong steps counts in ``accuracy`` only), the
     kinds of first errors (``dfgen.synth.grid.classify_response``), and ``failed_with_prefix``:
     the share of failures whose first step is right (DF can only spare steps that exist), and
     ``read_acc``: the share of all read steps that are right (``dfgen.synth.grid.reads_right``).
+    ``lucky`` = accuracy - steps_right. ``items=True`` adds ``items``: one row per problem (``id``,
+    ``correct``, ``steps_right``, ``prefix`` = leading canonical lines, ``steps`` = canonical lines).
     ``max_new_tokens`` None: long enough for every canonical solution (``token_budget``)."""
     import json as _json
 
@@ -210,21 +212,27 @@ def greedy_profile(model, processor, data: Path, limit: int | None = 200, max_ne
     res = run_eval(backend, recs, "synth", max_new_tokens=max_new_tokens)
     kinds: dict = {}
     right, prefixed, reads_ok, reads_n = 0, 0, 0, 0
+    rows = []
     for r, rec in zip(res, recs):
-        if rec.get("solution"):
-            ok, n = reads_right(r["response"] or "", _json.loads(rec["solution"]))
+        text, sol = r["response"] or "", _json.loads(rec["solution"]) if rec.get("solution") else None
+        if sol:
+            ok, n = reads_right(text, sol)
             reads_ok, reads_n = reads_ok + ok, reads_n + n
-        kind, steps_ok = classify_response(r["response"] or "", _json.loads(rec["solution"])) \
-            if rec.get("solution") else ("format", False)
-        right += bool(r["correct"] and steps_ok and kind == "ok")
+        kind, steps_ok = classify_response(text, sol) if sol else ("format", False)
+        every = bool(r["correct"] and steps_ok and kind == "ok")
+        prefix = correct_prefix(text, sol) if sol else 0
+        right += every
         if not r["correct"]:
             kinds[kind] = kinds.get(kind, 0) + 1
-            prefixed += bool(rec.get("solution")) and correct_prefix(r["response"] or "",
-                                                                    _json.loads(rec["solution"])) > 0
+            prefixed += prefix > 0
+        rows.append({"id": rec["id"], "correct": bool(r["correct"]), "steps_right": every, "prefix": prefix,
+                     "steps": len(sol["steps"]) if sol else 0})
     failed = sum(kinds.values())
-    return {"n": len(res), "accuracy": sum(r["correct"] for r in res) / len(res), "steps_right": right / len(res),
+    acc = sum(r["correct"] for r in res) / len(res)
+    prof = {"n": len(res), "accuracy": acc, "steps_right": right / len(res), "lucky": acc - right / len(res),
             "first_error": kinds, "failed_with_prefix": prefixed / failed if failed else 0.0,
             "read_acc": reads_ok / reads_n if reads_n else 0.0}
+    return prof | ({"items": rows} if items else {})
 
 
 # ----------------------------------------------------------------------------- predictions
@@ -385,16 +393,6 @@ def summarize_bench(bench: str, results: list[dict], skipped: list | None = None
     }
 
 
-def _write_jsonl_atomic(path: Path, rows: list[dict]) -> None:
-    tmp = path.with_name("." + path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        for r in rows:
-            fh.write(json.dumps(r, ensure_ascii=False, default=str) + "\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
 def items_path(out: Path) -> Path:
     """Per-item JSONL next to the summary: ``results.json`` -> ``results.items.jsonl``."""
     out = Path(out)
@@ -465,7 +463,7 @@ def evaluate(cfg: EvalConfig, progress=None, log=None) -> dict:
     ``progress(total=None, advance=0)`` is called with ``total`` once the records are loaded,
     then with ``advance`` per finished batch; ``log(msg)`` gets one-line notes."""
     from dfgen.errors import UserError
-    from dfgen.shards import write_json_atomic
+    from dfgen.shards import write_json_atomic, write_jsonl_atomic
 
     cfg.validate()
     log = log or (lambda m: None)
@@ -532,7 +530,7 @@ def evaluate(cfg: EvalConfig, progress=None, log=None) -> dict:
     items = results + [{"id": str(rid), "status": "skipped", "category": None, "answer": None, "response": None,
                         "extraction": None, "prediction": None, "correct": False, "error": str(why),
                         "samples": 0, "n_correct": 0} for rid, why in skipped]
-    _write_jsonl_atomic(ipath, items)
+    write_jsonl_atomic(ipath, items)
     conf = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()}
     if mode == "predictions":  # generation settings play no part
         for k in ("model", "backend", "device", "batch_size", "samples", "temperature", "max_new_tokens", "seed"):

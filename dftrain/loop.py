@@ -123,8 +123,8 @@ def run_loop(cfg: LoopConfig, log=print) -> dict:
     from dfgen.policy import check_policy_dir, load_policy
     from dfgen.repair import RepairConfig, run_repair
     from dfgen.sample import SampleConfig, run_sample
-    from dfgen.shards import write_json_atomic
-    from dftrain.evaluate import greedy_accuracy
+    from dfgen.shards import write_json_atomic, write_jsonl_atomic
+    from dftrain.evaluate import greedy_profile
     from dftrain.fit import FitConfig, run_fit
 
     cfg.validate()
@@ -196,8 +196,13 @@ def run_loop(cfg: LoopConfig, log=print) -> dict:
         if cfg.eval and ((r + 1) % cfg.eval_every == 0 or r == cfg.rounds - 1):
             t3 = time.time()
             model, processor = load_policy(policy)
+            rec["profile"] = {}
             for e in cfg.eval:
-                rec["accuracy"][Path(e).name] = greedy_accuracy(model, processor, Path(e), limit=cfg.eval_n)
+                prof = greedy_profile(model, processor, Path(e), limit=cfg.eval_n, items=True)
+                rec["accuracy"][Path(e).name] = prof["accuracy"]
+                rec["profile"][Path(e).name] = {k: prof[k] for k in ("steps_right", "lucky", "read_acc", "first_error")}
+                (rd / "eval").mkdir(exist_ok=True)
+                write_jsonl_atomic(rd / "eval" / f"{Path(e).name}.jsonl", prof["items"])
             del model
             rec["seconds"]["eval"] = round(time.time() - t3, 2)
         write_json_atomic(done_f, rec)

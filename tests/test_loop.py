@@ -19,6 +19,14 @@ def test_loop_chains_rounds_resumes_and_refuses_other_settings(tmp_path, sft_mod
     for r in state["rounds"]:
         assert 0.0 <= r["accuracy"]["test"] <= 1.0 and r["rollouts"] == 16
         assert r["repair"]["failed"] >= r["repair"]["ok"]
+        # every evaluation keeps its per-problem rows, and they reproduce the recorded numbers
+        rows = [json.loads(x) for x in (out / f"round_{r['round']:03d}" / "eval" / "test.jsonl").read_text().splitlines()]
+        assert len(rows) == 8 and len({x["id"] for x in rows}) == 8
+        assert sum(x["correct"] for x in rows) / 8 == r["accuracy"]["test"]
+        prof = r["profile"]["test"]
+        assert prof["steps_right"] == sum(x["steps_right"] for x in rows) / 8
+        assert abs(prof["lucky"] - (r["accuracy"]["test"] - prof["steps_right"])) < 1e-12
+        assert all(x["steps_right"] <= x["correct"] and 0 <= x["prefix"] <= x["steps"] for x in rows)
     # round 1 sampled from round 0's checkpoint and continued its optimizer
     r1 = json.loads((out / "round_001" / "sample" / "config.json").read_text())
     assert r1["model"] == str(out / "round_000" / "fit")
