@@ -56,6 +56,8 @@ def sft(
     model: Path = typer.Option(..., help="Policy folder to start from (e.g. dfgen tiny output)."),
     out: Path = typer.Option(..., help="Output model folder."),
     steps: int = typer.Option(_SFT.steps, help="Optimizer steps (counting is learned late, in a jump; docs/RESULTS.md)."),
+    schedule_steps: int = typer.Option(_SFT.schedule_steps, help="Length of the lr schedule when longer than "
+                                       "--steps: stop early on it (0 = --steps)."),
     batch_size: int = typer.Option(_SFT.batch_size, help="Prompts per step."),
     lr: float = typer.Option(_SFT.lr, help="Peak learning rate (linear warm-up, cosine decay)."),
     vision_lr_scale: float = typer.Option(_SFT.vision_lr_scale, help="Vision tower lr as a multiple of --lr; "
@@ -81,7 +83,9 @@ def sft(
         raise UserError("--steps, --batch-size and --lr must be positive")
     if vision_lr_scale < 0 or eval_every < 0 or save_every < 0 or eval_n <= 0:
         raise UserError("--vision-lr-scale, --eval-every and --save-every must be >= 0, --eval-n positive")
-    cfg = SFTConfig(data=data, model=model, out=out, steps=steps, batch_size=batch_size, lr=lr,
+    if schedule_steps and schedule_steps < steps:
+        raise UserError(f"--schedule-steps {schedule_steps} is shorter than --steps {steps}")
+    cfg = SFTConfig(data=data, model=model, out=out, steps=steps, schedule_steps=schedule_steps, batch_size=batch_size, lr=lr,
                     vision_lr_scale=vision_lr_scale, seed=seed, eval_data=eval_data, eval_n=eval_n,
                     eval_every=eval_every, save_every=save_every, device=device)
     con = Console(stderr=True)

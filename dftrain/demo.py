@@ -1,16 +1,21 @@
-"""``make demo``: the whole method on the embedded default, offline, on a CPU, in minutes.
+"""``make demo``: GRPO and DF-GRPO side by side on the embedded default, offline, on a CPU, in minutes.
 
-1. ``dfgen synth``: train and held-out test prompts (disjoint by construction);
-2. ``dfgen tiny`` + ``dftrain sft``: build the tiny Qwen2-VL and warm-start it with the default
-   recipe (6,000 steps, vision tower frozen: the policy learns to read its images);
-3. greedy held-out accuracy *before* RL;
-4. ``--rounds`` rounds of the decoupled pipeline (``dftrain loop``), each round's checkpoint and
-   AdamW state continuing into the next: ``dfgen sample`` -> ``dfgen repair --repairer oracle`` ->
-   ``dfgen mask`` -> ``dftrain fit --objective df-grpo`` (lr 1e-4, chosen on the val split);
-5. greedy held-out accuracy *after*, the HTML report of the last round, and where everything is.
+1. the start: the research-regime policy shipped in ``data/policies/regime_start`` (the tiny
+   Qwen2-VL after the sighted SFT recipe and 500 steps on the ``times`` grid task, 3-4 reads: it
+   reads its images, and its failures are slips after correct steps; docs/RESULTS.md). With
+   ``--from-scratch`` the demo rebuilds it instead (``dfgen tiny`` -> ``dftrain sft`` on the
+   default task -> 500 steps on the times task; ~9 minutes more on 2 cores);
+2. ``dfgen synth``: held-out test problems of that task;
+3. greedy held-out accuracy and every-step-right of the start;
+4. two ``dftrain loop`` runs from that start, identical except for ``--objective``: the same
+   fresh prompts every round, the same seeds, the same rounds of ``dfgen sample`` -> [``dfgen
+   repair --repairer oracle`` -> ``dfgen mask``] -> ``dftrain fit`` (the fit/loop defaults);
+5. both arms' held-out accuracy, every-step-right and lucky rate side by side, the tokens each
+   generated, the HTML report of DF's last round, and where everything is.
 
-Everything lands in ``runs/demo/`` (``--out``). The run is resumable at stage granularity: a
-stage whose output already exists is skipped (delete ``runs/demo`` to start over).
+One seed is noisy: the paired study with 8 seeds is the first section of docs/RESULTS.md.
+Everything lands in ``runs/demo/`` (``--out``); each arm resumes at round granularity (delete
+``runs/demo`` to start over).
 
 Run: ``python -m dftrain.demo`` (or ``make demo``); ``--quick`` for a seconds-long miniature.
 """
@@ -21,12 +26,37 @@ import json
 import time
 from pathlib import Path
 
+START = Path(__file__).resolve().parents[1] / "data" / "policies" / "regime_start"
+TASK = {"ops": "+-*", "min_reads": 3, "max_reads": 4}  # the task the start is in the regime on
+
+
+def build_start(out: Path, quick: bool, seed: int, say) -> Path:
+    """The shipped start's recipe: tiny policy, default-task SFT, then 500 steps on the times task."""
+    from dfgen.policy import build_tiny
+    from dfgen.synth.grid import GridTask, write_synth
+    from dftrain.sft import SFTConfig, run_sft
+
+    n, (steps1, steps2) = (256, (30, 10)) if quick else (8000, (SFTConfig.steps, 500))
+    if not (out / "sft_default" / "config.json").exists():
+        say(f"build the tiny policy, SFT on the default task ({steps1} steps)")
+        write_synth(out / "train_default", n, seed=seed, split="train")
+        build_tiny(out / "tiny", seed=seed)
+        run_sft(SFTConfig(data=out / "train_default", model=out / "tiny", out=out / "sft_default", steps=steps1,
+                          seed=seed, log_every=1000))
+    if not (out / "start" / "config.json").exists():
+        say(f"SFT on the times task ({steps2} of a {steps2 * 6}-step schedule, as the shipped start)")
+        write_synth(out / "train_times", n, seed=seed, split="train", task=GridTask(**TASK))
+        run_sft(SFTConfig(data=out / "train_times", model=out / "sft_default", out=out / "start", steps=steps2,
+                          schedule_steps=steps2 * 6, seed=seed, log_every=1000))
+    return out / "start"
+
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, default=Path("runs/demo"))
     ap.add_argument("--quick", action="store_true", help="a miniature run (tests use it)")
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--from-scratch", action="store_true", help="rebuild the start instead of the shipped one")
+    ap.add_argument("--rounds", type=int, default=8)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
 
@@ -44,18 +74,18 @@ def main(argv=None) -> dict:
 
     from rich.console import Console
 
-    from dfgen.policy import build_tiny, load_policy
+    from dfgen.policy import load_policy
     from dfgen.report import write_report
     from dfgen.stats import compute_stats
-    from dfgen.synth.grid import write_synth
+    from dfgen.synth.grid import GridTask, write_synth
     from dftrain.evaluate import greedy_profile
-    from dftrain.sft import SFTConfig, run_sft
+    from dftrain.loop import LoopConfig, run_loop
 
     con = Console()
     q = args.quick
-    n_train, n_test = (256, 32) if q else (8000, 500)
-    sft_steps = 30 if q else SFTConfig.steps  # the default recipe (docs/RESULTS.md, "The policy that sees")
-    prompts_per_round, G, fit_steps = (8, 4, 2) if q else (96, 8, 12)
+    n_test = 32 if q else 500
+    prompts_per_round, G, fit_steps = (8, 4, 2) if q else (LoopConfig.prompts_per_round, LoopConfig.group_size,
+                                                           LoopConfig.fit_steps)
     rounds = 1 if q else args.rounds
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
@@ -64,57 +94,49 @@ def main(argv=None) -> dict:
     def stage(name):
         con.print(f"[bold]== {name}[/bold] ({time.time() - t0:.0f}s)")
 
-    if not (out / "train").exists():
-        stage("synthesize prompts")
-        write_synth(out / "train", n_train, seed=args.seed, split="train")
-        write_synth(out / "test", n_test, seed=args.seed, split="test")
-    if not (out / "tiny" / "config.json").exists():
-        stage("build the tiny Qwen2-VL policy")
-        build_tiny(out / "tiny", seed=args.seed)
-    if not (out / "sft" / "config.json").exists():
-        stage(f"SFT warm start ({sft_steps} steps)")
-        run_sft(SFTConfig(data=out / "train", model=out / "tiny", out=out / "sft", steps=sft_steps, seed=args.seed,
-                          log_every=500),
-                progress=lambda r: con.print(f"  step {r['step']}/{sft_steps} | loss {r['loss']:.4f}"))
-    stage("held-out accuracy before RL")
-    m, p = load_policy(out / "sft")
-    pb = greedy_profile(m, p, out / "test", limit=n_test)
-    before = pb["accuracy"]
-    con.print(f"  greedy accuracy on {n_test} held-out problems: {before:.3f} (every step right: "
-              f"{pb['steps_right']:.3f})")
-    stage(f"{rounds} round(s) of sample -> repair -> mask -> fit (dftrain loop)")
-    from dftrain.loop import LoopConfig, run_loop
+    start = build_start(out, q, args.seed, stage) if args.from_scratch else START
+    con.print(f"start: {start}")
+    if not (out / "test").exists():
+        stage("synthesize held-out test problems")
+        write_synth(out / "test", n_test, seed=args.seed, split="test", task=GridTask(**TASK))
 
-    res = run_loop(LoopConfig(model=out / "sft", out=out / "loop", rounds=rounds, objective="df-grpo",
-                              prompts_per_round=prompts_per_round, group_size=G, fit_steps=fit_steps,
-                              groups_per_step=prompts_per_round // fit_steps, updates_per_batch=2, lr=1e-4,
-                              seed=args.seed), log=lambda msg: con.print("  " + msg))
-    policy = Path(res["final_model"])
+    def profile(policy):
+        m, p = load_policy(policy)
+        return greedy_profile(m, p, out / "test", limit=n_test)
+
+    stage("held-out accuracy of the start")
+    before = profile(start)
+    con.print(f"  greedy accuracy on {n_test} held-out problems: {before['accuracy']:.3f} "
+              f"(every step right {before['steps_right']:.3f})")
+    arms = {}
+    for objective in ("grpo", "df-grpo"):
+        stage(f"{objective}: {rounds} round(s) of sample -> "
+              + ("repair -> mask -> " if objective == "df-grpo" else "") + "fit (dftrain loop)")
+        res = run_loop(LoopConfig(model=start, out=out / objective, rounds=rounds, objective=objective, task=TASK,
+                                  prompts_per_round=prompts_per_round, group_size=G, fit_steps=fit_steps,
+                                  groups_per_step=prompts_per_round // fit_steps, seed=args.seed),
+                       log=lambda msg: con.print("  " + msg))
+        prof = profile(res["final_model"])
+        tokens = sum(r["generated_tokens"] + r.get("repair", {}).get("repaired_tokens", 0) for r in res["rounds"])
+        arms[objective] = {"accuracy": prof["accuracy"], "steps_right": prof["steps_right"], "lucky": prof["lucky"],
+                           "tokens": tokens, "final_model": res["final_model"]}
     for r in range(rounds):
-        s = compute_stats(out / "loop" / f"round_{r:03d}" / "df")
-        con.print(f"  round {r}: reward {s['mean_reward']:.3f}, mixed groups {s['mixed_groups']:.2f}, repaired "
+        s = compute_stats(out / "df-grpo" / f"round_{r:03d}" / "df")
+        con.print(f"  DF round {r}: reward {s['mean_reward']:.3f}, mixed groups {s['mixed_groups']:.2f}, repaired "
                   f"{s.get('repair_success_rate', 0):.2f} of failures, mask density {s.get('mask_density', 0):.3f}")
-    stage("held-out accuracy after RL")
-    m, p = load_policy(policy)
-    pa = greedy_profile(m, p, out / "test", limit=n_test)
-    after = pa["accuracy"]
-    last = out / "loop" / f"round_{rounds - 1:03d}"
-    write_report(last / "df", out / "report.html", groups=20)
-    result = {"before": before, "after": after, "steps_right_before": pb["steps_right"],
-              "steps_right_after": pa["steps_right"], "n_test": n_test, "rounds": rounds,
-              "seconds": round(time.time() - t0, 1), "final_model": str(policy)}
+    write_report(out / "df-grpo" / f"round_{rounds - 1:03d}" / "df", out / "report.html", groups=20)
+    result = {"start": {k: before[k] for k in ("accuracy", "steps_right", "lucky")}, "arms": arms, "n_test": n_test,
+              "rounds": rounds, "seed": args.seed, "seconds": round(time.time() - t0, 1)}
     (out / "demo_result.json").write_text(json.dumps(result, indent=2))
-    con.print(f"\n[bold]held-out greedy accuracy: before RL {before:.3f} -> after {rounds} DF-GRPO round(s) "
-              f"{after:.3f}[/bold] ({n_test} problems; a single eval swings a few points)")
-    con.print(f"every step right: {pb['steps_right']:.3f} -> {pa['steps_right']:.3f} (the rest of the correct answers "
-              f"were reached through wrong steps)")
-    if after < before - 0.05:
-        con.print("[bold]RL made this policy worse.[/bold] The SFT recipe now gives a policy that solves the default "
-                  "task, and the RL settings (lr 1e-4, chosen on the earlier policy that could not read) are not "
-                  "re-tuned for it yet: docs/RESULTS.md, 'The policy that sees'.")
-    con.print(f"shards: {out}/loop/round_*/{{sample,repair,df}}   checkpoints: {out}/loop/round_*/fit   "
-              f"report: {out}/report.html   learning curves: {out}/loop/round_*/fit/metrics.jsonl, "
-              f"{out}/loop/loop.json")
+    con.print(f"\n[bold]held-out greedy results ({n_test} problems, {rounds} rounds, seed {args.seed})[/bold]")
+    con.print(f"  {'':9} {'accuracy':>9} {'every step right':>17} {'lucky':>6} {'tokens (DF: + repairs)':>23}")
+    con.print(f"  {'start':9} {before['accuracy']:9.3f} {before['steps_right']:17.3f} {before['lucky']:6.3f}")
+    for name, a in arms.items():
+        con.print(f"  {name:9} {a['accuracy']:9.3f} {a['steps_right']:17.3f} {a['lucky']:6.3f} {a['tokens']:23,}")
+    con.print("One seed is noisy (a single evaluation swings a few points): the paired study over 8 seeds, with "
+              "intervals and a token-matched GRPO arm, is the first section of docs/RESULTS.md.")
+    con.print(f"shards: {out}/{{grpo,df-grpo}}/round_*/{{sample,repair,df}}   checkpoints: {out}/*/round_*/fit   "
+              f"report: {out}/report.html   curves: {out}/*/loop.json")
     con.print(f"total time {result['seconds']:.0f}s")
     return result
 

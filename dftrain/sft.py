@@ -36,6 +36,7 @@ class SFTConfig:
     model: Path  # policy folder to start from
     out: Path  # where the trained HF folder goes
     steps: int = 6000  # counting forms late, in a jump (docs/RESULTS.md, "The policy that sees")
+    schedule_steps: int = 0  # > 0: the lr schedule's length when longer than steps (stop early on it)
     batch_size: int = 16
     lr: float = 1e-3  # 3e-3 erased the question's effect on the first read (the policy named one colour)
     vision_lr_scale: float = 0.0  # vision tower lr = this * lr; 0 freezes it (training it broke counting)
@@ -64,7 +65,7 @@ def target_text(rec: dict) -> str:
 def _lr_at(step: int, cfg: SFTConfig) -> float:
     if step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
-    t = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    t = (step - cfg.warmup) / max(1, (cfg.schedule_steps or cfg.steps) - cfg.warmup)
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
 
 

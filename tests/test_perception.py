@@ -86,6 +86,40 @@ def test_save_every_keeps_loadable_intermediate_policies_inside_the_output(one_r
     assert not (d / "saved.steps").exists() and not (d / "saved.tmp").exists()
 
 
+def test_schedule_steps_stops_early_on_the_longer_schedule(one_read, tiny_model):
+    """4 steps of an 8-step schedule are the 8-step run's step-4 policy (how the shipped start is
+    rebuilt: 500 steps of a 3,000-step schedule); 4 steps of a 4-step schedule are not."""
+    from dfgen.policy import load_policy
+
+    d, _ = one_read
+    _short_sft(d, tiny_model, "long", steps=8, save_every=4, warmup=1)  # past the warm-up, which no schedule changes
+    _short_sft(d, tiny_model, "early", steps=4, schedule_steps=8, warmup=1)
+    _short_sft(d, tiny_model, "short", steps=4, warmup=1)
+    ref, _ = load_policy(d / "long" / "steps" / "step_000004")
+    early, _ = load_policy(d / "early")
+    short, _ = load_policy(d / "short")
+    assert all(torch.equal(a, b) for a, b in zip(ref.parameters(), early.parameters()))
+    assert not all(torch.equal(a, b) for a, b in zip(ref.parameters(), short.parameters()))
+
+
+def test_the_shipped_start_is_in_the_research_regime(tmp_path):
+    """``data/policies/regime_start`` (the demo's and the study's start) has the properties the
+    issue "The embedded policy must see" asked for, on 300 fresh val problems of its task: accuracy
+    0.30-0.70, reads right >= 85%, >= 50% of failures with a correct first step, and no kind of
+    first error above 80% of failures (image misreads among them)."""
+    from dfgen.policy import load_policy
+    from dfgen.synth.grid import GridTask, write_synth
+    from dftrain.demo import START, TASK
+    from dftrain.evaluate import greedy_profile
+
+    write_synth(tmp_path / "val", 300, seed=1, split="val", task=GridTask(**TASK))
+    torch.set_num_threads(2)
+    p = greedy_profile(*load_policy(START), tmp_path / "val", limit=300)
+    failed = sum(p["first_error"].values())
+    assert 0.30 <= p["accuracy"] <= 0.70 and p["read_acc"] >= 0.85 and p["failed_with_prefix"] >= 0.5, p
+    assert max(p["first_error"].values()) <= 0.8 * failed and p["first_error"].get("count", 0) >= 0.05 * failed, p
+
+
 def test_feature_probe_reads_counts_from_the_untrained_tower(tiny_model, one_read):
     from dfgen.policy import load_policy
     from dftrain.perception import feature_probe

@@ -39,26 +39,37 @@ main(sys.argv[1:])
 """
 
 
-def test_the_miniature_pipeline_runs_with_networking_unusable(tmp_path):
-    """``python -m dftrain.demo --quick``: synth, tiny policy, SFT, sample, repair, mask, fit, eval,
-    report; with HF offline, proxies pointing at a dead port and every socket connect refused."""
+@pytest.mark.parametrize("start", ["shipped", "from-scratch"])
+def test_the_miniature_pipeline_runs_with_networking_unusable(tmp_path, start):
+    """``python -m dftrain.demo --quick``: synth, [tiny policy, SFT,] both arms' sample, repair, mask,
+    fit, eval, report; with HF offline, proxies pointing at a dead port and every socket connect refused."""
     log = tmp_path / "network_attempts.log"
     log.touch()
     proxy = "http://127.0.0.1:9"  # the discard port: nothing answers
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HTTP_PROXY": proxy, "HTTPS_PROXY": proxy, "ALL_PROXY": proxy,
            "http_proxy": proxy, "https_proxy": proxy, "all_proxy": proxy, "DF_NET_LOG": str(log),
            "OMP_NUM_THREADS": "1"}
-    p = subprocess.run([sys.executable, "-c", NO_NETWORK, "--quick", "--out", str(tmp_path / "demo")],
+    extra = ["--from-scratch"] if start == "from-scratch" else []
+    p = subprocess.run([sys.executable, "-c", NO_NETWORK, "--quick", "--out", str(tmp_path / "demo"), *extra],
                        capture_output=True, text=True, env=env, timeout=900)
     assert p.returncode == 0, p.stderr[-3000:]
     assert log.read_text() == "", f"network was attempted:\n{log.read_text()}"
     demo = tmp_path / "demo"
     res = json.loads((demo / "demo_result.json").read_text())
-    assert 0.0 <= res["before"] <= 1.0 and 0.0 <= res["after"] <= 1.0
-    for sub in ("loop/round_000/sample", "loop/round_000/repair", "loop/round_000/df", "loop/round_000/fit"):
+    assert set(res["arms"]) == {"grpo", "df-grpo"}
+    for a in res["arms"].values():
+        assert 0.0 <= a["steps_right"] <= a["accuracy"] <= 1.0 and a["tokens"] > 0
+    for sub in ("grpo/round_000/sample", "grpo/round_000/fit", "df-grpo/round_000/sample", "df-grpo/round_000/repair",
+                "df-grpo/round_000/df", "df-grpo/round_000/fit"):
         assert any((demo / sub).iterdir())
-    assert (demo / "loop" / "round_000" / "fit" / "model.safetensors").is_file()
+    assert not (demo / "grpo" / "round_000" / "df").exists()  # GRPO trains on the samples, no repairs
+    # the two arms saw the same prompts
+    assert (demo / "grpo/round_000/prompts").exists() and \
+        sorted(f.read_bytes() for f in (demo / "grpo/round_000/prompts").glob("*.parquet")) == \
+        sorted(f.read_bytes() for f in (demo / "df-grpo/round_000/prompts").glob("*.parquet"))
     assert (demo / "report.html").stat().st_size > 1000
+    assert "grpo" in p.stdout and "df-grpo" in p.stdout and "docs/RESULTS.md" in p.stdout
+    assert (demo / "start" / "config.json").exists() == (start == "from-scratch")
 
 
 def _calls(tree):
