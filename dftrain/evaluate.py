@@ -291,6 +291,7 @@ def score_predictions(bench: str, records: list[dict], path: Path, field: str | 
     known_skipped = known_skipped or set()
     fields = (field,) if field else ("response", "prediction")
     got: dict[str, object] = {}
+    keys: set = set()  # text fields of rows without the prediction field, named if nothing can be scored
     rep = {"file": str(path), "field": field or "response|prediction", "n_lines": 0, "n_matched": 0,
            "n_unknown_ids": 0, "unknown_ids": [], "n_duplicate_ids": 0, "duplicate_ids": [],
            "n_bad_lines": 0, "bad_lines": [], "n_for_skipped_records": 0, "n_missing_ids": 0, "missing_ids": []}
@@ -323,8 +324,14 @@ def score_predictions(bench: str, records: list[dict], path: Path, field: str | 
             continue
         present = [f for f in fields if f in row]
         got[rid] = row[present[0]] if present else _Missing(fields)
+        if not present:
+            keys.update(k for k, v in row.items() if isinstance(v, str) and k not in ("id", ID_KEYS.get(bench, "id")))
     if rep["n_lines"] == 0:
         raise UserError(f"{path} holds no predictions")
+    if got and all(isinstance(v, _Missing) for v in got.values()):  # nothing to score: refuse, never report 0.0
+        likely = sorted(k for k in keys if any(w in k.lower() for w in ("pred", "resp", "output", "answer")))
+        raise UserError(f"no row of {path} has a {' / '.join(fields)} field; pass --prediction-field, "
+                        f"e.g. one of: {', '.join((likely or sorted(keys))[:8]) or '(no text fields)'}")
     results = []
     for r in records:
         if r["id"] not in got:

@@ -73,6 +73,13 @@ def test_eval_predictions_reproduce_mmstar_official_score(tmp_path):
                 "logical reasoning": 0.460, "math": 0.532, "science & technology": 0.332}
     assert {c: round(b["accuracy"], 3) for c, b in summary["per_category"].items()} == expected
     assert summary["predictions"]["n_matched"] == 1500 and summary["predictions"]["n_unknown_ids"] == 0
+    # without --prediction-field no row has a response/prediction field: a refusal naming the candidate,
+    # never "1500 errored, accuracy 0.0"
+    bad = run_cli("dftrain", "eval", "--bench", "mmstar", "--data", path, "--predictions", path,
+                  "--out", tmp_path / "none.json", check=False)
+    lines = bad.stderr.strip().splitlines()
+    assert bad.returncode != 0 and len(lines) == 1 and "--prediction-field" in lines[0], bad.stderr
+    assert "prediction_llava_next_yi_34b" in lines[0] and not (tmp_path / "none.json").exists()
 
 
 def _png(path: Path):
