@@ -268,10 +268,6 @@ def _read_schema(f: Path) -> tuple[pa.Schema, dict]:
     return schema, meta
 
 
-def _read_meta(f: Path) -> dict:
-    return _read_schema(f)[1]
-
-
 def check_columns(f: Path, schema: pa.Schema, stage: str) -> None:
     """Refuse a file lacking columns (or rollout fields) of the one shard schema of its stage."""
     want = ["id", "question", "answer"] if stage == "prompts" else schema_for(stage).names
@@ -332,7 +328,7 @@ def open_shards(path: Path, stage: str | tuple | None = None, tokenizer_fp: str 
     """Open and validate a shard folder (or a single parquet file)."""
     path = Path(path)
     if path.is_dir():
-        files = sorted(p for p in path.glob("*.parquet") if not p.name.startswith("."))
+        files = _listed_files(path)
     elif path.is_file():
         files = [path]
     else:
@@ -362,4 +358,46 @@ def open_shards(path: Path, stage: str | tuple | None = None, tokenizer_fp: str 
     if tokenizer_fp is not None and meta.get("tokenizer_fingerprint") not in (None, tokenizer_fp):
         raise UserError(f"{path} was tokenized by another tokenizer ({meta.get('tokenizer_fingerprint')}) "
                         f"than the model's ({tokenizer_fp}); resample with this model")
+    if meta.get("stage", "prompts") != "prompts":  # prompt sets count their duplicate ids at load
+        _refuse_duplicate_groups(path, files)
     return ShardSet(files=files, meta=meta)
+
+
+def _listed_files(folder: Path) -> list[Path]:
+    """The shards of a folder: those its worker manifests list, when it has manifests (every dfkit
+    stage writes them); any ``*.parquet`` otherwise (a hand-made prompt set). A parquet file no
+    manifest lists (a copy, another run's shard) is refused, never read, and a listed one that is
+    missing is refused too."""
+    files = sorted(p for p in folder.glob("*.parquet") if not p.name.startswith("."))
+    manifests = sorted(folder.glob("_manifest.w*.json"))
+    if not manifests:
+        return files
+    listed: set = set()
+    for m in manifests:
+        try:
+            listed |= set(json.loads(m.read_text()).get("shards", {}))
+        except (ValueError, AttributeError, OSError) as e:
+            raise UserError(f"{m} is not a readable shard manifest ({one_line(e)})") from None
+    extra = [f.name for f in files if f.name not in listed]
+    if extra:
+        raise UserError(f"{folder} holds {extra[0]}{f' and {len(extra) - 1} more' if len(extra) > 1 else ''}, which "
+                        f"no manifest of the set lists (a copy or another run's shard?); move it out")
+    missing = sorted(listed - {f.name for f in files})
+    if missing:
+        raise UserError(f"{folder}: {missing[0]} is listed in a manifest but missing; rerun the stage to rewrite it")
+    return files
+
+
+def _refuse_duplicate_groups(path: Path, files: list[Path]) -> None:
+    """One row per prompt group: a group id met twice would be trained on twice."""
+    seen: dict = {}
+    for f in files:
+        try:
+            ids = pq.read_table(f, columns=["id"]).column("id").to_pylist()
+        except Exception as e:
+            raise UserError(f"{f} is corrupt or truncated ({one_line(e)})") from None
+        for gid in ids:
+            if gid in seen:
+                raise UserError(f"{path}: group id {gid!r} occurs twice ({seen[gid]} and {f.name}); "
+                                f"one row per group, so this set would count it twice")
+            seen[gid] = f.name

@@ -138,6 +138,26 @@ def _shards_copy(t: Path, base, stage_dir: str, edit=None, meta_edit=None) -> Pa
     return t / "shards"
 
 
+def _stray_copy(t: Path, base) -> Path:
+    """The issue's measurement: a copy of a shard under another name beside the set's own shards."""
+    import shutil
+
+    d = _shards_copy(t, base, "m")
+    shutil.copy(d / "part-w000-00000.parquet", d / "part-w000-00099.parquet")
+    return d
+
+
+def _duplicate_groups(t: Path, base) -> Path:
+    """A hand-assembled folder (no manifest) holding the same groups twice."""
+    import shutil
+
+    d = _shards_copy(t, base, "m")
+    for m in d.glob("_manifest*"):
+        m.unlink()
+    shutil.copy(d / "part-w000-00000.parquet", d / "copy.parquet")
+    return d
+
+
 def _fit(data, base) -> list:
     return ["dftrain", "fit", "--data", data, "--model", base["model"], "--out", "{out}", "--steps", 1,
             "--groups-per-step", 1]
@@ -280,6 +300,10 @@ CASES = {
         lambda t, b: _fit(_shards_copy(t, b, "m", _set_logprob(float("nan"))), b)),
     "inf-logprobs": ("error", "rollout 1: stored logprobs contain NaN or inf",
         lambda t, b: _fit(_shards_copy(t, b, "m", _set_logprob(float("-inf"))), b)),
+    "shard-copy-not-in-manifest": ("error", "part-w000-00099.parquet, which no manifest of the set lists",
+        lambda t, b: _fit(_stray_copy(t, b), b)),
+    "duplicate-group-ids": ("error", "occurs twice (copy.parquet and part-w000-00000.parquet)",
+        lambda t, b: _fit(_duplicate_groups(t, b), b)),
 }
 
 

@@ -63,3 +63,40 @@ def test_mixed_provenance_and_foreign_tokenizer_are_refused(tmp_path):
     with pytest.raises(UserError, match="another tokenizer"):
         open_shards(tmp_path / "p", tokenizer_fp="zzz")
     assert open_shards(tmp_path / "p", tokenizer_fp="aaa").num_rows() == 0
+
+
+def _group(i):
+    return {**_row(i), "prompt_ids": [1, 2], "rollouts": [{"text": "a", "token_ids": [3], "reward": 0.0}]}
+
+
+def test_readers_read_the_shards_the_manifests_list(tmp_path):
+    """Measured before: a copy of a shard under another name was trained on, its groups twice."""
+    import shutil
+
+    w = ShardWriter(tmp_path / "o", "sample", {})
+    f0 = w.write(0, [_group(0), _group(1)])
+    w.write(1, [_group(2)])
+    assert open_shards(tmp_path / "o", stage="sample").num_rows() == 3
+    copy = tmp_path / "o" / "part-w000-00099.parquet"
+    shutil.copy(f0, copy)
+    with pytest.raises(UserError, match="part-w000-00099.parquet, which no manifest of the set lists"):
+        open_shards(tmp_path / "o", stage="sample")
+    copy.unlink()
+    f0.unlink()  # listed but gone
+    with pytest.raises(UserError, match="part-w000-00000.parquet is listed in a manifest but missing"):
+        open_shards(tmp_path / "o")
+
+
+def test_a_group_id_met_twice_is_refused(tmp_path):
+    """Without manifests (a hand-assembled folder) every parquet file is read, and a group id that
+    occurs twice is refused in one line, not counted twice."""
+    import shutil
+
+    f0 = ShardWriter(tmp_path / "w", "sample", {}).write(0, [_group(0), _group(1)])
+    (tmp_path / "o").mkdir()
+    shutil.copy(f0, tmp_path / "o" / "a.parquet")
+    shutil.copy(f0, tmp_path / "o" / "b.parquet")
+    with pytest.raises(UserError, match="group id 'p0' occurs twice \\(a.parquet and b.parquet\\)"):
+        open_shards(tmp_path / "o")
+    (tmp_path / "o" / "b.parquet").unlink()
+    assert open_shards(tmp_path / "o").num_rows() == 2
