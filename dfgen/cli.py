@@ -13,6 +13,8 @@ from pathlib import Path
 
 import typer
 
+from dfgen.backends import BackendName as Backend
+from dfgen.console import progress_bar, quiet_hf
 from dfgen.errors import UserError, cli_errors
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
@@ -26,25 +28,6 @@ class Split(str, Enum):
     test = "test"
 
 
-class Backend(str, Enum):
-    hf = "hf"
-    vllm = "vllm"
-
-
-def _quiet_hf():
-    import os
-    import warnings
-
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    warnings.filterwarnings("ignore")
-    try:
-        import transformers
-
-        transformers.utils.logging.disable_progress_bar()
-        transformers.utils.logging.set_verbosity_error()
-    except ImportError:
-        pass
 
 
 @app.command()
@@ -85,22 +68,13 @@ def tiny(
 
     Example: dfgen tiny --out runs/tiny
     """
-    _quiet_hf()
+    quiet_hf()
     from dfgen.policy import build_tiny
 
     if hidden % 64 or hidden <= 0 or layers <= 0:
         raise UserError("--hidden must be a positive multiple of 64 and --layers positive")
     p = build_tiny(out, seed=seed, hidden=hidden, layers=layers)
     typer.echo(f"built tiny policy in {p}")
-
-
-def _progress(total: int | None, desc: str):
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    prog = Progress(TextColumn(desc), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
-                    TimeElapsedColumn(), console=Console(stderr=True))
-    return prog, prog.add_task(desc, total=total, rate="")
 
 
 @app.command()
@@ -132,7 +106,7 @@ def sample(
 
     Example: dfgen sample --prompts runs/train --model runs/sft --out runs/r0 --group-size 8 --limit 64
     """
-    _quiet_hf()
+    quiet_hf()
     from dfgen.sample import SampleConfig, run_sample
 
     cfg = SampleConfig(prompts=prompts, model=model, out=out, backend=backend.value, group_size=group_size,
@@ -146,7 +120,7 @@ def sample(
     import time
 
     state = {"t0": time.time(), "n": 0, "tok": 0}
-    prog, task = _progress(None, "sampling")
+    prog, task = progress_bar(None, "sampling")
 
     def tick(n_roll, n_tok, total=None):
         if total is not None:  # first call: inputs validated, work starts
@@ -183,7 +157,7 @@ def _on_ray(stage: str, cfg, address: str, key: str, unit: str) -> None:
     """A stage's workers as Ray tasks (dfgen.cluster): one bar over all of them, then each one's throughput."""
     from dfgen import cluster
 
-    prog, task = _progress(None, f"{stage} on Ray (groups)")
+    prog, task = progress_bar(None, f"{stage} on Ray (groups)")
     started = {"on": False}
 
     def tick(done, total):
@@ -201,8 +175,8 @@ def _on_ray(stage: str, cfg, address: str, key: str, unit: str) -> None:
     typer.echo(f"{len(stats)} Ray workers wrote {cfg.out}")
 
 
-def _stage_progress(desc: str):
-    prog, task = _progress(None, desc)
+def _stageprogress_bar(desc: str):
+    prog, task = progress_bar(None, desc)
     started = {"on": False}
 
     def tick(n):
@@ -232,14 +206,14 @@ def repair(
 
     Example: dfgen repair --rollouts runs/r0/sample --out runs/r0/repair --repairer oracle
     """
-    _quiet_hf()
+    quiet_hf()
     from dfgen.repair import RepairConfig, run_repair
 
     cfg = RepairConfig(rollouts=rollouts, out=out, repairer=repairer.value, repair_model=repair_model,
                        backend=backend.value, model=model, max_edit_ratio=max_edit_ratio, template=template)
     if ray is not None:
         return _on_ray("repair", cfg, ray, "failed", "failed rollouts")
-    prog, tick = _stage_progress("repairing shards")
+    prog, tick = _stageprogress_bar("repairing shards")
     try:
         st = run_repair(cfg, progress=tick)
     finally:
@@ -264,10 +238,10 @@ def mask(
 
     Example: dfgen mask --repairs runs/r0/repair --out runs/r0/df
     """
-    _quiet_hf()
+    quiet_hf()
     from dfgen.mask import MaskConfig, run_mask
 
-    prog, tick = _stage_progress("masking shards")
+    prog, tick = _stageprogress_bar("masking shards")
     try:
         st = run_mask(MaskConfig(repairs=repairs, out=out, level=level.value, tokenizer=tokenizer), progress=tick)
     finally:
@@ -290,7 +264,7 @@ def show(
 
     Example: dfgen show runs/r0/df --out report.html
     """
-    _quiet_hf()
+    quiet_hf()
     from dfgen.report import write_report
 
     n = write_report(path, out, groups=groups, seed=seed)

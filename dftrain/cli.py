@@ -11,7 +11,7 @@ from typing import Annotated
 
 import typer
 
-from dfgen.cli import _quiet_hf
+from dfgen.console import quiet_hf
 from dfgen.errors import UserError, cli_errors
 from dftrain.fit import FitConfig as _Fit  # light modules: the configs are the one source of defaults
 from dftrain.loop import LoopConfig as _Loop
@@ -74,7 +74,7 @@ def sft(
 
     Example: dftrain sft --data runs/train --model runs/tiny --out runs/sft --eval-data runs/val
     """
-    _quiet_hf()
+    quiet_hf()
     from rich.console import Console
 
     from dftrain.sft import SFTConfig, run_sft
@@ -141,7 +141,7 @@ def fit(
 
     Example: dftrain fit --data runs/r0/df --model runs/sft --out runs/r1 --steps 20
     """
-    _quiet_hf()
+    quiet_hf()
     from dftrain.fit import FitConfig, run_fit
 
     cfg = FitConfig(data=data, model=model, out=out, objective=objective, steps=steps,
@@ -194,7 +194,7 @@ def loop(
 
     Example: dftrain loop --model runs/sft --out runs/loop --rounds 4 --eval runs/test
     """
-    _quiet_hf()
+    quiet_hf()
     from rich.console import Console
 
     from dftrain.loop import LoopConfig, run_loop
@@ -217,7 +217,7 @@ def loop(
     typer.echo(f"{len(res['rounds'])} rounds in {res['seconds']:.0f}s; final model {res['final_model']}")
 
 
-from dfgen.cli import Backend as _EvalBackend  # noqa: E402 - the eval command's option types
+from dfgen.backends import BackendName as _EvalBackend  # noqa: E402 - the eval command's option types
 from dftrain.evaluate import Bench as _Bench  # noqa: E402 - light module (no torch at import)
 
 
@@ -258,7 +258,7 @@ def eval_(
                      prediction_field=prediction_field, backend=backend.value, out=out, limit=limit,
                      samples=samples, temperature=temperature, max_new_tokens=max_new_tokens, seed=seed,
                      batch_size=batch_size, device=device).validate()
-    _quiet_hf()
+    quiet_hf()
     from rich.console import Console
 
     err = Console(stderr=True)
@@ -266,9 +266,9 @@ def eval_(
 
     def progress(total=None, advance=0):
         if total is not None and cfg.predictions is None:
-            from dfgen.cli import _progress
+            from dfgen.console import progress_bar
 
-            prog["bar"], prog["task"] = _progress(total, "evaluating")
+            prog["bar"], prog["task"] = progress_bar(total, "evaluating")
             prog["bar"].start()
         elif prog["bar"] is not None and advance:
             prog["bar"].update(prog["task"], advance=advance)

@@ -22,3 +22,22 @@ def test_help_is_instant_because_heavy_imports_are_lazy():
 
 
 # The miniature demo (the whole pipeline) runs in tests/test_security.py, with networking disabled.
+
+
+def test_every_backend_name_is_a_cli_choice_and_a_missing_engine_is_one_line(tmp_path, tiny_model, test_prompts):
+    """The backend registry is the one list of engines: each name is offered by every command that
+    takes --backend; an engine that is not installed is refused in one line before any output."""
+    import importlib.util
+
+    from dfgen.backends import BACKENDS
+
+    for prog, cmd in (("dfgen", "sample"), ("dfgen", "repair"), ("dftrain", "eval")):
+        help_text = run_cli(prog, cmd, "--help").stdout
+        assert f"--backend <{'|'.join(BACKENDS)}>" in help_text, (prog, cmd)
+    if importlib.util.find_spec("vllm") is not None:
+        pytest.skip("vllm is installed here: nothing is missing")  # e.g. run inside .venv-vllm
+    p = run_cli("dfgen", "sample", "--prompts", test_prompts, "--model", tiny_model, "--out", tmp_path / "o",
+                "--backend", "vllm", check=False)
+    lines = p.stderr.strip().splitlines()
+    assert p.returncode != 0 and len(lines) == 1 and "make setup-vllm" in lines[0], p.stderr
+    assert not (tmp_path / "o").exists()

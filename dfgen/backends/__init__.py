@@ -8,6 +8,7 @@ do not know which engine ran. Seeds are per sample (derived by the caller from
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import Enum
 from typing import Protocol
 
 
@@ -44,17 +45,20 @@ class Backend(Protocol):
     def score(self, prompts: list[Prompt], completions: list[list[int]], temperature: float = 1.0) -> list[list[float]]: ...
 
 
+# the registry: name -> (module, class); one place that names the engines (CLI choices come from it)
+BACKENDS = {"hf": ("dfgen.backends.hf", "HFBackend"), "vllm": ("dfgen.backends.vllm", "VLLMBackend")}
+_NEEDS = {"vllm": "vLLM installed (make setup-vllm)"}  # engines that are an optional install
+BackendName = Enum("BackendName", {k: k for k in BACKENDS}, type=str)  # the CLI option type
+
+
 def get_backend(name: str, model_dir, **kwargs) -> Backend:
+    import importlib.util
+
     from dfgen.errors import UserError
 
-    if name == "hf":
-        from dfgen.backends.hf import HFBackend
-
-        return HFBackend(model_dir, **kwargs)
-    if name == "vllm":
-        try:
-            from dfgen.backends.vllm import VLLMBackend
-        except ImportError as e:
-            raise UserError(f"the vllm backend needs vLLM installed (make setup-vllm): {e}") from None
-        return VLLMBackend(model_dir, **kwargs)
-    raise UserError(f"unknown backend {name!r} (hf or vllm)")
+    if name not in BACKENDS:
+        raise UserError(f"unknown backend {name!r} ({' or '.join(BACKENDS)})")
+    if name in _NEEDS and importlib.util.find_spec(name) is None:  # before anything loads (engines import lazily)
+        raise UserError(f"the {name} backend needs {_NEEDS[name]}; this environment has no {name} module")
+    module, cls = BACKENDS[name]
+    return getattr(importlib.import_module(module), cls)(model_dir, **kwargs)

@@ -12,8 +12,8 @@ exactly that distribution, and forces ``generate`` (in greedy mode) to take it. 
   left padding).
 Greedy (``temperature == 0``) takes the argmax and stores its log-probability at T = 1.
 
-Decoding itself runs in ``fast_decode`` (a lean loop over the model's own weights, ~4x faster
-than ``generate`` on the tiny policy on CPU) whenever it supports the model and batch, else in
+Decoding itself runs in ``fast_decode`` (a lean loop over the model's own weights; faster than
+``generate`` on the tiny policy on CPU, BENCHMARKS.md has the ratio) whenever it supports the model and batch, else in
 ``generate``; both feed the same sampler, give the same tokens (tested), and
 ``HFBackend(fast_decode=False)`` forces ``generate``.
 """

