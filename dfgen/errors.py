@@ -13,6 +13,12 @@ class UserError(Exception):
     """Bad input or an impossible request: printed as ``error: <msg>``, exit code 2."""
 
 
+def shorten(text, limit: int = 200) -> str:
+    """Any text (or object) on one line: whitespace runs collapsed, cut to ``limit`` with ``...``."""
+    s = " ".join(str(text).split())
+    return s if len(s) <= limit else s[: limit - 3] + "..."
+
+
 def one_line(e: BaseException, limit: int = 80) -> str:
     """``Type: first line of the message`` (library messages often span lines), shortened."""
     msg = (str(e).strip().splitlines() or [""])[0].strip()

@@ -17,19 +17,27 @@ import json
 from pathlib import Path
 
 from dfgen.errors import UserError, one_line
-from dfgen.shards import PROMPT_SCHEMA
+from dfgen.shards import ANSWER_TYPES, PROMPT_SCHEMA
 
 REQUIRED = ("id", "question", "answer")
-ANSWER_TYPES = ("integer", "float", "text", "choice", "list")
+
+
+def is_inside(path: Path, root: Path) -> bool:
+    """Whether ``path`` stays inside ``root`` once symlinks and ``..`` are resolved (the one
+    path-escape guard: prompt records here, benchmark loaders in ``dfgen.benchmarks``)."""
+    try:
+        Path(path).resolve().relative_to(Path(root).resolve())
+    except ValueError:
+        return False
+    return True
 
 
 def resolve_inside(root: Path, rel: str) -> Path:
     """``root/rel`` if it stays inside ``root`` after resolving symlinks, else UserError."""
     if not rel or Path(rel).is_absolute():
         raise UserError(f"image_path must be relative to the dataset folder: {rel!r}")
-    root_r = root.resolve()
     p = (root / rel).resolve()
-    if root_r != p and root_r not in p.parents:
+    if not is_inside(p, root):
         raise UserError(f"image_path escapes the dataset folder: {rel!r}")
     if not p.is_file():
         raise UserError(f"image file not found: {rel!r}")

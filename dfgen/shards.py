@@ -63,6 +63,7 @@ PROMPT_FIELDS = [
     pa.field("meta", pa.string()),  # JSON: adapter-specific extras
 ]
 PROMPT_SCHEMA = pa.schema(PROMPT_FIELDS)
+ANSWER_TYPES = ("integer", "float", "text", "choice", "list")  # the values answer_type may take
 
 ROLLOUT = pa.struct([
     # sample

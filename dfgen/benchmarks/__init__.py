@@ -43,6 +43,10 @@ import warnings
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any, Iterable, Iterator
 
+from dfgen.errors import shorten
+from dfgen.records import is_inside
+from dfgen.shards import ANSWER_TYPES
+
 __all__ = [
     "BENCHMARKS",
     "BENCHMARK_NAMES",
@@ -69,7 +73,6 @@ RECORD_KEYS = (
     "solution",
     "meta",
 )
-ANSWER_TYPES = ("integer", "float", "text", "choice", "list")
 
 # Decompression-bomb guard: refuse images above this many pixels (Pillow's own default
 # warning threshold is ~89 Mpx) and files above this many bytes.
@@ -96,11 +99,6 @@ def is_missing(value: Any) -> bool:
     if isinstance(value, str) and not value.strip():
         return True
     return False
-
-
-def one_line(text: Any, limit: int = 200) -> str:
-    s = " ".join(str(text).split())
-    return s if len(s) <= limit else s[: limit - 3] + "..."
 
 
 def as_str_or_none(value: Any) -> str | None:
@@ -131,7 +129,7 @@ def parse_str_list(value: Any) -> list[str] | None:
         try:
             value = json.loads(value)
         except ValueError as exc:
-            raise SkipRecord(f"choices is not a list: {one_line(value, 80)}") from exc
+            raise SkipRecord(f"choices is not a list: {shorten(value, 80)}") from exc
         if value is None:
             return None
     if hasattr(value, "tolist") and not isinstance(value, (list, tuple)):
@@ -181,7 +179,7 @@ def _jsonl_rows(path: Path) -> Iterator[tuple[str, Any]]:
             try:
                 yield f"line {lineno}", json.loads(line)
             except ValueError as exc:
-                yield f"line {lineno}", SkipRecord(f"invalid JSON: {one_line(exc, 120)}")
+                yield f"line {lineno}", SkipRecord(f"invalid JSON: {shorten(exc, 120)}")
 
 
 def _tsv_rows(path: Path) -> Iterator[tuple[str, Any]]:
@@ -313,9 +311,9 @@ def run_loader(path: Path, limit: int | None, convert, id_key: str) -> tuple[lis
                 raise SkipRecord(f"record is not an object ({type(raw).__name__})")
             records.append(convert(raw, root))
         except SkipRecord as exc:
-            skipped.append((rid, one_line(exc)))
+            skipped.append((rid, shorten(exc)))
         except Exception as exc:  # noqa: BLE001 - one bad record must never stop the load
-            skipped.append((rid, one_line(f"error: {type(exc).__name__}: {exc}")))
+            skipped.append((rid, shorten(f"error: {type(exc).__name__}: {exc}")))
         if limit is not None and len(records) >= limit:
             break
     return records, skipped
@@ -344,22 +342,14 @@ def verify_image_bytes(data: bytes) -> tuple[int, int]:
     except SkipRecord:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise SkipRecord(f"image refused (decompression bomb guard): {one_line(exc, 100)}") from exc
+        raise SkipRecord(f"image refused (decompression bomb guard): {shorten(exc, 100)}") from exc
     except Exception as exc:  # noqa: BLE001 - PIL raises many exception types
-        raise SkipRecord(f"undecodable image: {type(exc).__name__}: {one_line(exc, 100)}") from exc
+        raise SkipRecord(f"undecodable image: {type(exc).__name__}: {shorten(exc, 100)}") from exc
     return width, height
 
 
 class _NotFound(Exception):
     pass
-
-
-def _inside(candidate: Path, root: Path) -> bool:
-    try:
-        candidate.resolve().relative_to(root)
-    except ValueError:
-        return False
-    return True
 
 
 def safe_image_path(rel: str, root: Path) -> Path:
@@ -372,25 +362,25 @@ def safe_image_path(rel: str, root: Path) -> Path:
     if "\x00" in rel:
         raise SkipRecord("image path contains a NUL byte")
     if PurePosixPath(rel).is_absolute() or PureWindowsPath(rel).is_absolute() or PureWindowsPath(rel).drive:
-        raise SkipRecord(f"absolute image path refused: {one_line(rel, 100)}")
+        raise SkipRecord(f"absolute image path refused: {shorten(rel, 100)}")
     candidate = root / rel
-    if not _inside(candidate, root):
-        raise SkipRecord(f"image path escapes the dataset folder: {one_line(rel, 100)}")
+    if not is_inside(candidate, root):
+        raise SkipRecord(f"image path escapes the dataset folder: {shorten(rel, 100)}")
     if candidate.is_file():
         return candidate.resolve()
     if candidate.exists():
-        raise SkipRecord(f"image path is not a file: {one_line(rel, 100)}")
+        raise SkipRecord(f"image path is not a file: {shorten(rel, 100)}")
     # same stem, another extension (MathVista ships images/44.jpg in the json, while
     # some copies hold images/44.png)
     parent = candidate.parent
-    if parent.is_dir() and _inside(parent, root):
+    if parent.is_dir() and is_inside(parent, root):
         for ext in IMAGE_EXTENSIONS + tuple(e.upper() for e in IMAGE_EXTENSIONS):
             alt = parent / (candidate.stem + ext)
             if alt != candidate and alt.is_file():
-                if not _inside(alt, root):
+                if not is_inside(alt, root):
                     raise SkipRecord(f"image path escapes the dataset folder: {alt.name}")
                 return alt.resolve()
-    raise _NotFound(f"image file not found: {one_line(rel, 100)}")
+    raise _NotFound(f"image file not found: {shorten(rel, 100)}")
 
 
 _B64_RE = re.compile(r"^[A-Za-z0-9+/\s]+={0,2}\s*$")
