@@ -21,7 +21,7 @@ Run: ``dfgen mask --repairs runs/r0/repair --out runs/r0/df``
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 from dfgen.errors import UserError
@@ -40,7 +40,7 @@ def run_mask(cfg: MaskConfig, progress=None) -> dict:
 
     from dfgen.align import align, step_ids, step_mask
     from dfgen.policy import tokenizer_fingerprint
-    from dfgen.shards import ShardWriter, WriterLock, open_shards, shard_position, write_json_atomic
+    from dfgen.shards import ShardWriter, WriterLock, config_json, open_shards, shard_position, write_json_atomic
 
     if cfg.level not in ("token", "step"):
         raise UserError(f"--level must be token or step, got {cfg.level!r}")
@@ -105,5 +105,5 @@ def run_mask(cfg: MaskConfig, progress=None) -> dict:
             if progress:
                 progress(len(rows))
         st["mask_density"] = st["marked"] / st["tokens"] if st["tokens"] else 0.0
-        write_json_atomic(out / "config.json", {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()})
+        write_json_atomic(out / "config.json", config_json(cfg))
         return st

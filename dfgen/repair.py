@@ -23,7 +23,7 @@ Run: ``dfgen repair --rollouts runs/r0/sample --out runs/r0/repair --repairer or
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 from dfgen.errors import UserError
@@ -71,7 +71,7 @@ def run_repair(cfg: RepairConfig, progress=None, only_worker: int | None = None)
     from dfgen.backends import Prompt, SamplingConfig, get_backend
     from dfgen.policy import context_length, decode_image, model_fingerprint, prompt_lengths
     from dfgen.repairers import Proposal, oracle, sibling
-    from dfgen.shards import ShardWriter, WriterLock, open_shards, shard_position, write_json_atomic
+    from dfgen.shards import ShardWriter, WriterLock, config_json, open_shards, shard_position, write_json_atomic
 
     cfg.validate()
     ss = open_shards(cfg.rollouts, stage="sample")
@@ -181,5 +181,5 @@ def run_repair(cfg: RepairConfig, progress=None, only_worker: int | None = None)
         dt = time.time() - t0
         st["seconds"] = round(dt, 2)
         st["repaired_per_s"] = round(st["failed"] / dt, 1) if dt > 0 else 0.0
-        write_json_atomic(out / "config.json", {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()})
+        write_json_atomic(out / "config.json", config_json(cfg))
         return st

@@ -23,7 +23,7 @@ Run: ``dfgen sample --prompts runs/train --model runs/sft --out runs/r0 --group-
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from dfgen.errors import UserError
@@ -109,7 +109,7 @@ def run_sample(cfg: SampleConfig, progress=None) -> dict:
                               tokenizer_fingerprint)
     from dfgen.records import load_prompts
     from dfgen.seeds import sample_seed
-    from dfgen.shards import ShardWriter, WriterLock, write_json_atomic
+    from dfgen.shards import ShardWriter, WriterLock, config_json, write_json_atomic
 
     cfg.validate()
     check_policy_dir(cfg.model)
@@ -136,7 +136,7 @@ def run_sample(cfg: SampleConfig, progress=None) -> dict:
     with WriterLock(out, [cfg.worker_index]):  # held until the last shard is written
         check_existing(out, {**meta, "stage": "sample"})
         writer = ShardWriter(out, "sample", meta, worker=cfg.worker_index)
-        write_json_atomic(out / "config.json", {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()})
+        write_json_atomic(out / "config.json", config_json(cfg))
         scfg = SamplingConfig(cfg.temperature, cfg.top_p, cfg.max_new_tokens)
         stats = {"groups": 0, "rollouts": 0, "tokens": 0, "reward_sum": 0.0, "skipped_prompts": len(skipped), "chunks_skipped": 0}
         t0 = time.time()

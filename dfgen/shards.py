@@ -106,6 +106,13 @@ def _named(e: OSError, path: Path) -> OSError:
     return type(e)(e.errno, os.strerror(e.errno), str(path))
 
 
+def config_json(cfg) -> dict:
+    """A config dataclass as plain JSON values (paths as strings): what every stage saves."""
+    from dataclasses import asdict
+
+    return json.loads(json.dumps(asdict(cfg), default=str))
+
+
 def write_json_atomic(path: Path, obj) -> None:
     _write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True, default=str))
 

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 
@@ -85,8 +85,9 @@ def score_record(bench: str, rec: dict, text: str) -> dict:
 
 
 def _one_line(e) -> str:
-    s = " ".join(str(e).split()) or type(e).__name__
-    return s if len(s) <= 200 else s[:197] + "..."
+    from dfgen.errors import shorten
+
+    return shorten(e) or type(e).__name__
 
 
 def _item(rec: dict, status: str = "scored", **kw) -> dict:
@@ -470,7 +471,7 @@ def evaluate(cfg: EvalConfig, progress=None, log=None) -> dict:
     ``progress(total=None, advance=0)`` is called with ``total`` once the records are loaded,
     then with ``advance`` per finished batch; ``log(msg)`` gets one-line notes."""
     from dfgen.errors import UserError
-    from dfgen.shards import write_json_atomic, write_jsonl_atomic
+    from dfgen.shards import config_json, write_json_atomic, write_jsonl_atomic
 
     cfg.validate()
     log = log or (lambda m: None)
@@ -538,7 +539,7 @@ def evaluate(cfg: EvalConfig, progress=None, log=None) -> dict:
                         "extraction": None, "prediction": None, "correct": False, "error": str(why),
                         "samples": 0, "n_correct": 0} for rid, why in skipped]
     write_jsonl_atomic(ipath, items)
-    conf = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()}
+    conf = config_json(cfg)
     if mode == "predictions":  # generation settings play no part
         for k in ("model", "backend", "device", "batch_size", "samples", "temperature", "max_new_tokens", "seed"):
             conf.pop(k)

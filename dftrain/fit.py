@@ -39,7 +39,7 @@ import json
 import os
 import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 from dfgen.errors import UserError
@@ -119,7 +119,9 @@ RESUME_FREE = ("steps", "resume", "save_every", "micro_batch", "threads", "log_e
 def _check_resume_settings(have: dict, cfg: "FitConfig", out: Path) -> None:
     """A resumed fit must optimise the same objective on the same data as the run it continues
     (e.g. a run begun with ``--marked edit`` is not silently continued under a new default)."""
-    want = json.loads(json.dumps(asdict(cfg), default=str))
+    from dfgen.shards import config_json
+
+    want = config_json(cfg)
     diff = sorted(k for k in set(have) | set(want) if k not in RESUME_FREE and have.get(k) != want.get(k))
     if diff:
         raise UserError(f"{out} holds a fit with other settings ({', '.join(f'{k}: {have.get(k)!r} there' for k in diff)}); "
@@ -264,7 +266,7 @@ def save_checkpoint(model, processor, opt, cfg, step, position, out: Path, final
 
     import torch
 
-    from dfgen.shards import write_json_atomic
+    from dfgen.shards import config_json, write_json_atomic
 
     name = f"step_{step:06d}"
     tmp = None
@@ -272,7 +274,7 @@ def save_checkpoint(model, processor, opt, cfg, step, position, out: Path, final
         tmp = _save_model(model, processor, out / name, cfg.lora_rank > 0)
         torch.save({"optimizer": opt.state_dict(), "rng": _rng_state()}, tmp / "optimizer.pt")
         write_json_atomic(tmp / "trainer_state.json", {"step": step, "data_position": position,
-                                                       "config": json.loads(json.dumps(asdict(cfg), default=str))})
+                                                       "config": config_json(cfg)})
     except BaseException:
         if tmp is not None:  # a failed save (disk full, a kill) leaves no half checkpoint folder
             shutil.rmtree(tmp, ignore_errors=True)
@@ -314,7 +316,7 @@ def run_fit(cfg: FitConfig, log=print) -> dict:
 
     from dfgen.policy import (check_policy_dir, decode_image, load_policy, load_processor, suppress_ids,
                               tokenizer_fingerprint)
-    from dfgen.shards import open_shards, write_json_atomic
+    from dfgen.shards import config_json, open_shards, write_json_atomic
     from dftrain.data import GroupStream
 
     cfg.validate()
@@ -390,7 +392,7 @@ def run_fit(cfg: FitConfig, log=print) -> dict:
     checked_prompt = False
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(out / "fit_config.json", json.loads(json.dumps(asdict(cfg), default=str)))
+        write_json_atomic(out / "fit_config.json", config_json(cfg))
     if rank == 0 and cfg.resume and (out / "metrics.jsonl").exists():
         # steps after the checkpoint are recomputed: drop their lines so each step is logged once
         lines = (out / "metrics.jsonl").read_text().splitlines()

@@ -26,7 +26,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from dfgen.errors import UserError
@@ -91,7 +91,9 @@ class LoopConfig:
 
 
 def _jsonable(cfg: LoopConfig) -> dict:
-    return json.loads(json.dumps(asdict(cfg), default=str))
+    from dfgen.shards import config_json
+
+    return config_json(cfg)
 
 
 def _round_prompts(cfg: LoopConfig, r: int, dst: Path):

@@ -26,7 +26,7 @@ import math
 import random
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 
@@ -226,12 +226,12 @@ def run_sft(cfg: SFTConfig, progress=None) -> dict:
 def _save(model, processor, d: Path, cfg: SFTConfig, metrics: dict) -> None:
     """A standard HF folder (weights, processor files) with the SFT config and ``metrics`` beside it."""
     from dfgen.policy import save_processor_files
-    from dfgen.shards import write_json_atomic
+    from dfgen.shards import config_json, write_json_atomic
 
     device = model.device
     shutil.rmtree(d, ignore_errors=True)
     model.to("cpu").save_pretrained(d, safe_serialization=True)
     model.to(device)
     save_processor_files(d, processor.tokenizer, processor.image_processor)
-    write_json_atomic(d / "sft_config.json", {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()})
+    write_json_atomic(d / "sft_config.json", config_json(cfg))
     write_json_atomic(d / "sft_metrics.json", metrics)

@@ -1,7 +1,6 @@
 """The shard notebook runs top to bottom on shards made by the test, so it never rots."""
 import os
 
-import pytest
 
 from tests.conftest import ROOT
 

@@ -170,7 +170,6 @@ def _first_shard(src, dst):
 
 def test_model_repairer_runs_end_to_end_and_records_a_reason_for_each_rejection(pipeline, tmp_path):
     from dfgen.repair import RepairConfig, run_repair
-    from dfgen.shards import ShardWriter, open_shards
 
     d, _, _ = pipeline
     # one shard is enough: the tiny policy is not a good repairer; verification is what is tested

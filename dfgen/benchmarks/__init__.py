@@ -45,7 +45,6 @@ from typing import Any, Iterable, Iterator
 
 from dfgen.errors import shorten
 from dfgen.records import is_inside
-from dfgen.shards import ANSWER_TYPES
 
 __all__ = [
     "BENCHMARKS",
