@@ -98,26 +98,27 @@ def df_cost_direct(d: Path, losses: list, extra: dict, med: dict, reps: int = 30
                                **extra.get(loss, {})) for obj in ("grpo", "df-grpo")}
         rows = {obj: build_rows(groups, c) for obj, c in cfgs.items()}
         prep = {obj: prepare_micro(processor, groups, rows[obj], cfgs[obj]) for obj in cfgs}
-        r_df, c_df, cm = rows["df-grpo"], cfgs["df-grpo"], prep["df-grpo"]["cm"]
+        r_df, c_df, cm = rows["df-grpo"], cfgs["df-grpo"], prep["df-grpo"]["completion_mask"]
 
         def pad(xs, T=cm.shape[1]):
-            return torch.tensor([(list(x) if x is not None else [0] * len(r["ids"])) + [0] * (T - len(r["ids"]))
+            return torch.tensor([(list(x) if x is not None else [0] * len(r.token_ids)) + [0] * (T - len(r.token_ids))
                                  for x, r in zip(xs, r_df)], dtype=torch.float32)
 
         def weights():
-            failed = torch.tensor([r["failed"] for r in r_df])
-            df_token_weights(pad([r["mask"] for r in r_df]), cm, failed, kappa=c_df.kappa,
-                             root_mask=pad([r["root"] for r in r_df]), marked=c_df.marked, delta=c_df.delta,
+            failed = torch.tensor([r.df_weighted for r in r_df])
+            df_token_weights(pad([r.mask_bad for r in r_df]), cm, failed, kappa=c_df.kappa,
+                             root_mask=pad([r.root_bad for r in r_df]), marked=c_df.marked, delta=c_df.delta,
                              mass=c_df.mass)
         t_weights = timed(weights)
         t_loss = {}
         for obj, c in cfgs.items():
             p = prep[obj]
-            lp = (p["old"] + 0.01 * torch.randn_like(p["old"])).requires_grad_(True)
+            lp = (p["old_logprobs"] + 0.01 * torch.randn_like(p["old_logprobs"])).requires_grad_(True)
 
             def step(p=p, c=c, lp=lp, obj=obj):
-                loss_, _ = LOSSES[obj](lp, p["old"], p["adv"], p["cm"].to(lp.dtype), token_weights=p["weights"],
-                                       is_repaired=p["is_rep"], clip_low=c.clip_low, clip_high=c.clip_high,
+                loss_, _ = LOSSES[obj](lp, p["old_logprobs"], p["advantages"], p["completion_mask"].to(lp.dtype),
+                                       token_weights=p["token_weights"], is_repaired=p["is_repaired"],
+                                       clip_low=c.clip_low, clip_high=c.clip_high,
                                        agg=c.agg, surrogate=c.policy_loss, dual_clip=c.dual_clip)
                 loss_.backward()
             t_loss[obj] = timed(step)

@@ -42,17 +42,17 @@ def trl_inputs(processor, groups, rows):
 
     from dfgen.policy import prompt_inputs
 
-    pi = prompt_inputs(processor, [groups[r["g"]]["question"] for r in rows], [groups[r["g"]]["_image"] for r in rows])
-    B, Tc = len(rows), max(len(r["ids"]) for r in rows)
+    pi = prompt_inputs(processor, [groups[r.group]["question"] for r in rows], [groups[r.group]["_image"] for r in rows])
+    B, Tc = len(rows), max(len(r.token_ids) for r in rows)
     comp = torch.full((B, Tc), processor.tokenizer.pad_token_id, dtype=torch.long)
     cmask = torch.zeros((B, Tc), dtype=torch.long)
     old = torch.zeros((B, Tc))
     for i, r in enumerate(rows):
-        comp[i, : len(r["ids"])] = torch.tensor(r["ids"])
-        cmask[i, : len(r["ids"])] = 1
-        old[i, : len(r["old"])] = torch.tensor(r["old"])
+        comp[i, : len(r.token_ids)] = torch.tensor(r.token_ids)
+        cmask[i, : len(r.token_ids)] = 1
+        old[i, : len(r.logprobs)] = torch.tensor(r.logprobs)
     out = {"prompt_ids": pi["input_ids"], "prompt_mask": pi["attention_mask"], "completion_ids": comp,
-           "completion_mask": cmask, "advantages": torch.tensor([r["adv"] for r in rows], dtype=torch.float32),
+           "completion_mask": cmask, "advantages": torch.tensor([r.advantage for r in rows], dtype=torch.float32),
            "num_items_in_batch": cmask.sum(), "old_per_token_logps": old,
            "pixel_values": pi["pixel_values"], "image_grid_thw": pi["image_grid_thw"], "num_images": [1] * B}
     if "mm_token_type_ids" in pi:  # TRL extends it with zeros over the completion
@@ -97,7 +97,7 @@ def main():
     suppress = suppress_ids(processor.tokenizer)
     cfgs = {obj: FitConfig(data=d / "m", model=d / "sft", out=d / "unused", objective=obj) for obj in ("grpo", "df-grpo")}
     rows = {obj: build_rows(groups, c) for obj, c in cfgs.items()}
-    assert all(not r["rep"] for r in rows["df-grpo"])  # repaired samples off by default: same sequences
+    assert all(not r.repaired for r in rows["df-grpo"])  # repaired samples off by default: same sequences
 
     targs = GRPOConfig(output_dir=str(d / "trl"), per_device_train_batch_size=64, num_generations=8,
                        max_completion_length=64, beta=0.0, num_iterations=2, learning_rate=1e-4, use_cpu=True,

@@ -129,7 +129,25 @@ def _check_resume_settings(have: dict, cfg: "FitConfig", out: Path) -> None:
 
 
 # ----------------------------------------------------------------------------- batches
-def build_rows(groups: list[dict], cfg: FitConfig) -> list[dict]:
+@dataclass
+class TrainRow:
+    """One training sequence of a batch, its fields named as the shard columns they come from
+    (``dfgen.shards.ROLLOUT``): a sampled rollout, or (``repaired``) the verified repair of one,
+    whose ``token_ids``/``logprobs`` are the rollout's ``repaired_ids``/``repaired_logprobs``."""
+
+    group: int  # index of its prompt group in the batch
+    token_ids: list
+    logprobs: list  # behaviour log-probs of token_ids (the loss's old_logprobs)
+    advantage: float  # group-relative; a repaired sample's is --repaired-weight
+    reward: float
+    repaired: bool = False
+    df_weighted: bool = False  # df-grpo, failed, with a verified repair: DF token weights apply
+    mask_bad: list | None = None  # edit mask of a df_weighted rollout
+    root_bad: list | None = None  # root-cause mask of a df_weighted rollout
+    mask_repaired: list | None = None  # edit mask of a repaired sample
+
+
+def build_rows(groups: list[dict], cfg: FitConfig) -> list[TrainRow]:
     """Flatten groups into training sequences: rollouts (+ repaired samples)."""
     import torch
 
@@ -147,44 +165,45 @@ def build_rows(groups: list[dict], cfg: FitConfig) -> list[dict]:
             if ok and cfg.marked != "edit" and r.get("root_bad") is None:
                 raise UserError(f"--marked {cfg.marked} needs the root_bad mask, which a rollout of prompt "
                                 f"{g.get('id')!r} lacks: rerun dfgen mask on these shards, or pass --marked edit")
-            rows.append({"g": k, "ids": r["token_ids"], "old": r["logprobs"], "adv": adv[a], "rep": False,
-                         "failed": ok and r["reward"] < 1, "mask": r.get("mask_bad") if ok else None,
-                         "root": r.get("root_bad") if ok else None, "reward": r["reward"]})
+            weighted = ok and r["reward"] < 1
+            rows.append(TrainRow(k, r["token_ids"], r["logprobs"], adv[a], r["reward"], df_weighted=weighted,
+                                 mask_bad=r["mask_bad"] if weighted else None,
+                                 root_bad=r.get("root_bad") if weighted else None))
             a += 1
-            if ok and cfg.repaired_weight > 0 and r["reward"] < 1:
+            if weighted and cfg.repaired_weight > 0:
                 key = tuple(r["repaired_ids"])
                 if cfg.dedup_repaired and key in seen:
                     continue
                 seen.add(key)
-                rows.append({"g": k, "ids": r["repaired_ids"], "old": r["repaired_logprobs"],
-                             "adv": cfg.repaired_weight, "rep": True, "failed": False,
-                             "mask": r["mask_repaired"], "root": None, "reward": 1.0})
+                rows.append(TrainRow(k, r["repaired_ids"], r["repaired_logprobs"], cfg.repaired_weight, 1.0,
+                                     repaired=True, mask_repaired=r["mask_repaired"]))
     return rows
 
 
-def _share(rows: list[dict], agg: str, rep_in_denominator: bool) -> float:
+def _share(rows: list[TrainRow], agg: str, rep_in_denominator: bool) -> float:
     """What ``dftrain.loss.aggregate`` divides by, for scaling micro-batches to the whole batch:
     completion tokens (token-mean) or sequences (seq-mean modes) of the rows in the denominator."""
-    counted = [r for r in rows if rep_in_denominator or not r["rep"]]
+    counted = [r for r in rows if rep_in_denominator or not r.repaired]
     if agg == "token-mean":
-        return float(sum(len(r["ids"]) for r in counted))
+        return float(sum(len(r.token_ids) for r in counted))
     return float(len(counted))
 
 
-def prepare_micro(processor, groups, rows, cfg: FitConfig) -> dict:
-    """Everything of one micro-batch that does not depend on the policy's weights: model inputs
-    (prompts and images rendered by the processor, completions appended), completion mask,
-    behaviour logprobs, advantages and DF token weights. Built once per batch and reused by
-    every update over it (``--updates-per-batch``); the frozen reference's logprobs are added
-    to it on first use."""
+def prepare_micro(processor, groups, rows: list[TrainRow], cfg: FitConfig) -> dict:
+    """Everything of one micro-batch that does not depend on the policy's weights, keyed as the
+    loss's arguments (``dftrain.loss.LOSSES``): model ``inputs`` (prompts and images rendered by the
+    processor, completions appended), ``completion_mask``, ``old_logprobs``, ``advantages``,
+    ``token_weights`` (DF; None for GRPO), ``is_repaired``. Built once per batch and reused by every
+    update over it (``--updates-per-batch``); ``ref_logprobs`` of the frozen reference are added on
+    first use."""
     import torch
 
     from dfgen.policy import completion_inputs, prompt_inputs
     from dftrain.loss import df_token_weights, repaired_term
 
-    qs = [groups[r["g"]]["question"] for r in rows]
-    ims = [groups[r["g"]]["_image"] for r in rows]
-    inputs, cmask = completion_inputs(prompt_inputs(processor, qs, ims), [r["ids"] for r in rows],
+    qs = [groups[r.group]["question"] for r in rows]
+    ims = [groups[r.group]["_image"] for r in rows]
+    inputs, cmask = completion_inputs(prompt_inputs(processor, qs, ims), [r.token_ids for r in rows],
                                       processor.tokenizer.pad_token_id)
     B, T = cmask.shape
     cm = cmask.to(torch.float32)
@@ -196,20 +215,19 @@ def prepare_micro(processor, groups, rows, cfg: FitConfig) -> dict:
                 t[i, : len(s)] = torch.as_tensor(s, dtype=torch.float32)
         return t
 
-    is_rep = torch.tensor([r["rep"] for r in rows])
+    is_rep = torch.tensor([r.repaired for r in rows])
     weights = None
     if cfg.objective == "df-grpo":
-        failed = torch.tensor([r["failed"] for r in rows])
-        w = df_token_weights(pad([r["mask"] if not r["rep"] else None for r in rows]), cm, failed,
-                             kappa=cfg.kappa, root_mask=pad([r["root"] for r in rows]), marked=cfg.marked,
+        w = df_token_weights(pad([r.mask_bad for r in rows]), cm, torch.tensor([r.df_weighted for r in rows]),
+                             kappa=cfg.kappa, root_mask=pad([r.root_bad for r in rows]), marked=cfg.marked,
                              delta=cfg.delta, mass=cfg.mass)
         if is_rep.any():
-            _, wr = repaired_term(pad([r["mask"] if r["rep"] else None for r in rows]), cm, cfg.repaired_weight,
-                                  cfg.kappa_rep)
+            _, wr = repaired_term(pad([r.mask_repaired for r in rows]), cm, cfg.repaired_weight, cfg.kappa_rep)
             w = torch.where(is_rep.unsqueeze(-1), wr, w)
         weights = w
-    return {"inputs": inputs, "cm": cm, "old": pad([r["old"] for r in rows]), "is_rep": is_rep, "weights": weights,
-            "adv": torch.tensor([r["adv"] for r in rows], dtype=torch.float32), "ref": None}
+    return {"inputs": inputs, "completion_mask": cm, "old_logprobs": pad([r.logprobs for r in rows]),
+            "advantages": torch.tensor([r.advantage for r in rows], dtype=torch.float32), "token_weights": weights,
+            "is_repaired": is_rep, "ref_logprobs": None}
 
 
 def micro_loss(model, prep: dict, cfg: FitConfig, suppress, temperature, ref_model=None):
@@ -220,19 +238,19 @@ def micro_loss(model, prep: dict, cfg: FitConfig, suppress, temperature, ref_mod
     from dftrain.loss import LOSSES
 
     inputs = {k: v.to(model.device) if hasattr(v, "to") else v for k, v in prep["inputs"].items()}
-    cm = prep["cm"]
+    cm = prep["completion_mask"]
     T = cm.shape[1]
     pad = cm == 0  # padding is the pad token, a suppressed id: its logprob is -inf under both models,
     # and exp(-inf - -inf) in the KL would be NaN even behind the mask; zero it (no gradient flows there)
     lp = token_logprobs(model, inputs, T, suppress, temperature).masked_fill(pad, 0.0)  # (B, T)
-    if ref_model is not None and cfg.beta > 0 and prep["ref"] is None:
+    if ref_model is not None and cfg.beta > 0 and prep["ref_logprobs"] is None:
         with torch.no_grad():  # the reference is frozen: once per batch, not once per update
-            prep["ref"] = token_logprobs(ref_model, inputs, T, suppress, temperature).masked_fill(pad, 0.0)
-    loss, metrics = LOSSES[cfg.objective](lp, prep["old"], prep["adv"], cm.to(lp.dtype), token_weights=prep["weights"],
-                                          is_repaired=prep["is_rep"], rep_in_denominator=cfg.rep_in_denominator,
-                                          ref_logprobs=prep["ref"], beta=cfg.beta, clip_low=cfg.clip_low,
-                                          clip_high=cfg.clip_high, agg=cfg.agg, surrogate=cfg.policy_loss,
-                                          dual_clip=cfg.dual_clip)
+            prep["ref_logprobs"] = token_logprobs(ref_model, inputs, T, suppress, temperature).masked_fill(pad, 0.0)
+    loss, metrics = LOSSES[cfg.objective](lp, prep["old_logprobs"], prep["advantages"], cm.to(lp.dtype),
+                                          token_weights=prep["token_weights"], is_repaired=prep["is_repaired"],
+                                          rep_in_denominator=cfg.rep_in_denominator, ref_logprobs=prep["ref_logprobs"],
+                                          beta=cfg.beta, clip_low=cfg.clip_low, clip_high=cfg.clip_high, agg=cfg.agg,
+                                          surrogate=cfg.policy_loss, dual_clip=cfg.dual_clip)
     return loss, metrics, lp.detach(), cm
 
 
@@ -443,14 +461,14 @@ def run_fit(cfg: FitConfig, log=print) -> dict:
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
             opt.step()
         rows_all = [r for _, rows in batches for r in rows]
-        rollouts = [r for r in rows_all if not r["rep"]]
-        failed = [r for r in rollouts if r["failed"]]
+        rollouts = [r for r in rows_all if not r.repaired]
+        failed = [r for r in rollouts if r.df_weighted]
         dt = time.time() - t0
-        rec = {"step": step + 1, "loss": round(step_loss, 6), "reward": sum(r["reward"] for r in rollouts) / len(rollouts),
-               "adv_abs_mean": sum(abs(r["adv"]) for r in rollouts) / len(rollouts),
-               "mask_density": (sum(sum(r["mask"]) for r in failed) / max(1, sum(len(r["ids"]) for r in failed)))
+        rec = {"step": step + 1, "loss": round(step_loss, 6), "reward": sum(r.reward for r in rollouts) / len(rollouts),
+               "adv_abs_mean": sum(abs(r.advantage) for r in rollouts) / len(rollouts),
+               "mask_density": (sum(sum(r.mask_bad) for r in failed) / max(1, sum(len(r.token_ids) for r in failed)))
                if failed else None,
-               "repaired_samples": sum(r["rep"] for r in rows_all), "grad_norm": round(grad_norm, 5),
+               "repaired_samples": sum(r.repaired for r in rows_all), "grad_norm": round(grad_norm, 5),
                "tok_per_s": round(ntok / dt, 1), "step_s": round(dt, 4),
                **{k: round(v, 6) for k, v in agg_metrics.items()}}
         summary["losses"].append(step_loss)

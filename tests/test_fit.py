@@ -277,10 +277,10 @@ def test_shards_round_trip_into_per_token_advantages_an_external_trainer_reads(d
 
         g["_image"] = decode_image(g["image"])
     prep = prepare_micro(processor, groups, rows, cfg)
-    w, adv = prep["weights"], prep["adv"]
+    w, adv = prep["token_weights"], prep["advantages"]
     for i, r in enumerate(ds):
         n = len(r["completion_ids"])
-        assert r["completion_ids"] == rows[i]["ids"]
+        assert r["completion_ids"] == rows[i].token_ids
         assert abs(r["advantage"] - float(adv[i])) < 1e-6
         assert torch.allclose(torch.tensor(r["token_weights"]), w[i, :n].float(), atol=1e-6)
     assert any(min(r["token_weights"]) < 1 for r in ds)  # some rollouts carry DF weights
