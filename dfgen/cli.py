@@ -16,6 +16,8 @@ import typer
 from dfgen.backends import BackendName as Backend
 from dfgen.console import progress_bar, quiet_hf
 from dfgen.errors import UserError, cli_errors
+from dfgen.repair import RepairConfig as _Repair  # light modules: the configs are the one source of defaults
+from dfgen.sample import SampleConfig as _Sample
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
                   help="Differential Feedback data generation: sample GRPO groups, repair failures, "
@@ -84,21 +86,22 @@ def sample(
     model: Path = typer.Option(..., help="Policy folder (Hugging Face format)."),
     out: Path = typer.Option(..., help="Output folder for rollout shards."),
     backend: Backend = typer.Option(Backend.hf, help="Generation engine."),
-    group_size: int = typer.Option(8, help="Rollouts per prompt (G)."),
-    temperature: float = typer.Option(1.0, help="Sampling temperature (0 = greedy)."),
-    top_p: float = typer.Option(1.0, help="Nucleus sampling mass."),
-    max_new_tokens: int = typer.Option(None, help="Most tokens per rollout (default: long enough for every "
+    group_size: int = typer.Option(_Sample.group_size, help="Rollouts per prompt (G)."),
+    temperature: float = typer.Option(_Sample.temperature, help="Sampling temperature (0 = greedy)."),
+    top_p: float = typer.Option(_Sample.top_p, help="Nucleus sampling mass."),
+    max_new_tokens: int = typer.Option(_Sample.max_new_tokens, help="Most tokens per rollout (default: long enough for every "
                                                   "record's reference solution, at least 64)."),
-    seed: int = typer.Option(0, help="Base seed; sample k of prompt id uses hash(seed, id, k)."),
-    limit: int = typer.Option(None, help="Use only the first N prompts."),
-    batch_size: int = typer.Option(64, help="Sequences per generate call."),
-    chunk_size: int = typer.Option(64, help="Groups per shard (unit of resumption)."),
-    num_workers: int = typer.Option(1, help="Total sampler processes sharing this prompt set."),
-    worker_index: int = typer.Option(0, help="This process's index in [0, num_workers)."),
-    tensor_parallel_size: int = typer.Option(1, help="vllm: GPUs per engine."),
-    gpu_memory_utilization: float = typer.Option(0.9, help="vllm: fraction of GPU memory for the engine."),
-    max_model_len: int = typer.Option(1024, help="vllm: longest prompt + completion."),
-    dtype: str = typer.Option("auto", help="vllm: model dtype (auto = the checkpoint's)."),
+    seed: int = typer.Option(_Sample.seed, help="Base seed; sample k of prompt id uses hash(seed, id, k)."),
+    limit: int = typer.Option(_Sample.limit, help="Use only the first N prompts."),
+    batch_size: int = typer.Option(_Sample.batch_size, help="Sequences per generate call."),
+    chunk_size: int = typer.Option(_Sample.chunk_size, help="Groups per shard (unit of resumption)."),
+    num_workers: int = typer.Option(_Sample.num_workers, help="Total sampler processes sharing this prompt set."),
+    worker_index: int = typer.Option(_Sample.worker_index, help="This process's index in [0, num_workers)."),
+    tensor_parallel_size: int = typer.Option(_Sample.tensor_parallel_size, help="vllm: GPUs per engine."),
+    gpu_memory_utilization: float = typer.Option(_Sample.gpu_memory_utilization, help="vllm: fraction of GPU memory for the engine."),
+    max_model_len: int = typer.Option(_Sample.max_model_len, help="vllm: longest prompt + completion."),
+    dtype: str = typer.Option(_Sample.dtype, help="vllm: model dtype (auto = the checkpoint's)."),
+    device: str = typer.Option(_Sample.device, help="hf: auto, cpu, cuda or cuda:N (auto = cuda when available)."),
     ray: str = typer.Option(None, help="Run the --num-workers workers as Ray tasks on a cluster: auto (the "
                                        "cluster this node belongs to) or HOST:PORT. Needs pip install 'dfkit[ray]'."),
 ):
@@ -113,7 +116,8 @@ def sample(
                        temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed,
                        limit=limit, batch_size=batch_size, chunk_size=chunk_size, num_workers=num_workers,
                        worker_index=worker_index, tensor_parallel_size=tensor_parallel_size,
-                       gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len, dtype=dtype)
+                       gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len, dtype=dtype,
+                       device=device)
     cfg.validate()
     if ray is not None:
         return _on_ray("sample", cfg, ray, "groups", "groups")
@@ -175,7 +179,7 @@ def _on_ray(stage: str, cfg, address: str, key: str, unit: str) -> None:
     typer.echo(f"{len(stats)} Ray workers wrote {cfg.out}")
 
 
-def _stageprogress_bar(desc: str):
+def _stage_progress(desc: str):
     prog, task = progress_bar(None, desc)
     started = {"on": False}
 
@@ -197,8 +201,9 @@ def repair(
     repair_model: Path = typer.Option(None, help="Repair model folder (model repairer; default: the policy)."),
     backend: Backend = typer.Option(Backend.hf, help="Engine for the model repairer."),
     model: Path = typer.Option(None, help="Sampling policy (default: the one recorded in the shards)."),
-    max_edit_ratio: float = typer.Option(0.5, help="Reject repairs editing more than this fraction of tokens."),
-    template: Path = typer.Option(None, help="Prompt template for the model repairer."),
+    max_edit_ratio: float = typer.Option(_Repair.max_edit_ratio, help="Reject repairs editing more than this fraction of tokens."),
+    template: Path = typer.Option(_Repair.template, help="Prompt template for the model repairer."),
+    device: str = typer.Option(_Repair.device, help="hf scorer and model repairer: auto, cpu, cuda or cuda:N."),
     ray: str = typer.Option(None, help="One Ray task per input worker's shards: auto or HOST:PORT "
                                        "(pip install 'dfkit[ray]')."),
 ):
@@ -210,10 +215,11 @@ def repair(
     from dfgen.repair import RepairConfig, run_repair
 
     cfg = RepairConfig(rollouts=rollouts, out=out, repairer=repairer.value, repair_model=repair_model,
-                       backend=backend.value, model=model, max_edit_ratio=max_edit_ratio, template=template)
+                       backend=backend.value, model=model, max_edit_ratio=max_edit_ratio, template=template,
+                       device=device)
     if ray is not None:
         return _on_ray("repair", cfg, ray, "failed", "failed rollouts")
-    prog, tick = _stageprogress_bar("repairing shards")
+    prog, tick = _stage_progress("repairing shards")
     try:
         st = run_repair(cfg, progress=tick)
     finally:
@@ -241,7 +247,7 @@ def mask(
     quiet_hf()
     from dfgen.mask import MaskConfig, run_mask
 
-    prog, tick = _stageprogress_bar("masking shards")
+    prog, tick = _stage_progress("masking shards")
     try:
         st = run_mask(MaskConfig(repairs=repairs, out=out, level=level.value, tokenizer=tokenizer), progress=tick)
     finally:

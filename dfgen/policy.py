@@ -198,6 +198,23 @@ def load_processor(path: Path, trust_remote_code: bool = False):
     return proc
 
 
+def check_device(device: str) -> str:
+    """``auto``, ``cpu``, ``cuda`` or ``cuda:N``, else UserError (no torch import: configs call it)."""
+    d = str(device)
+    if d in ("auto", "cpu", "cuda") or (d.startswith("cuda:") and d[5:].isdigit()):
+        return d
+    raise UserError(f"unknown device {device!r} (auto, cpu, cuda, cuda:N)")
+
+
+def resolve_device(device: str) -> str:
+    """The one device rule of every command: ``auto`` is cuda when torch sees a GPU, else cpu."""
+    if check_device(device) != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def load_policy(path: Path, dtype=None, device: str = "cpu", trust_remote_code: bool = False):
     """Return ``(model, processor)`` for an HF VLM folder. Raises UserError on a non-VLM folder."""
     import torch

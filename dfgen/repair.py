@@ -41,6 +41,7 @@ class RepairConfig:
     template: Path | None = None  # model repairer's prompt template (default: dfgen/templates/repair_prompt.txt)
     max_new_tokens: int = 96  # model repairer's budget
     batch_size: int = 64
+    device: str = "auto"  # hf scorer and hf model repairer: auto | cpu | cuda | cuda:N
 
     def validate(self):
         from dfgen.repairers import REPAIRERS
@@ -49,6 +50,9 @@ class RepairConfig:
             raise UserError(f"unknown repairer {self.repairer!r} ({', '.join(REPAIRERS)})")
         if not 0 < self.max_edit_ratio:
             raise UserError("--max-edit-ratio must be positive")
+        from dfgen.policy import check_device
+
+        check_device(self.device)
 
 
 def _template(cfg: RepairConfig) -> str:
@@ -82,14 +86,18 @@ def run_repair(cfg: RepairConfig, progress=None, only_worker: int | None = None)
     if ss.meta.get("model_fingerprint") and model_fingerprint(model_dir) != ss.meta["model_fingerprint"]:
         raise UserError(f"{model_dir} is not the checkpoint that sampled {cfg.rollouts} (fingerprint differs); "
                         f"pass --model with the sampling checkpoint")
-    scorer = get_backend("hf", model_dir, batch_size=cfg.batch_size)
+    from dfgen.policy import resolve_device
+
+    device = resolve_device(cfg.device)
+    scorer = get_backend("hf", model_dir, batch_size=cfg.batch_size, device=device)
     tok = scorer.tokenizer
     temperature = float(ss.meta.get("sampling", {}).get("temperature", 1.0)) or 1.0
     gen, ctx = None, None
     if cfg.repairer == "model":
         template = _template(cfg)
         gen = scorer if cfg.repair_model is None and cfg.backend == "hf" else \
-            get_backend(cfg.backend, cfg.repair_model or model_dir, batch_size=cfg.batch_size)
+            get_backend(cfg.backend, cfg.repair_model or model_dir, batch_size=cfg.batch_size,
+                        **({"device": device} if cfg.backend == "hf" else {}))
         # the repair prompt holds the failed solution, so it is longer than the sampling prompt: one that
         # would not fit the repair model's positions is rejected per rollout, never generated into garbage
         ctx = min((n for n in (context_length(cfg.repair_model or model_dir), getattr(gen, "max_model_len", None))

@@ -49,14 +49,20 @@ class SampleConfig:
     gpu_memory_utilization: float = 0.9  # vllm only
     max_model_len: int = 1024  # vllm only: prompt + completion tokens
     dtype: str = "auto"  # vllm only: "auto" = the checkpoint's dtype
+    device: str = "auto"  # hf only: auto | cpu | cuda | cuda:N (auto: cuda when available)
 
     def engine_kwargs(self) -> dict:
         if self.backend != "vllm":
-            return {}
+            from dfgen.policy import resolve_device
+
+            return {"device": resolve_device(self.device)}
         return {"tensor_parallel_size": self.tensor_parallel_size, "max_model_len": self.max_model_len,
                 "gpu_memory_utilization": self.gpu_memory_utilization, "dtype": self.dtype}
 
     def validate(self) -> None:
+        from dfgen.policy import check_device
+
+        check_device(self.device)
         if self.group_size < 1:
             raise UserError(f"--group-size must be at least 1, got {self.group_size}")
         if self.temperature < 0 or not 0 < self.top_p <= 1:

@@ -455,8 +455,9 @@ class EvalConfig:
             raise UserError("--max-new-tokens and --batch-size must be positive")
         if self.backend not in ("hf", "vllm"):
             raise UserError(f"unknown backend {self.backend!r} (hf or vllm)")
-        if self.device not in ("auto", "cpu", "cuda") and not str(self.device).startswith("cuda:"):
-            raise UserError(f"unknown device {self.device!r} (auto, cpu, cuda, cuda:N)")
+        from dfgen.policy import check_device
+
+        check_device(self.device)
         out = Path(self.out)
         if out.is_dir():
             raise UserError(f"--out is a folder; give a file path such as {out / 'results.json'}")
@@ -511,12 +512,9 @@ def evaluate(cfg: EvalConfig, progress=None, log=None) -> dict:
 
         kw: dict = {"batch_size": cfg.batch_size}
         if cfg.backend == "hf":
-            device = cfg.device
-            if device == "auto":
-                import torch
+            from dfgen.policy import resolve_device
 
-                device = "cuda" if torch.cuda.is_available() else "cpu"
-            kw["device"] = device
+            kw["device"] = resolve_device(cfg.device)
         else:
             kw["seed"] = cfg.seed
         backend = get_backend(cfg.backend, cfg.model, **kw)

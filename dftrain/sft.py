@@ -153,7 +153,7 @@ def _heldout(model, processor, cfg: SFTConfig) -> dict:
 def run_sft(cfg: SFTConfig, progress=None) -> dict:
     import torch
 
-    from dfgen.policy import decode_image, load_policy
+    from dfgen.policy import decode_image, load_policy, resolve_device
     from dfgen.records import load_prompts
 
     if cfg.threads:
@@ -161,8 +161,7 @@ def run_sft(cfg: SFTConfig, progress=None) -> dict:
     torch.manual_seed(cfg.seed)
     recs, _ = load_prompts(cfg.data)
     images = [decode_image(r["image"]) if r["image"] is not None else None for r in recs]
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
-    model, processor = load_policy(cfg.model, device=device)
+    model, processor = load_policy(cfg.model, device=resolve_device(cfg.device))
     encoded = encode_examples(processor, recs, images)
     del images
     model.train()

@@ -280,6 +280,10 @@ CASES = {
     "prompt-beyond-context": ("skip", "prompt too long (",
         lambda t, b: _sample(_long_question(t, b), b)),
     # ---- shards (dfgen repair / mask, dftrain fit)
+    "sample-unknown-device": ("error", "unknown device 'gpu' (auto, cpu, cuda, cuda:N)",
+        lambda t, b: [*_sample(b["dir"] / "prompts", b), "--device", "gpu"]),
+    "repair-unknown-device": ("error", "unknown device 'tpu' (auto, cpu, cuda, cuda:N)",
+        lambda t, b: ["dfgen", "repair", "--rollouts", b["dir"] / "s", "--out", "{out}", "--device", "tpu"]),
     "shards-truncated": ("error", "is not a readable parquet file (ArrowInvalid: Parquet magic bytes not found",
         lambda t, b: ["dfgen", "repair", "--rollouts", _truncated_shards(t, b), "--out", "{out}"]),
     "shards-corrupt": ("error", "part-w000-00000.parquet is corrupt or truncated (OSError: ",
