@@ -17,6 +17,7 @@ from dfgen.backends import BackendName as Backend
 from dfgen.console import progress_bar, quiet_hf
 from dfgen.errors import UserError, cli_errors
 from dfgen.repair import RepairConfig as _Repair  # light modules: the configs are the one source of defaults
+from dfgen.repairers import REPAIRERS
 from dfgen.sample import SampleConfig as _Sample
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
@@ -146,10 +147,7 @@ def sample(
                   if st["skipped_prompts"] else ""))
 
 
-class Repairer(str, Enum):
-    oracle = "oracle"
-    model = "model"
-    sibling = "sibling"
+Repairer = Enum("Repairer", {k: k for k in REPAIRERS}, type=str)  # the option type, from the registry
 
 
 class Level(str, Enum):

@@ -41,3 +41,26 @@ def test_every_backend_name_is_a_cli_choice_and_a_missing_engine_is_one_line(tmp
     lines = p.stderr.strip().splitlines()
     assert p.returncode != 0 and len(lines) == 1 and "make setup-vllm" in lines[0], p.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_every_registry_name_is_accepted_and_documented():
+    """Repairers, objectives, policy losses and benchmarks: every registered name is a choice (or a
+    documented value) of the commands that take it, and the configs accept it."""
+    from dfgen.benchmarks import BENCHMARK_NAMES
+    from dfgen.repair import RepairConfig
+    from dfgen.repairers import REPAIRERS
+    from dftrain.fit import FitConfig
+    from dftrain.loss import LOSSES, POLICY_LOSSES
+
+    assert f"--repairer <{'|'.join(REPAIRERS)}>" in run_cli("dfgen", "repair", "--help").stdout
+    assert f"--bench <{'|'.join(('synth', *BENCHMARK_NAMES))}>" in run_cli("dftrain", "eval", "--help").stdout
+    for cmd in ("fit", "loop"):
+        text = " ".join(run_cli("dftrain", cmd, "--help").stdout.split())
+        for name in (*LOSSES, *POLICY_LOSSES):
+            assert name in text, (cmd, name)
+    for name in REPAIRERS:
+        RepairConfig(rollouts=".", out=".", repairer=name).validate()
+    extra = {"cispo": {"clip_high": 4.0}}
+    for obj in LOSSES:
+        for pl in POLICY_LOSSES:
+            FitConfig(data=".", model=".", out=".", objective=obj, policy_loss=pl, **extra.get(pl, {})).validate()
