@@ -28,6 +28,7 @@ from pathlib import Path
 
 START = Path(__file__).resolve().parents[1] / "data" / "policies" / "regime_start"
 TASK = {"ops": "+-*", "min_reads": 3, "max_reads": 4}  # the task the start is in the regime on
+STUDY = Path(__file__).resolve().parents[1] / "docs" / "study19" / "times34"  # the paired study from START
 
 
 def build_start(out: Path, quick: bool, seed: int, say) -> Path:
@@ -135,6 +136,13 @@ def main(argv=None) -> dict:
         con.print(f"  {name:9} {a['accuracy']:9.3f} {a['steps_right']:17.3f} {a['lucky']:6.3f} {a['tokens']:23,}")
     con.print("One seed is noisy (a single evaluation swings a few points): the paired study over 8 seeds, with "
               "intervals and a token-matched GRPO arm, is the first section of docs/RESULTS.md.")
+    study = STUDY / "results.json"
+    if study.is_file():  # the committed study's own numbers, read, not restated
+        s = json.loads(study.read_text())["summary"]
+        line = lambda k: f"{100 * s[k]['mean']:+.1f} points (95% CI {100 * s[k]['ci95'][0]:+.1f}, {100 * s[k]['ci95'][1]:+.1f})"  # noqa: E731
+        con.print(f"The study on this start ({s['seeds']} paired seeds, 1000 test problems): DF-GRPO - GRPO = "
+                  f"{line('a_df_minus_grpo')} at the same rollouts and steps, {line('b_df_minus_grpo_tok')} against "
+                  f"GRPO given DF's repair tokens as extra rollouts.")
     con.print(f"shards: {out}/{{grpo,df-grpo}}/round_*/{{sample,repair,df}}   checkpoints: {out}/*/round_*/fit   "
               f"report: {out}/report.html   curves: {out}/*/loop.json")
     con.print(f"total time {result['seconds']:.0f}s")
