@@ -60,7 +60,7 @@ def run_mask(cfg: MaskConfig, progress=None) -> dict:
             "mask": {"level": cfg.level, "root_level": cfg.level, "tokenizer": str(tdir)}}
     with WriterLock(out, {shard_position(f)[0] for f in ss.files}):  # held until the last shard is written
         if out.exists() and any(out.glob("*.parquet")):
-            have = open_shards(out).meta
+            have = open_shards(out, strict=False).meta
             hm = have.get("mask", {})  # root_level: absent before root masks followed --level (they were token-level)
             if have.get("stage") != "mask" or hm.get("level") != cfg.level or hm.get("root_level", "token") != cfg.level or \
                     have.get("repair") != meta.get("repair"):

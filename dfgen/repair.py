@@ -114,7 +114,7 @@ def run_repair(cfg: RepairConfig, progress=None, only_worker: int | None = None)
     files = [f for f in ss.files if only_worker is None or shard_position(f)[0] == only_worker]
     with WriterLock(out, {shard_position(f)[0] for f in files}):  # held until the last shard is written
         if out.exists() and any(out.glob("*.parquet")):
-            have = open_shards(out).meta
+            have = open_shards(out, strict=False).meta
             if have.get("stage") != "repair" or have.get("repair") != meta["repair"] or \
                     have.get("model_fingerprint") != meta.get("model_fingerprint"):
                 raise UserError(f"{out} holds shards of another run; use a new output folder (nothing was overwritten)")

@@ -86,7 +86,7 @@ def check_existing(out: Path, meta: dict) -> None:
 
     if not out.exists() or not any(out.glob("*.parquet")):
         return
-    have = open_shards(out).meta
+    have = open_shards(out, strict=False).meta
     for k in ("stage", "model_fingerprint", "tokenizer_fingerprint", "sampling", "prompts_fingerprint",
               "num_workers", "seed"):
         if have.get(k) != meta.get(k):

@@ -332,11 +332,14 @@ class ShardSet:
 CONSISTENT_KEYS = ("stage", "tokenizer_fingerprint", "model_fingerprint", "sampling")
 
 
-def open_shards(path: Path, stage: str | tuple | None = None, tokenizer_fp: str | None = None) -> ShardSet:
-    """Open and validate a shard folder (or a single parquet file)."""
+def open_shards(path: Path, stage: str | tuple | None = None, tokenizer_fp: str | None = None,
+                strict: bool = True) -> ShardSet:
+    """Open and validate a shard folder (or a single parquet file). ``strict=False`` is for a stage
+    looking at its own, possibly half-written output folder (a kill between a shard and its manifest
+    line leaves a shard the resume rewrites): every parquet file, no manifest or duplicate checks."""
     path = Path(path)
     if path.is_dir():
-        files = _listed_files(path)
+        files = _listed_files(path) if strict else sorted(p for p in path.glob("*.parquet") if not p.name.startswith("."))
     elif path.is_file():
         files = [path]
     else:
@@ -366,7 +369,7 @@ def open_shards(path: Path, stage: str | tuple | None = None, tokenizer_fp: str 
     if tokenizer_fp is not None and meta.get("tokenizer_fingerprint") not in (None, tokenizer_fp):
         raise UserError(f"{path} was tokenized by another tokenizer ({meta.get('tokenizer_fingerprint')}) "
                         f"than the model's ({tokenizer_fp}); resample with this model")
-    if meta.get("stage", "prompts") != "prompts":  # prompt sets count their duplicate ids at load
+    if strict and meta.get("stage", "prompts") != "prompts":  # prompt sets count their duplicate ids at load
         _refuse_duplicate_groups(path, files)
     return ShardSet(files=files, meta=meta)
 
