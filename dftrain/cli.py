@@ -27,6 +27,10 @@ Kappa = Annotated[float, typer.Option(help="DF weight of unmarked tokens of a re
 Marked = Annotated[str, typer.Option(help="Which tokens DF marks: root (first edit), root+prop, edit (all edits).")]
 Mass = Annotated[str, typer.Option(help="keep or redistribute the failed rollout's blame.")]
 RepairedWeight = Annotated[float, typer.Option(help="Advantage of repaired samples (0 = off).")]
+KappaRep = Annotated[float, typer.Option(help="Weight of unedited tokens of repaired samples.")]
+FailAdvantage = Annotated[float, typer.Option(help=(
+    "A > 0: in a group whose rollouts all failed (GRPO's advantage 0), advantage -A on the root-cause token "
+    "of each rollout with a verified repair (0 = off)."))]
 PolicyLoss = Annotated[str, typer.Option(help=(
     "The surrogate (dftrain.loss.POLICY_LOSSES); DF weights enter each as per-token advantages. "
     "ppo: PPO clipped ratio, as GRPO (TRL loss_type grpo/bnpo/dapo); "
@@ -122,7 +126,8 @@ def fit(
     policy_loss: PolicyLoss = _Fit.policy_loss,
     clip_high: ClipHigh = _Fit.clip_high,
     dual_clip: DualClip = _Fit.dual_clip,
-    kappa_rep: float = typer.Option(0.0, help="Weight of unedited tokens of repaired samples."),
+    kappa_rep: KappaRep = _Fit.kappa_rep,
+    fail_advantage: FailAdvantage = _Fit.fail_advantage,
     beta: float = typer.Option(0.0, help="k3 KL coefficient to the initial policy (0 = no reference)."),
     adv_scale: str = typer.Option("group", help="group (GRPO) or none (Dr. GRPO)."),
     agg: str = typer.Option("token-mean", help="Loss aggregation."),
@@ -148,7 +153,7 @@ def fit(
                     groups_per_step=groups_per_step, grad_accum=grad_accum, updates_per_batch=updates_per_batch,
                     micro_batch=micro_batch, lr=lr, kappa=kappa, marked=marked, delta=delta, mass=mass,
                     repaired_weight=repaired_weight, policy_loss=policy_loss, clip_high=clip_high,
-                    dual_clip=dual_clip, kappa_rep=kappa_rep, beta=beta, adv_scale=adv_scale, agg=agg,
+                    dual_clip=dual_clip, kappa_rep=kappa_rep, fail_advantage=fail_advantage, beta=beta, adv_scale=adv_scale, agg=agg,
                     freeze_vision=freeze_vision, lora_rank=lora_rank, gradient_checkpointing=gradient_checkpointing,
                     dtype=dtype,
                     save_every=save_every, resume=resume, optimizer_from=optimizer_from, seed=seed)
@@ -180,10 +185,14 @@ def loop(
     marked: Marked = _Loop.marked,
     mass: Mass = _Loop.mass,
     repaired_weight: RepairedWeight = _Loop.repaired_weight,
+    kappa_rep: KappaRep = _Loop.kappa_rep,
+    fail_advantage: FailAdvantage = _Loop.fail_advantage,
     policy_loss: PolicyLoss = _Loop.policy_loss,
     clip_high: ClipHigh = _Loop.clip_high,
     dual_clip: DualClip = _Loop.dual_clip,
     repairer: str = typer.Option("oracle", help="oracle, sibling or model."),
+    repair_model: Path = typer.Option(None, help="--repairer model: the repair model's checkpoint "
+                                                 "(default: each round's sampling policy)."),
     carry_optimizer: bool = typer.Option(True, help="Continue AdamW state across rounds."),
     eval: list[Path] = typer.Option([], help="Prompt set(s) to score by greedy accuracy (repeatable)."),
     eval_n: int = typer.Option(500, help="Problems scored per eval set."),
@@ -208,8 +217,9 @@ def loop(
     cfg = LoopConfig(model=model, out=out, rounds=rounds, objective=objective, prompts=prompts,
                      prompts_per_round=prompts_per_round, task=task_knobs, group_size=group_size, fit_steps=fit_steps,
                      groups_per_step=groups_per_step, updates_per_batch=updates_per_batch, lr=lr, kappa=kappa,
-                     marked=marked, mass=mass, repaired_weight=repaired_weight, policy_loss=policy_loss,
-                     clip_high=clip_high, dual_clip=dual_clip, repairer=repairer,
+                     marked=marked, mass=mass, repaired_weight=repaired_weight, kappa_rep=kappa_rep,
+                     fail_advantage=fail_advantage, policy_loss=policy_loss,
+                     clip_high=clip_high, dual_clip=dual_clip, repairer=repairer, repair_model=repair_model,
                      carry_optimizer=carry_optimizer, eval=[str(e) for e in eval], eval_n=eval_n,
                      eval_every=eval_every, seed=seed)
     con = Console(stderr=True)

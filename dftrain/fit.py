@@ -11,7 +11,10 @@ computes current log-probs of the stored rollout tokens, and minimises ``dftrain
   the rest, the best DF setting measured (docs/RESULTS.md 3e-3f: +2.1 points over ``edit``);
   with ``--repaired-weight A > 0`` each group's distinct repaired trajectories join the batch as
   extra positive off-policy samples with advantage A (their behaviour log-probs come from the
-  shards), tokens weighted ``mask_repaired + kappa_rep * (1 - mask_repaired)``.
+  shards), tokens weighted ``mask_repaired + kappa_rep * (1 - mask_repaired)``;
+  with ``--fail-advantage A > 0``, in a group whose rollouts all failed (GRPO's advantage is 0
+  there, so GRPO learns nothing from it) each rollout with a verified repair gets advantage -A on
+  its root-cause token alone (every other token weight 0).
 
 The surrogate is ``--policy-loss ppo|gspo|sapo|cispo`` (``dftrain.loss.POLICY_LOSSES``: PPO clip,
 GSPO-token, SAPO's soft gate, CISPO), with ``--clip-high`` (clip-higher; CISPO's IS bound is
@@ -72,6 +75,7 @@ class FitConfig:
     mass: str = "keep"  # keep | redistribute
     repaired_weight: float = 0.0  # A_plus of repaired samples; 0 = not used
     kappa_rep: float = 0.0  # weight of unedited tokens of a repaired sample
+    fail_advantage: float = 0.0  # A: advantage -A on the root token of repaired rollouts in all-fail groups; 0 = off
     rep_in_denominator: bool = False  # repaired tokens count in the token-mean denominator
     dedup_repaired: bool = True  # one copy of each distinct repaired trajectory per group
     buffer_size: int = 256  # shuffle buffer (groups)
@@ -105,6 +109,7 @@ class FitConfig:
                   (self.marked in MARKED_MODES, f"--marked must be one of {MARKED_MODES}"),
                   (self.mass in MASS_MODES, f"--mass must be one of {MASS_MODES}"),
                   (-1 <= self.kappa <= 1, "--kappa must be in [-1, 1]"),
+                  (self.fail_advantage >= 0, "--fail-advantage must be >= 0 (it is the size of a negative advantage)"),
                   (self.adv_scale in ("group", "none"), "--adv-scale must be group or none"),
                   (self.dtype in ("float32", "bfloat16"), "--dtype must be float32 or bfloat16")]
         for ok, msg in checks:
@@ -145,6 +150,7 @@ class TrainRow:
     mask_bad: list | None = None  # edit mask of a df_weighted rollout
     root_bad: list | None = None  # root-cause mask of a df_weighted rollout
     mask_repaired: list | None = None  # edit mask of a repaired sample
+    root_only: bool = False  # --fail-advantage: an all-fail group's repaired rollout, weight on its root token only
 
 
 def build_rows(groups: list[dict], cfg: FitConfig) -> list[TrainRow]:
@@ -160,15 +166,20 @@ def build_rows(groups: list[dict], cfg: FitConfig) -> list[TrainRow]:
     use_df = cfg.objective == "df-grpo"
     for k, g in enumerate(groups):
         seen = set()
+        # every rollout failed: GRPO's advantages are all 0 here, --fail-advantage gives the root token -A
+        all_fail = use_df and cfg.fail_advantage > 0 and all(r["reward"] < 1 for r in g["rollouts"]) and \
+            len({r["reward"] for r in g["rollouts"]}) == 1
         for r in g["rollouts"]:
             ok = use_df and r.get("repair_status") == "ok" and r.get("mask_bad") is not None
-            if ok and cfg.marked != "edit" and r.get("root_bad") is None:
-                raise UserError(f"--marked {cfg.marked} needs the root_bad mask, which a rollout of prompt "
+            if ok and (cfg.marked != "edit" or all_fail) and r.get("root_bad") is None:
+                need = f"--marked {cfg.marked}" if cfg.marked != "edit" else "--fail-advantage"
+                raise UserError(f"{need} needs the root_bad mask, which a rollout of prompt "
                                 f"{g.get('id')!r} lacks: rerun dfgen mask on these shards, or pass --marked edit")
             weighted = ok and r["reward"] < 1
-            rows.append(TrainRow(k, r["token_ids"], r["logprobs"], adv[a], r["reward"], df_weighted=weighted,
-                                 mask_bad=r["mask_bad"] if weighted else None,
-                                 root_bad=r.get("root_bad") if weighted else None))
+            root_only = weighted and all_fail
+            rows.append(TrainRow(k, r["token_ids"], r["logprobs"], -cfg.fail_advantage if root_only else adv[a],
+                                 r["reward"], df_weighted=weighted, mask_bad=r["mask_bad"] if weighted else None,
+                                 root_bad=r.get("root_bad") if weighted else None, root_only=root_only))
             a += 1
             if weighted and cfg.repaired_weight > 0:
                 key = tuple(r["repaired_ids"])
@@ -224,6 +235,9 @@ def prepare_micro(processor, groups, rows: list[TrainRow], cfg: FitConfig) -> di
         if is_rep.any():
             _, wr = repaired_term(pad([r.mask_repaired for r in rows]), cm, cfg.repaired_weight, cfg.kappa_rep)
             w = torch.where(is_rep.unsqueeze(-1), wr, w)
+        root_only = torch.tensor([r.root_only for r in rows])
+        if root_only.any():
+            w = torch.where(root_only.unsqueeze(-1), pad([r.root_bad for r in rows]) * cm, w)
         weights = w
     return {"inputs": inputs, "completion_mask": cm, "old_logprobs": pad([r.logprobs for r in rows]),
             "advantages": torch.tensor([r.advantage for r in rows], dtype=torch.float32), "token_weights": weights,

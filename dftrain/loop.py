@@ -53,6 +53,9 @@ class LoopConfig:
     marked: str = "root"
     mass: str = "keep"
     repaired_weight: float = 0.0
+    kappa_rep: float = 0.0  # as dftrain fit
+    fail_advantage: float = 0.0  # as dftrain fit: -A on the root token of all-fail groups' repaired rollouts
+    repair_model: Path | None = None  # --repairer model: its checkpoint (default: the round's sampling policy)
     policy_loss: str = "ppo"  # the surrogate, as dftrain fit --policy-loss
     clip_high: float = 0.2
     dual_clip: float | None = None
@@ -74,7 +77,8 @@ class LoopConfig:
         # the objective's settings are checked by the trainer's own rules before round 0 samples anything
         FitConfig(data=Path("."), model=Path("."), out=Path("."), objective=self.objective,
                   groups_per_step=self.groups_per_step, updates_per_batch=self.updates_per_batch, lr=self.lr,
-                  kappa=self.kappa, marked=self.marked, mass=self.mass, policy_loss=self.policy_loss,
+                  kappa=self.kappa, marked=self.marked, mass=self.mass, fail_advantage=self.fail_advantage,
+                  policy_loss=self.policy_loss,
                   clip_high=self.clip_high, dual_clip=self.dual_clip).validate()
         from dataclasses import fields
 
@@ -141,7 +145,9 @@ def run_loop(cfg: LoopConfig, log=print) -> dict:
     want.pop("rounds")  # more rounds may be added to a finished loop
     if state_f.exists():
         have = json.loads(state_f.read_text())
-        have_cfg = {k: v for k, v in have["config"].items() if k != "rounds"}
+        # a setting an older loop.json lacks was at its default there (a field added since)
+        defaults = _jsonable(LoopConfig(model=cfg.model, out=cfg.out))
+        have_cfg = {k: v for k, v in (defaults | have["config"]).items() if k != "rounds"}
         if have_cfg != want:
             diff = sorted(k for k in set(have_cfg) | set(want) if have_cfg.get(k) != want.get(k))
             raise UserError(f"{out} holds a loop with other settings ({', '.join(diff)}); use a new --out")
@@ -171,7 +177,8 @@ def run_loop(cfg: LoopConfig, log=print) -> dict:
                 if not (rd / stage / "_done").exists():
                     shutil.rmtree(rd / stage, ignore_errors=True)
             if not (rd / "repair" / "_done").exists():
-                rep = run_repair(RepairConfig(rollouts=rd / "sample", out=rd / "repair", repairer=cfg.repairer))
+                rep = run_repair(RepairConfig(rollouts=rd / "sample", out=rd / "repair", repairer=cfg.repairer,
+                                              repair_model=cfg.repair_model))
                 (rd / "repair" / "_done").write_text(json.dumps(rep, default=str))
             rep = json.loads((rd / "repair" / "_done").read_text())
             if not (rd / "df" / "_done").exists():
@@ -188,6 +195,7 @@ def run_loop(cfg: LoopConfig, log=print) -> dict:
                                     steps=cfg.fit_steps, groups_per_step=cfg.groups_per_step,
                                     updates_per_batch=cfg.updates_per_batch, lr=cfg.lr, kappa=cfg.kappa,
                                     marked=cfg.marked, mass=cfg.mass, repaired_weight=cfg.repaired_weight,
+                                    kappa_rep=cfg.kappa_rep, fail_advantage=cfg.fail_advantage,
                                     policy_loss=cfg.policy_loss, clip_high=cfg.clip_high, dual_clip=cfg.dual_clip,
                                     optimizer_from=prev_fit if cfg.carry_optimizer else None,
                                     seed=cfg.seed * 1000 + r), log=lambda m: None)

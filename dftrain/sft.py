@@ -2,7 +2,7 @@
 
 A randomly initialised tiny policy never produces ``Answer: N``, so every reward is 0 and GRPO
 has nothing to learn from. SFT trains on the canonical solutions of a prompt set (records with a
-``solution``; others fall back to ``Answer: <answer>``), chat-formatted with the image, and the
+``solution``, or a verbatim target in its ``{"text": ...}``; others fall back to ``Answer: <answer>``), chat-formatted with the image, and the
 loss is the mean cross-entropy over the *completion* tokens only (solution lines + EOS): the
 prompt and image tokens are context, never targets. AdamW with linear warm-up and cosine decay
 to ``min_lr_ratio * lr``; gradient clipping at 1.
@@ -57,6 +57,8 @@ def target_text(rec: dict) -> str:
 
     if rec.get("solution"):
         sol = json.loads(rec["solution"])
+        if isinstance(sol.get("text"), str):  # a target given verbatim (e.g. a repair, bench/repair_model.py)
+            return sol["text"]
         if "steps" in sol:
             return solution_text(sol["steps"], sol["answer"])
     return f"Answer: {rec['answer']}"

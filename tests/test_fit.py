@@ -171,6 +171,56 @@ def test_a_df_step_lowers_the_wrong_token_more_than_the_others_and_grpo_spreads_
     assert (-d_wrong / d_others) > (-g_wrong / max(g_others, 1e-12))  # GRPO spreads the change
 
 
+def test_fail_advantage_puts_a_negative_advantage_on_the_root_token_of_all_fail_groups_only(sft_model):
+    """--fail-advantage A: a group whose rollouts all failed (GRPO advantage 0) gives its repaired
+    rollouts advantage -A on the root-cause token alone; mixed groups and A = 0 are untouched."""
+    from dfgen.align import align
+    from dfgen.backends import Prompt
+    from dfgen.backends.hf import HFBackend
+    from dfgen.policy import decode_image, load_policy
+    from dfgen.synth.grid import make_problems, solution_text
+    from dftrain.fit import FitConfig, build_rows, micro_loss, prepare_micro
+
+    model, proc = load_policy(sft_model)
+    tok = proc.tokenizer
+    be = HFBackend(None, model=model, processor=proc)
+    groups = []
+    for n, p in enumerate(make_problems(2, seed=5)):
+        good = solution_text(p.steps, p.answer)
+        v = p.steps[0]["value"]
+        bad = good.replace(f"= {v}\n", f"= {(v + 1) % 10}\n", 1)
+        ids_good, ids_bad = (tok(t, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for t in (good, bad))
+        a = align(ids_bad, ids_good)
+        img = decode_image(p.render())
+        lp_good, lp_bad = be.score([Prompt(p.question(), img)] * 2, [ids_good, ids_bad])  # on-policy: ratio 1
+        repaired = {"token_ids": ids_bad, "logprobs": lp_bad, "reward": 0.0, "repair_status": "ok",
+                    "mask_bad": a.mask_bad, "root_bad": a.root_bad, "repaired_ids": ids_good,
+                    "repaired_logprobs": lp_good, "mask_repaired": a.mask_repaired}
+        other = {"token_ids": ids_good if n else ids_bad, "logprobs": lp_good if n else lp_bad,
+                 "reward": float(n), "repair_status": None if n else "failed"}
+        groups.append({"id": f"g{n}", "question": p.question(), "_image": img,
+                       "rollouts": [repaired, other]})  # g0: all failed; g1: one right, one repaired
+    preps = {}
+    for A in (0.0, 0.7):
+        cfg = FitConfig(data=".", model=".", out=".", kappa=0.1, fail_advantage=A)
+        rows = build_rows(groups, cfg)
+        preps[A] = prepare_micro(proc, groups, rows, cfg)
+    adv0, adv = preps[0.0]["advantages"], preps[0.7]["advantages"]
+    w0, w = preps[0.0]["token_weights"], preps[0.7]["token_weights"]
+    root = torch.zeros_like(w[0])
+    root[: len(groups[0]["rollouts"][0]["root_bad"])] = torch.tensor(groups[0]["rollouts"][0]["root_bad"], dtype=torch.float32)
+    assert adv0[0] == 0 and adv[0] == pytest.approx(-0.7)  # the all-fail group's repaired rollout
+    assert torch.equal(w[0], root) and root.sum() == 1  # its root-cause token alone
+    assert adv[1] == 0 and torch.equal(w[1], w0[1])  # an unrepaired failure of that group: as GRPO
+    assert torch.equal(adv[2:], adv0[2:]) and torch.equal(w[2:], w0[2:])  # the mixed group: unchanged
+    cfg = FitConfig(data=".", model=".", out=".", kappa=0.1, fail_advantage=0.7)
+    model.train()
+    only_fail = prepare_micro(proc, groups, [r for r in build_rows(groups, cfg) if r.group == 0], cfg)
+    loss, _, _, _ = micro_loss(model, only_fail, cfg, [], 1.0)
+    loss.backward()  # GRPO gets no gradient from an all-fail group; this option does
+    assert sum(float(p.grad.abs().sum()) for p in model.parameters() if p.grad is not None) > 0
+
+
 @pytest.mark.parametrize("case", ["no_masks", "nan_logprobs", "no_root", "other_tokenizer", "empty", "before_weights"])
 def test_fit_refuses_bad_data_clearly(case, df_shards, sft_model, tmp_path):
     from dfgen.shards import ShardWriter, open_shards
