@@ -8,13 +8,14 @@ GRPO runs:
 * ``root`` (the study's DF arm itself, reused), ``edit``, ``root+prop`` (delta 0.5), ``kappa0.3``,
   ``kappa0.5``; ``rep`` (repaired samples as extra positives, A+ = 1, kappa_rep = 0: credit only on
   the corrected tokens); ``allfail`` (``--fail-advantage 1``: -1 on the root token of repaired
-  rollouts in all-fail groups, where GRPO's advantage is 0); ``model`` (``--repairer model`` with
-  ``--repair-model``, beside the oracle);
+  rollouts in all-fail groups, where GRPO's advantage is 0); ``rep+allfail`` (both); ``model``
+  (``--repairer model`` with ``--repair-model``, beside the oracle);
 * ``redistribute`` at its own lr: the study's lr grid on the first seed, chosen on val, then the
   other seeds at that lr (every other variant runs at DF's chosen lr).
 
 Ranking is by the mean paired *val* difference to GRPO (test plays no part in a choice); test
-differences (accuracy, every-step-right, lucky) with 95% t-intervals are reported beside it, with
+differences (accuracy, every-step-right, lucky) with 95% t-intervals are reported beside it, and
+against the study's token-matched GRPO (``grpo-tok``, comparison (b)) where the setting has it, with
 each variant's mask statistics and repair-token cost. Runs live in ``SETTING/options/VARIANT/lrLR/sS``
 (resumable: finished runs are skipped); results in ``SETTING/options/options.json``.
 
@@ -41,6 +42,7 @@ VARIANTS = {
     "redistribute": {"mass": "redistribute"},
     "rep": {"repaired_weight": 1.0, "kappa_rep": 0.0},
     "allfail": {"fail_advantage": 1.0},
+    "rep+allfail": {"repaired_weight": 1.0, "kappa_rep": 0.0, "fail_advantage": 1.0},
     "model": {"repairer": "model"},
 }
 OWN_LR = ("redistribute",)
@@ -123,6 +125,10 @@ def main():
     n_evals = conf["rounds"]  # every evaluation (at most one per round)
     g_stats = {s: item_stats(test_items(grpo[s], eval_dirs, conf["eval_n"], conf["avg_last"], n_evals), {})
                for s in seeds if finished(grpo[s])}
+    tok_lr = chosen.get("grpo-tok")  # (b): the study's token-matched GRPO, where it ran
+    tok = {s: args.setting / f"grpo-tok/lr{tok_lr}/s{s}" for s in seeds} if tok_lr else {}
+    t_stats = {s: item_stats(test_items(p, eval_dirs, conf["eval_n"], conf["avg_last"], n_evals), {})
+               for s, p in tok.items() if finished(p)}
     for v in variants:
         done = [s for s in seeds if finished(folder(v, lr_of[v], s)) and s in g_stats]
         if not done:
@@ -145,6 +151,11 @@ def main():
             "test_steps_right_minus_grpo": paired([st[s]["steps_right"] - g_stats[s]["steps_right"] for s in done]),
             "test_lucky_minus_grpo": paired([st[s]["lucky"] - g_stats[s]["lucky"] for s in done]),
             "test_mean": sum(st[s]["accuracy"] for s in done) / len(done),
+            **({"test_minus_grpo_tok": paired([st[s]["accuracy"] - t_stats[s]["accuracy"] for s in done]),
+                "test_steps_right_minus_grpo_tok": paired([st[s]["steps_right"] - t_stats[s]["steps_right"] for s in done]),
+                "test_lucky_minus_grpo_tok": paired([st[s]["lucky"] - t_stats[s]["lucky"] for s in done]),
+                "grpo_tok_token_ratio": study.get("token_ratio")}
+               if t_stats and all(s in t_stats for s in done) else {}),
             "token_ratio": (gen + rep) / gen, "repairs_verified": ok / failed if failed else None,
             "mechanism_mean": {k: sum(m[k] for m in mech) / len(mech) for k in mech[0]} if mech else {}}
     ranked = sorted(report["variants"], key=lambda v: -report["variants"][v]["val_minus_grpo"]["mean"])
