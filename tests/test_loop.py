@@ -27,6 +27,13 @@ def test_loop_chains_rounds_resumes_and_refuses_other_settings(tmp_path, sft_mod
         assert prof["steps_right"] == sum(x["steps_right"] for x in rows) / 8
         assert abs(prof["lucky"] - (r["accuracy"]["test"] - prof["steps_right"])) < 1e-12
         assert all(x["steps_right"] <= x["correct"] and 0 <= x["prefix"] <= x["steps"] for x in rows)
+    # every stage of a round wrote its done marker last, holding its statistics
+    from dfgen.shards import done_info
+
+    for stage in ("sample", "repair", "df"):
+        assert done_info(out / "round_000" / stage, 0)["done"]
+    assert done_info(out / "round_000" / "repair", 0)["failed"] == state["rounds"][0]["repair"]["failed"]
+    assert done_info(out / "round_000" / "fit")["steps"] == LOOP[LOOP.index("--fit-steps") + 1]
     # round 1 sampled from round 0's checkpoint and continued its optimizer
     r1 = json.loads((out / "round_001" / "sample" / "config.json").read_text())
     assert r1["model"] == str(out / "round_000" / "fit")
