@@ -8,11 +8,11 @@ computes current log-probs of the stored rollout tokens, and minimises ``dftrain
 * ``--objective df-grpo``: failed rollouts with a verified repair get DF token weights
   (``--kappa``, ``--marked root|root+prop|edit``, ``--delta``, ``--mass keep|redistribute``);
   the default ``root`` puts full blame on the first edit only (the root cause) and ``kappa`` on
-  the rest, the best DF setting measured (docs/RESULTS.md 3e-3f: +2.1 points over ``edit``);
-  with ``--repaired-weight A > 0`` each group's distinct repaired trajectories join the batch as
+  the rest (``edit``, every edited token, gained nothing on the sighted policy: docs/RESULTS.md);
+  with ``--repaired-weight A > 0`` (default 1) each group's distinct repaired trajectories join the batch as
   extra positive off-policy samples with advantage A (their behaviour log-probs come from the
   shards), tokens weighted ``mask_repaired + kappa_rep * (1 - mask_repaired)``;
-  with ``--fail-advantage A > 0``, in a group whose rollouts all failed (GRPO's advantage is 0
+  with ``--fail-advantage A > 0`` (default 1), in a group whose rollouts all failed (GRPO's advantage is 0
   there, so GRPO learns nothing from it) each rollout with a verified repair gets advantage -A on
   its root-cause token alone (every other token weight 0).
 
@@ -73,9 +73,10 @@ class FitConfig:
     marked: str = "root"  # root | root+prop | edit (docs/RESULTS.md 3e-3f: root beats edit)
     delta: float = 0.5  # root+prop: weight of edited tokens after the root cause
     mass: str = "keep"  # keep | redistribute
-    repaired_weight: float = 0.0  # A_plus of repaired samples; 0 = not used
+    # the two defaults below were chosen on val by the study (docs/RESULTS.md, "DF's weight options re-screened"):
+    repaired_weight: float = 1.0  # A_plus of repaired samples (credit on their corrected tokens); 0 = not used
     kappa_rep: float = 0.0  # weight of unedited tokens of a repaired sample
-    fail_advantage: float = 0.0  # A: advantage -A on the root token of repaired rollouts in all-fail groups; 0 = off
+    fail_advantage: float = 1.0  # A: advantage -A on the root token of repaired rollouts in all-fail groups; 0 = off
     rep_in_denominator: bool = False  # repaired tokens count in the token-mean denominator
     dedup_repaired: bool = True  # one copy of each distinct repaired trajectory per group
     buffer_size: int = 256  # shuffle buffer (groups)

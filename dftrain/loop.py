@@ -136,14 +136,17 @@ def _round_prompts(cfg: LoopConfig, r: int, dst: Path):
     tmp.rename(dst)
 
 
+# what a loop ran with before the field existed (a loop.json written then lacks the key)
+BEFORE_FIELD = {"kappa_rep": 0.0, "fail_advantage": 0.0, "repair_model": None}
+
+
 def _check_resumable(cfg: LoopConfig, state_f: Path, out: Path) -> None:
     """A loop.json already there must be of these settings (bar --rounds); a setting an older
-    loop.json lacks was at its default there (a field added since)."""
+    loop.json lacks had the value it had before the field existed (``BEFORE_FIELD``)."""
     if not state_f.exists():
         return
     want = {k: v for k, v in _jsonable(cfg).items() if k != "rounds"}  # more rounds may be added to a finished loop
-    defaults = _jsonable(LoopConfig(model=cfg.model, out=cfg.out))
-    have = {k: v for k, v in (defaults | json.loads(state_f.read_text())["config"]).items() if k != "rounds"}
+    have = {k: v for k, v in (BEFORE_FIELD | json.loads(state_f.read_text())["config"]).items() if k != "rounds"}
     if have != want:
         diff = sorted(k for k in set(have) | set(want) if have.get(k) != want.get(k))
         raise UserError(f"{out} holds a loop with other settings ({', '.join(diff)}); use a new --out")

@@ -124,3 +124,25 @@ def test_loop_takes_the_stage_configs_defaults():
     for cls, name in taken:
         assert loop[name] == getattr(cls, name), (cls.__name__, name)
     assert len(taken) >= 15 and loop["updates_per_batch"] == 2 != fit["updates_per_batch"]
+
+
+def test_the_fit_defaults_are_the_study_variant_the_demo_cites():
+    """dftrain fit's DF defaults are the options of the variant the study chose on val
+    (bench/options_screen.py), and the committed study holds that variant's 8-seed result."""
+    import importlib.util
+    from pathlib import Path
+
+    from dftrain.demo import DEFAULT_VARIANT, STUDY
+    from dftrain.fit import FitConfig
+
+    f = Path(__file__).resolve().parents[1] / "bench" / "options_screen.py"
+    spec = importlib.util.spec_from_file_location("options_screen", f)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    for k, v in mod.VARIANTS[DEFAULT_VARIANT].items():
+        assert getattr(FitConfig, k) == v, k
+    for k in ("marked", "kappa", "mass"):  # the rest as the study's DF arm ran it
+        assert getattr(FitConfig, k) == json.loads((STUDY / "results.json").read_text())["config"][k]
+    res = json.loads((STUDY / "options" / "options.json").read_text())
+    assert len(res["variants"][DEFAULT_VARIANT]["seeds"]) >= 8
+    assert res["ranked_on_val"][0][0] == DEFAULT_VARIANT  # chosen on val, not on test

@@ -54,14 +54,14 @@ def test_loop_chains_rounds_resumes_and_refuses_other_settings(tmp_path, sft_mod
     bad = run_cli("dftrain", "loop", "--model", sft_model, "--out", out, "--eval", test_prompts, *args,
                   "--kappa", 0.5, check=False)
     assert bad.returncode != 0 and "kappa" in bad.stderr and "Traceback" not in bad.stderr
-    # a loop.json from before a setting existed: the setting was at its default there, and only that
+    # a loop.json from before a setting existed ran without it (fail_advantage 0, loop.BEFORE_FIELD):
+    # resumed as such, and refused under the newer default
     state = json.loads((out / "loop.json").read_text())
     del state["config"]["fail_advantage"]
     (out / "loop.json").write_text(json.dumps(state))
-    run_cli("dftrain", "loop", "--model", sft_model, "--out", out, "--eval", test_prompts, *args)
-    bad = run_cli("dftrain", "loop", "--model", sft_model, "--out", out, "--eval", test_prompts, *args,
-                  "--fail-advantage", 1, check=False)
+    bad = run_cli("dftrain", "loop", "--model", sft_model, "--out", out, "--eval", test_prompts, *args, check=False)
     assert bad.returncode != 0 and "fail_advantage" in bad.stderr and "Traceback" not in bad.stderr
+    run_cli("dftrain", "loop", "--model", sft_model, "--out", out, "--eval", test_prompts, *args, "--fail-advantage", 0)
 
 
 def test_optimizer_from_continues_adam_moments(tmp_path, sft_model, train_prompts):
