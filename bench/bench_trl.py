@@ -95,9 +95,11 @@ def main():
     ours, processor = load_policy(d / "sft")
     theirs = copy.deepcopy(ours)
     suppress = suppress_ids(processor.tokenizer)
-    cfgs = {obj: FitConfig(data=d / "m", model=d / "sft", out=d / "unused", objective=obj) for obj in ("grpo", "df-grpo")}
+    # DF's token weights alone (what the TRL integration carries): no repaired samples, no all-fail term
+    cfgs = {obj: FitConfig(data=d / "m", model=d / "sft", out=d / "unused", objective=obj, repaired_weight=0.0,
+                           fail_advantage=0.0) for obj in ("grpo", "df-grpo")}
     rows = {obj: build_rows(groups, c) for obj, c in cfgs.items()}
-    assert all(not r.repaired for r in rows["df-grpo"])  # repaired samples off by default: same sequences
+    assert all(not r.repaired for r in rows["df-grpo"])  # repaired samples off: the same sequences
 
     targs = GRPOConfig(output_dir=str(d / "trl"), per_device_train_batch_size=64, num_generations=8,
                        max_completion_length=64, beta=0.0, num_iterations=2, learning_rate=1e-4, use_cpu=True,

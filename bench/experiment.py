@@ -160,7 +160,7 @@ def prefix_bucket(row: dict) -> str:
 
 
 # settings every run in one --out must share (the rest, e.g. --seeds or --jobs, may change on a rerun)
-SAME_SETTINGS = ("marked", "kappa", "mass", "repaired_weight", "repairer", "task", "rounds", "prompts_per_round",
+SAME_SETTINGS = ("marked", "kappa", "mass", "repaired_weight", "fail_advantage", "kappa_rep", "repairer", "task", "rounds", "prompts_per_round",
                  "group_size", "fit_steps", "eval_every", "sft", "policy_loss", "clip_high", "dual_clip")
 
 
@@ -180,6 +180,8 @@ def main():
     ap.add_argument("--marked", default="root", choices=["root", "root+prop", "edit"])
     ap.add_argument("--mass", default="keep", choices=["keep", "redistribute"])
     ap.add_argument("--repaired-weight", type=float, default=0.0)
+    ap.add_argument("--fail-advantage", type=float, default=0.0)
+    ap.add_argument("--kappa-rep", type=float, default=0.0)
     ap.add_argument("--policy-loss", default="ppo", help="the surrogate of both arms (dftrain.loss.POLICY_LOSSES)")
     ap.add_argument("--clip-high", type=float, default=0.2)
     ap.add_argument("--dual-clip", type=float, default=None)
@@ -240,7 +242,8 @@ def main():
     results = json.loads(results_f.read_text()) if results_f.exists() else {}
     if "config" in results:  # finished runs are reused: they must be runs of these settings
         have, want = results["config"], vars(args) | {"sft": str(sft)}
-        older = {"marked": "edit", "repairer": "oracle", "policy_loss": "ppo", "clip_high": 0.2}  # before the key existed
+        older = {"marked": "edit", "repairer": "oracle", "policy_loss": "ppo", "clip_high": 0.2,  # before the key existed
+                 "fail_advantage": 0.0, "kappa_rep": 0.0}
         norm = lambda k, v: json.loads(v) if k == "task" else str(v) if k == "sft" else v  # noqa: E731
         diff = [k for k in SAME_SETTINGS if norm(k, have.get(k) or older.get(k, have.get(k))) != norm(k, want[k])]
         if diff:
@@ -259,7 +262,8 @@ def main():
     print(f"SFT start: {results['sft_accuracy']}", flush=True)
     base = dict(model=str(sft), rounds=args.rounds, prompts_per_round=args.prompts_per_round,
                 group_size=args.group_size, fit_steps=args.fit_steps, kappa=args.kappa, marked=args.marked,
-                mass=args.mass, repaired_weight=args.repaired_weight, repairer=args.repairer, task=task, eval_every=args.eval_every,
+                mass=args.mass, repaired_weight=args.repaired_weight, fail_advantage=args.fail_advantage,
+                kappa_rep=args.kappa_rep, repairer=args.repairer, task=task, eval_every=args.eval_every,
                 policy_loss=args.policy_loss, clip_high=args.clip_high, dual_clip=args.dual_clip,
                 eval=[str(out / "val"), str(out / "test")], eval_n=args.eval_n, threads=args.threads)
     lrs = [float(x) for x in args.lrs.split(",")]

@@ -73,6 +73,7 @@ def main():
     base = dict(model=conf["sft"], rounds=conf["rounds"], prompts_per_round=conf["prompts_per_round"],
                 group_size=conf["group_size"], fit_steps=conf["fit_steps"], kappa=conf["kappa"], marked=conf["marked"],
                 mass=conf["mass"], repaired_weight=conf["repaired_weight"], repairer=conf["repairer"], task=task,
+                fail_advantage=conf.get("fail_advantage", 0.0), kappa_rep=conf.get("kappa_rep", 0.0),
                 eval_every=conf["eval_every"], policy_loss=conf["policy_loss"], clip_high=conf["clip_high"],
                 dual_clip=conf["dual_clip"], eval=[str(args.setting / "val"), str(args.setting / "test")],
                 eval_n=conf["eval_n"], threads=args.threads, objective="df-grpo")

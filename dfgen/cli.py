@@ -142,7 +142,7 @@ def sample(
     finally:
         prog.stop()
     typer.echo(f"wrote {st['groups']} groups / {st['rollouts']} rollouts ({st['tokens']} tokens) to {out}"
-               + (f"; {st['chunks_skipped']} finished shard(s) kept from an earlier run" if st["chunks_skipped"] else "")
+               + (f"; {st['shards_skipped']} finished shard(s) kept from an earlier run" if st["shards_skipped"] else "")
                + (f"; skipped {st['skipped_prompts']} bad prompt(s), e.g. {st['skipped'][0][0]}: {st['skipped'][0][1]}"
                   if st["skipped_prompts"] else ""))
 

@@ -35,12 +35,29 @@ class MaskConfig:
     tokenizer: Path | None = None  # policy folder whose tokenizer the ids belong to (default: from shards)
 
 
+def _mask_rollout(r: dict, texts, level: str) -> None:
+    """Align one rollout's bad and repaired ids and write its masks (in place)."""
+    from dfgen.align import align, step_ids, step_mask
+
+    bad, rep = list(r["token_ids"]), list(r["repaired_ids"])
+    a = align(bad, rep)
+    steps_b, steps_r = step_ids(texts(bad)), step_ids(texts(rep))
+    sb, sr = step_mask(a.mask_bad, steps_b), step_mask(a.mask_repaired, steps_r)
+    r["step_mask_bad"], r["step_mask_repaired"] = sb, sr
+    if level == "step":
+        r["mask_bad"], r["mask_repaired"] = sb, sr
+        r["root_bad"], r["root_repaired"] = step_mask(a.root_bad, steps_b), step_mask(a.root_repaired, steps_r)
+    else:
+        r["mask_bad"], r["mask_repaired"] = a.mask_bad, a.mask_repaired
+        r["root_bad"], r["root_repaired"] = a.root_bad, a.root_repaired
+
+
 def run_mask(cfg: MaskConfig, progress=None) -> dict:
     from transformers import AutoTokenizer
 
-    from dfgen.align import align, step_ids, step_mask
     from dfgen.policy import tokenizer_fingerprint
-    from dfgen.shards import ShardWriter, WriterLock, config_json, open_shards, shard_position, write_json_atomic
+    from dfgen.shards import ShardSet, open_shards, shard_position
+    from dfgen.stage import Unit, run_stage
 
     if cfg.level not in ("token", "step"):
         raise UserError(f"--level must be token or step, got {cfg.level!r}")
@@ -58,52 +75,34 @@ def run_mask(cfg: MaskConfig, progress=None) -> dict:
         raise UserError("--out must differ from --repairs (inputs are never overwritten)")
     meta = {**{k: v for k, v in ss.meta.items() if k not in ("stage", "schema_version", "package_version")},
             "mask": {"level": cfg.level, "root_level": cfg.level, "tokenizer": str(tdir)}}
-    with WriterLock(out, {shard_position(f)[0] for f in ss.files}):  # held until the last shard is written
-        if out.exists() and any(out.glob("*.parquet")):
-            have = open_shards(out, strict=False).meta
-            hm = have.get("mask", {})  # root_level: absent before root masks followed --level (they were token-level)
-            if have.get("stage") != "mask" or hm.get("level") != cfg.level or hm.get("root_level", "token") != cfg.level or \
-                    have.get("repair") != meta.get("repair"):
-                raise UserError(f"{out} holds shards of another run; use a new output folder (nothing was overwritten)")
-        piece: dict = {}
 
-        def texts(ids):
-            for i in ids:
-                if i not in piece:
-                    piece[i] = tok.decode([i])
-            return [piece[i] for i in ids]
+    def differs(have: dict) -> str | None:
+        hm = have.get("mask", {})  # root_level: absent before root masks followed --level (they were token-level)
+        same = have.get("stage") == "mask" and hm.get("level") == cfg.level and \
+            hm.get("root_level", "token") == cfg.level and have.get("repair") == meta.get("repair")
+        return None if same else "holds shards of another run"
 
-        writers: dict = {}
-        st = {"masked": 0, "tokens": 0, "marked": 0, "shards_skipped": 0}
-        for f in ss.files:
-            w_idx, chunk = shard_position(f)
-            if w_idx not in writers:
-                writers[w_idx] = ShardWriter(out, "mask", meta, worker=w_idx)
-            if writers[w_idx].is_done(chunk):
-                st["shards_skipped"] += 1
-                continue
-            rows = list(open_shards(f).iter_rows())
-            for row in rows:
-                for r in row["rollouts"]:
-                    if r.get("repair_status") != "ok":
-                        continue
-                    bad, rep = list(r["token_ids"]), list(r["repaired_ids"])
-                    a = align(bad, rep)
-                    steps_b, steps_r = step_ids(texts(bad)), step_ids(texts(rep))
-                    sb, sr = step_mask(a.mask_bad, steps_b), step_mask(a.mask_repaired, steps_r)
-                    r["step_mask_bad"], r["step_mask_repaired"] = sb, sr
-                    if cfg.level == "step":
-                        r["mask_bad"], r["mask_repaired"] = sb, sr
-                        r["root_bad"], r["root_repaired"] = step_mask(a.root_bad, steps_b), step_mask(a.root_repaired, steps_r)
-                    else:
-                        r["mask_bad"], r["mask_repaired"] = a.mask_bad, a.mask_repaired
-                        r["root_bad"], r["root_repaired"] = a.root_bad, a.root_repaired
-                    st["masked"] += 1
-                    st["tokens"] += len(bad)
-                    st["marked"] += sum(r["mask_bad"])
-            writers[w_idx].write(chunk, rows)
-            if progress:
-                progress(len(rows))
+    piece: dict = {}
+
+    def texts(ids):
+        for i in ids:
+            if i not in piece:
+                piece[i] = tok.decode([i])
+        return [piece[i] for i in ids]
+
+    def mask_shard(rows):
+        for r in (r for row in rows for r in row["rollouts"] if r.get("repair_status") == "ok"):
+            _mask_rollout(r, texts, cfg.level)
+            st["masked"] += 1
+            st["tokens"] += len(r["token_ids"])
+            st["marked"] += sum(r["mask_bad"])
+        if progress:
+            progress(len(rows))
+        return rows
+
+    def summarize(st: dict) -> None:
         st["mask_density"] = st["marked"] / st["tokens"] if st["tokens"] else 0.0
-        write_json_atomic(out / "config.json", config_json(cfg))
-        return st
+
+    st = {"masked": 0, "tokens": 0, "marked": 0}
+    units = [Unit(*shard_position(f), lambda f=f: list(ShardSet([f], ss.meta).iter_rows())) for f in ss.files]
+    return run_stage(out, "mask", meta, units, mask_shard, differs=differs, config=cfg, stats=st, summarize=summarize)

@@ -22,7 +22,6 @@ Run: ``dfgen repair --rollouts runs/r0/sample --out runs/r0/repair --repairer or
 """
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,16 +65,78 @@ def _template(cfg: RepairConfig) -> str:
     return t
 
 
-def run_repair(cfg: RepairConfig, progress=None, only_worker: int | None = None) -> dict:
-    """Repair every failed rollout of ``cfg.rollouts`` (only the shards of input worker ``only_worker``
-    when given: one Ray task's share, ``dfgen.cluster``)."""
+def _model_env(cfg: RepairConfig, scorer, model_dir: Path, device: str):
+    """The model repairer's generator (the scorer itself when the policy repairs on hf), template and
+    context, refusing a token budget that leaves no room for a repair prompt."""
+    from dfgen.backends import get_backend
+    from dfgen.policy import context_length
+    from dfgen.repairers import RepairEnv
+
+    template = _template(cfg)
+    gen = scorer if cfg.repair_model is None and cfg.backend == "hf" else \
+        get_backend(cfg.backend, cfg.repair_model or model_dir, batch_size=cfg.batch_size,
+                    **({"device": device} if cfg.backend == "hf" else {}))
+    # the repair prompt holds the failed solution, so it is longer than the sampling prompt: one that
+    # would not fit the repair model's positions is rejected per rollout, never generated into garbage
+    ctx = min((n for n in (context_length(cfg.repair_model or model_dir), getattr(gen, "max_model_len", None))
+               if n), default=None)
+    if ctx and cfg.max_new_tokens >= ctx:
+        raise UserError(f"--max-new-tokens {cfg.max_new_tokens} leaves no room for a repair prompt in the "
+                        f"repair model's {ctx}-token context")
+    return RepairEnv(gen=gen, template=template, ctx=ctx, max_new_tokens=cfg.max_new_tokens,
+                     batch_size=cfg.batch_size)
+
+
+def _repair_rows(rows: list[dict], cfg: RepairConfig, env, scorer, temperature: float, st: dict) -> list[dict]:
+    """Propose a repair for every failed rollout of one shard's rows, verify each (right answer, edit
+    ratio within the bound), and score the kept ones under the sampling policy; rows are updated in place."""
     from rapidfuzz.distance import Levenshtein
 
     from dfgen.answers import score
-    from dfgen.backends import Prompt, SamplingConfig, get_backend
-    from dfgen.policy import context_length, decode_image, model_fingerprint, prompt_lengths
-    from dfgen.repairers import Proposal, oracle, sibling
-    from dfgen.shards import ShardWriter, WriterLock, config_json, open_shards, shard_position, write_json_atomic
+    from dfgen.backends import Prompt
+    from dfgen.policy import decode_image
+    from dfgen.repairers import REPAIRERS
+
+    tok = scorer.tokenizer
+    todo = [(row, i) for row in rows for i, r in enumerate(row["rollouts"]) if r["reward"] is not None and r["reward"] < 1]
+    keep = []  # (row, i, ids)
+    for (row, i), prop in zip(todo, REPAIRERS[cfg.repairer](todo, env)):
+        r = row["rollouts"][i]
+        r["repairer"] = cfg.repairer
+        st["failed"] += 1
+        status = prop.reason or "ok"
+        if prop.text is not None:
+            r["repaired_text"] = prop.text
+            ids = tok(prop.text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+            bad = list(r["token_ids"])
+            r["edit_ratio"] = Levenshtein.distance(bad, ids) / max(len(bad), 1)
+            if status == "ok" and score(row, prop.text)[1] < 1:
+                status = "wrong answer after repair"
+            elif status == "ok" and r["edit_ratio"] > cfg.max_edit_ratio:
+                status = "edit ratio above bound"
+            if status == "ok":
+                keep.append((row, i, ids))
+        r["repair_status"] = status
+        st["reasons"][status] = st["reasons"].get(status, 0) + 1
+    if keep:
+        prompts = [Prompt(row["question"], decode_image(row["image"]) if row["image"] is not None else None)
+                   for row, _, _ in keep]
+        lps = scorer.score(prompts, [ids for _, _, ids in keep], temperature=temperature)
+        for (row, i, ids), lp in zip(keep, lps):
+            row["rollouts"][i]["repaired_ids"] = ids
+            row["rollouts"][i]["repaired_logprobs"] = lp
+        st["ok"] += len(keep)
+        st["repaired_tokens"] += sum(len(ids) for _, _, ids in keep)
+    return rows
+
+
+def run_repair(cfg: RepairConfig, progress=None, only_worker: int | None = None) -> dict:
+    """Repair every failed rollout of ``cfg.rollouts`` (only the shards of input worker ``only_worker``
+    when given: one Ray task's share, ``dfgen.cluster``)."""
+    from dfgen.backends import get_backend
+    from dfgen.policy import model_fingerprint, resolve_device
+    from dfgen.shards import ShardSet, open_shards, shard_position
+    from dfgen.stage import Unit, run_stage
 
     cfg.validate()
     ss = open_shards(cfg.rollouts, stage="sample")
@@ -86,25 +147,10 @@ def run_repair(cfg: RepairConfig, progress=None, only_worker: int | None = None)
     if ss.meta.get("model_fingerprint") and model_fingerprint(model_dir) != ss.meta["model_fingerprint"]:
         raise UserError(f"{model_dir} is not the checkpoint that sampled {cfg.rollouts} (fingerprint differs); "
                         f"pass --model with the sampling checkpoint")
-    from dfgen.policy import resolve_device
-
     device = resolve_device(cfg.device)
     scorer = get_backend("hf", model_dir, batch_size=cfg.batch_size, device=device)
-    tok = scorer.tokenizer
     temperature = float(ss.meta.get("sampling", {}).get("temperature", 1.0)) or 1.0
-    gen, ctx = None, None
-    if cfg.repairer == "model":
-        template = _template(cfg)
-        gen = scorer if cfg.repair_model is None and cfg.backend == "hf" else \
-            get_backend(cfg.backend, cfg.repair_model or model_dir, batch_size=cfg.batch_size,
-                        **({"device": device} if cfg.backend == "hf" else {}))
-        # the repair prompt holds the failed solution, so it is longer than the sampling prompt: one that
-        # would not fit the repair model's positions is rejected per rollout, never generated into garbage
-        ctx = min((n for n in (context_length(cfg.repair_model or model_dir), getattr(gen, "max_model_len", None))
-                   if n), default=None)
-        if ctx and cfg.max_new_tokens >= ctx:
-            raise UserError(f"--max-new-tokens {cfg.max_new_tokens} leaves no room for a repair prompt in the "
-                            f"repair model's {ctx}-token context")
+    env = _model_env(cfg, scorer, model_dir, device) if cfg.repairer == "model" else None
     meta = {**{k: v for k, v in ss.meta.items() if k not in ("stage", "schema_version", "package_version")},
             "repair": {"repairer": cfg.repairer, "max_edit_ratio": cfg.max_edit_ratio,
                        "repair_model": str(cfg.repair_model) if cfg.repair_model else None}}
@@ -112,82 +158,22 @@ def run_repair(cfg: RepairConfig, progress=None, only_worker: int | None = None)
     if out.resolve() == Path(cfg.rollouts).resolve():
         raise UserError("--out must differ from --rollouts (inputs are never overwritten)")
     files = [f for f in ss.files if only_worker is None or shard_position(f)[0] == only_worker]
-    with WriterLock(out, {shard_position(f)[0] for f in files}):  # held until the last shard is written
-        if out.exists() and any(out.glob("*.parquet")):
-            have = open_shards(out, strict=False).meta
-            if have.get("stage") != "repair" or have.get("repair") != meta["repair"] or \
-                    have.get("model_fingerprint") != meta.get("model_fingerprint"):
-                raise UserError(f"{out} holds shards of another run; use a new output folder (nothing was overwritten)")
-        writers: dict = {}
-        st = {"failed": 0, "ok": 0, "repaired_tokens": 0, "reasons": {}, "shards_skipped": 0, "repaired_per_s": 0.0}
-        t0 = time.time()
-        for f in files:
-            w_idx, chunk = shard_position(f)
-            if w_idx not in writers:
-                writers[w_idx] = ShardWriter(out, "repair", meta, worker=w_idx)
-            writer = writers[w_idx]
-            if writer.is_done(chunk):
-                st["shards_skipped"] += 1
-                continue
-            rows = [r for r in open_shards(f).iter_rows()]
-            todo = []  # (row, rollout index)
-            for row in rows:
-                for i, r in enumerate(row["rollouts"]):
-                    if r["reward"] is not None and r["reward"] < 1:
-                        todo.append((row, i))
-            proposals: list = []
-            if cfg.repairer == "oracle":
-                proposals = [oracle.repair(row, row["rollouts"][i]["text"]) for row, i in todo]
-            elif cfg.repairer == "sibling":
-                proposals = [sibling.repair(row["rollouts"], i) for row, i in todo]
-            elif todo:
-                prompts = [Prompt(template.format(question=row["question"], reference_answer=row["answer"],
-                                                  solution=row["rollouts"][i]["text"]),
-                                  decode_image(row["image"]) if row["image"] is not None else None) for row, i in todo]
-                fits = ([n + cfg.max_new_tokens <= ctx for n in prompt_lengths(gen.processor, prompts, cfg.batch_size)]
-                        if ctx else [True] * len(prompts))
-                outs = iter(gen.generate([p for p, ok in zip(prompts, fits) if ok], [[0]] * sum(fits),
-                                         SamplingConfig(temperature=0.0, max_new_tokens=cfg.max_new_tokens))
-                            if any(fits) else [])
-                proposals = []
-                for ok in fits:
-                    o = next(outs)[0] if ok else None
-                    proposals.append(Proposal(None, "repair prompt too long for the repair model") if o is None else
-                                     Proposal(o.text) if o.finish_reason == "stop" else
-                                     Proposal(o.text, "repair model hit max tokens"))
-            keep = []  # (row, i, ids)
-            for (row, i), prop in zip(todo, proposals):
-                r = row["rollouts"][i]
-                r["repairer"] = cfg.repairer
-                st["failed"] += 1
-                status = prop.reason or "ok"
-                if prop.text is not None:
-                    r["repaired_text"] = prop.text
-                    ids = tok(prop.text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-                    bad = list(r["token_ids"])
-                    r["edit_ratio"] = Levenshtein.distance(bad, ids) / max(len(bad), 1)
-                    if status == "ok" and score(row, prop.text)[1] < 1:
-                        status = "wrong answer after repair"
-                    elif status == "ok" and r["edit_ratio"] > cfg.max_edit_ratio:
-                        status = "edit ratio above bound"
-                    if status == "ok":
-                        keep.append((row, i, ids))
-                r["repair_status"] = status
-                st["reasons"][status] = st["reasons"].get(status, 0) + 1
-            if keep:
-                prompts = [Prompt(row["question"], decode_image(row["image"]) if row["image"] is not None else None)
-                           for row, _, _ in keep]
-                lps = scorer.score(prompts, [ids for _, _, ids in keep], temperature=temperature)
-                for (row, i, ids), lp in zip(keep, lps):
-                    row["rollouts"][i]["repaired_ids"] = ids
-                    row["rollouts"][i]["repaired_logprobs"] = lp
-                st["ok"] += len(keep)
-                st["repaired_tokens"] += sum(len(ids) for _, _, ids in keep)
-            writer.write(chunk, rows)
-            if progress:
-                progress(len(rows))
-        dt = time.time() - t0
-        st["seconds"] = round(dt, 2)
-        st["repaired_per_s"] = round(st["failed"] / dt, 1) if dt > 0 else 0.0
-        write_json_atomic(out / "config.json", config_json(cfg))
-        return st
+
+    def differs(have: dict) -> str | None:
+        same = have.get("stage") == "repair" and have.get("repair") == meta["repair"] and \
+            have.get("model_fingerprint") == meta.get("model_fingerprint")
+        return None if same else "holds shards of another run"
+
+    def repair_shard(rows):
+        rows = _repair_rows(rows, cfg, env, scorer, temperature, st)
+        if progress:
+            progress(len(rows))
+        return rows
+
+    def summarize(st: dict) -> None:
+        st["repaired_per_s"] = round(st["failed"] / st["seconds"], 1) if st["seconds"] > 0 else 0.0
+
+    st = {"failed": 0, "ok": 0, "repaired_tokens": 0, "reasons": {}, "repaired_per_s": 0.0}
+    units = [Unit(*shard_position(f), lambda f=f: list(ShardSet([f], ss.meta).iter_rows())) for f in files]
+    return run_stage(out, "repair", meta, units, repair_shard, differs=differs, config=cfg, stats=st,
+                     workers=[shard_position(f)[0] for f in files], summarize=summarize)

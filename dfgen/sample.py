@@ -22,7 +22,6 @@ Run: ``dfgen sample --prompts runs/train --model runs/sft --out runs/r0 --group-
 """
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -80,18 +79,14 @@ def sampling_meta(cfg: SampleConfig) -> dict:
             "max_new_tokens": cfg.max_new_tokens, "seed": cfg.seed}
 
 
-def check_existing(out: Path, meta: dict) -> None:
-    """Refuse an output folder written by another model/tokenizer/sampling setup."""
-    from dfgen.shards import open_shards
-
-    if not out.exists() or not any(out.glob("*.parquet")):
-        return
-    have = open_shards(out, strict=False).meta
+def existing_differs(have: dict, meta: dict) -> str | None:
+    """Why shards already in the output folder (provenance ``have``) are of another model, tokenizer or
+    sampling setup than this run's ``meta``; None if they are of this run."""
     for k in ("stage", "model_fingerprint", "tokenizer_fingerprint", "sampling", "prompts_fingerprint",
               "num_workers", "seed"):
         if have.get(k) != meta.get(k):
-            raise UserError(f"{out} holds shards with a different {k} ({have.get(k)} vs {meta.get(k)}); "
-                            f"use a new output folder (nothing was overwritten)")
+            return f"holds shards with a different {k} ({have.get(k)} vs {meta.get(k)})"
+    return None
 
 
 def prompts_fingerprint(records: list[dict]) -> str:
@@ -108,14 +103,54 @@ def rollout_row(s, reward: float, pred, seed: int) -> dict:
             "finish_reason": s.finish_reason, "seed": seed}
 
 
-def run_sample(cfg: SampleConfig, progress=None) -> dict:
+def _sample_chunk(chunk: list[dict], backend, cfg: SampleConfig, scfg, ctx, stats: dict, skipped: list,
+                  progress=None) -> list[dict]:
+    """One chunk of prompt records -> its group rows (a prompt beyond the context is counted in ``skipped``)."""
     from dfgen.answers import score
-    from dfgen.backends import Prompt, SamplingConfig, get_backend
-    from dfgen.policy import (check_policy_dir, context_length, decode_image, model_fingerprint, prompt_lengths,
-                              tokenizer_fingerprint)
-    from dfgen.records import load_prompts
+    from dfgen.backends import Prompt
+    from dfgen.policy import decode_image, prompt_lengths
     from dfgen.seeds import sample_seed
-    from dfgen.shards import ShardWriter, WriterLock, config_json, write_json_atomic
+
+    prompts = [Prompt(r["question"], decode_image(r["image"]) if r["image"] is not None else None) for r in chunk]
+    n_chunk = len(chunk)
+    # hf renders prompt ids with the processor alone, so they double as the lengths below; vLLM's
+    # come from an engine call, which refuses the whole batch on one long prompt: count first.
+    pids = backend.prompt_ids(prompts) if prompts and backend.offline_prompt_ids else None
+    if ctx:  # a prompt beyond the context is skipped and counted, never sampled into garbage
+        lens = ([len(p) for p in pids] if pids is not None
+                else prompt_lengths(backend.processor, prompts, cfg.batch_size))
+        fits = [n + cfg.max_new_tokens <= ctx for n in lens]
+        for r, n, ok in zip(chunk, lens, fits):
+            if not ok:
+                skipped.append((r["id"], f"prompt too long ({n} tokens + {cfg.max_new_tokens} new > "
+                                         f"the model's {ctx}-token context)"))
+        chunk, prompts = ([x for x, ok in zip(xs, fits) if ok] for xs in (chunk, prompts))
+        pids = [x for x, ok in zip(pids, fits) if ok] if pids is not None else None
+    if pids is None:
+        pids = backend.prompt_ids(prompts) if prompts else []
+    seeds = [[sample_seed(cfg.seed, r["id"], k) for k in range(cfg.group_size)] for r in chunk]
+    outs = backend.generate(prompts, seeds, scfg) if chunk else []
+    rows = []
+    for r, samples, ss, pid in zip(chunk, outs, seeds, pids):
+        rolls = []
+        for s, sd in zip(samples, ss):
+            pred, reward = score(r, s.text)
+            rolls.append(rollout_row(s, reward, pred, sd))
+            stats["tokens"] += len(s.token_ids)
+            stats["reward_sum"] += reward
+        rows.append({**r, "prompt_ids": pid, "rollouts": rolls})
+    stats["groups"] += len(rows)
+    stats["rollouts"] += len(rows) * cfg.group_size
+    if progress:
+        progress(n_chunk * cfg.group_size, sum(len(s.token_ids) for o in outs for s in o))
+    return rows
+
+
+def run_sample(cfg: SampleConfig, progress=None) -> dict:
+    from dfgen.backends import SamplingConfig, get_backend
+    from dfgen.policy import check_policy_dir, context_length, model_fingerprint, tokenizer_fingerprint
+    from dfgen.records import load_prompts
+    from dfgen.stage import Unit, run_stage
 
     cfg.validate()
     check_policy_dir(cfg.model)
@@ -138,57 +173,18 @@ def run_sample(cfg: SampleConfig, progress=None) -> dict:
             "sampling": sampling_meta(cfg), "backend": cfg.backend, "prompts": str(cfg.prompts),
             "prompts_fingerprint": prompts_fingerprint(records), "num_workers": cfg.num_workers,
             "seed": cfg.seed}
-    out = Path(cfg.out)
-    with WriterLock(out, [cfg.worker_index]):  # held until the last shard is written
-        check_existing(out, {**meta, "stage": "sample"})
-        writer = ShardWriter(out, "sample", meta, worker=cfg.worker_index)
-        write_json_atomic(out / "config.json", config_json(cfg))
-        scfg = SamplingConfig(cfg.temperature, cfg.top_p, cfg.max_new_tokens)
-        stats = {"groups": 0, "rollouts": 0, "tokens": 0, "reward_sum": 0.0, "skipped_prompts": len(skipped), "chunks_skipped": 0}
-        t0 = time.time()
-        if progress:
-            progress(0, 0, total=len(mine) * cfg.group_size)
-        for ci, chunk in enumerate(chunks):
-            if writer.is_done(ci):
-                stats["chunks_skipped"] += 1
-                if progress:
-                    progress(len(chunk) * cfg.group_size, 0)
-                continue
-            prompts = [Prompt(r["question"], decode_image(r["image"]) if r["image"] is not None else None) for r in chunk]
-            n_chunk = len(chunk)
-            # hf renders prompt ids with the processor alone, so they double as the lengths below; vLLM's
-            # come from an engine call, which refuses the whole batch on one long prompt: count first.
-            pids = backend.prompt_ids(prompts) if prompts and backend.offline_prompt_ids else None
-            if ctx:  # a prompt beyond the context is skipped and counted, never sampled into garbage
-                lens = ([len(p) for p in pids] if pids is not None
-                        else prompt_lengths(backend.processor, prompts, cfg.batch_size))
-                fits = [n + cfg.max_new_tokens <= ctx for n in lens]
-                for r, n, ok in zip(chunk, lens, fits):
-                    if not ok:
-                        skipped.append((r["id"], f"prompt too long ({n} tokens + {cfg.max_new_tokens} new > "
-                                                 f"the model's {ctx}-token context)"))
-                chunk, prompts = ([x for x, ok in zip(xs, fits) if ok] for xs in (chunk, prompts))
-                pids = [x for x, ok in zip(pids, fits) if ok] if pids is not None else None
-            if pids is None:
-                pids = backend.prompt_ids(prompts) if prompts else []
-            seeds = [[sample_seed(cfg.seed, r["id"], k) for k in range(cfg.group_size)] for r in chunk]
-            outs = backend.generate(prompts, seeds, scfg) if chunk else []
-            rows = []
-            for r, samples, ss, pid in zip(chunk, outs, seeds, pids):
-                rolls = []
-                for s, sd in zip(samples, ss):
-                    pred, reward = score(r, s.text)
-                    rolls.append(rollout_row(s, reward, pred, sd))
-                    stats["tokens"] += len(s.token_ids)
-                    stats["reward_sum"] += reward
-                rows.append({**r, "prompt_ids": pid, "rollouts": rolls})
-            writer.write(ci, rows)
-            stats["groups"] += len(rows)
-            stats["rollouts"] += len(rows) * cfg.group_size
-            if progress:
-                progress(n_chunk * cfg.group_size, sum(len(s.token_ids) for o in outs for s in o))
-        stats["skipped_prompts"] = len(skipped)
-        stats["seconds"] = round(time.time() - t0, 2)
-        stats["mean_reward"] = stats["reward_sum"] / stats["rollouts"] if stats["rollouts"] else None
-        stats["skipped"] = skipped[:20]
-        return stats
+    scfg = SamplingConfig(cfg.temperature, cfg.top_p, cfg.max_new_tokens)
+    stats = {"groups": 0, "rollouts": 0, "tokens": 0, "reward_sum": 0.0, "skipped_prompts": len(skipped)}
+
+    def summarize(st: dict) -> None:
+        st["skipped_prompts"] = len(skipped)
+        st["mean_reward"] = st["reward_sum"] / st["rollouts"] if st["rollouts"] else None
+        st["skipped"] = skipped[:20]
+
+    units = [Unit(cfg.worker_index, ci, lambda c=c: c) for ci, c in enumerate(chunks)]
+    return run_stage(Path(cfg.out), "sample", meta, units,
+                     lambda c: _sample_chunk(c, backend, cfg, scfg, ctx, stats, skipped, progress),
+                     differs=lambda have: existing_differs(have, {**meta, "stage": "sample"}), config=cfg,
+                     stats=stats, workers=[cfg.worker_index], summarize=summarize,
+                     on_start=(lambda: progress(0, 0, total=len(mine) * cfg.group_size)) if progress else None,
+                     on_skip=(lambda u: progress(len(chunks[u.chunk]) * cfg.group_size, 0)) if progress else None)

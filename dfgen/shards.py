@@ -5,6 +5,8 @@ Every stage writes a folder of zstd parquet shards plus manifests::
     OUT/part-w000-00000.parquet     one row per prompt *group* (or per prompt, for prompt sets)
     OUT/_manifest.w000.json         the shards this worker finished, with row counts
     OUT/config.json                 the resolved command config
+    OUT/_done.w000.json             written last, when this worker's part of the stage is complete
+                                    (its statistics); ``done_info`` reads it, absent = not finished
 
 * **Rows are groups.** Prompt fields (``id``, ``question``, ``answer``, ...), ``prompt_ids``,
   ``image`` (bytes, stored once) and ``rollouts``: a list of structs. Fields of later stages
@@ -115,6 +117,32 @@ def config_json(cfg) -> dict:
 
 def write_json_atomic(path: Path, obj) -> None:
     _write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True, default=str))
+
+
+def _done_path(out: Path, worker: int | None) -> Path:
+    return Path(out) / ("_done.json" if worker is None else f"_done.w{worker:03d}.json")
+
+
+def mark_done(out: Path, info: dict | None = None, worker: int | None = None) -> None:
+    """A stage's last write: ``OUT/_done.wNNN.json`` (shard stages, per worker) or ``OUT/_done.json``
+    (fit, sft), holding the stage's statistics. Present means finished; ``clear_done`` first when a
+    stage starts writing into a folder."""
+    write_json_atomic(_done_path(out, worker), {"done": True, **(info or {})})
+
+
+def clear_done(out: Path, worker: int | None = None) -> None:
+    _done_path(out, worker).unlink(missing_ok=True)
+
+
+def done_info(out: Path, worker: int | None = None) -> dict | None:
+    """The statistics a finished stage left in ``out`` (``mark_done``), or None if it has not finished."""
+    f = _done_path(out, worker)
+    try:
+        return json.loads(f.read_text())
+    except FileNotFoundError:
+        return None
+    except ValueError:  # written atomically, so only a hand-edited file gets here
+        raise UserError(f"{f} is not valid JSON; delete it and rerun the stage") from None
 
 
 def write_jsonl_atomic(path: Path, rows) -> None:
@@ -339,7 +367,7 @@ def open_shards(path: Path, stage: str | tuple | None = None, tokenizer_fp: str 
     line leaves a shard the resume rewrites): every parquet file, no manifest or duplicate checks."""
     path = Path(path)
     if path.is_dir():
-        files = _listed_files(path) if strict else sorted(p for p in path.glob("*.parquet") if not p.name.startswith("."))
+        files = _listed_files(path, strict)
     elif path.is_file():
         files = [path]
     else:
@@ -374,14 +402,14 @@ def open_shards(path: Path, stage: str | tuple | None = None, tokenizer_fp: str 
     return ShardSet(files=files, meta=meta)
 
 
-def _listed_files(folder: Path) -> list[Path]:
+def _listed_files(folder: Path, strict: bool = True) -> list[Path]:
     """The shards of a folder: those its worker manifests list, when it has manifests (every dfkit
-    stage writes them); any ``*.parquet`` otherwise (a hand-made prompt set). A parquet file no
-    manifest lists (a copy, another run's shard) is refused, never read, and a listed one that is
-    missing is refused too."""
+    stage writes them); any ``*.parquet`` otherwise (a hand-made prompt set) or when not ``strict``.
+    A parquet file no manifest lists (a copy, another run's shard) is refused, never read, and a
+    listed one that is missing is refused too."""
     files = sorted(p for p in folder.glob("*.parquet") if not p.name.startswith("."))
     manifests = sorted(folder.glob("_manifest.w*.json"))
-    if not manifests:
+    if not manifests or not strict:
         return files
     listed: set = set()
     for m in manifests:

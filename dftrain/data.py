@@ -10,7 +10,9 @@ shard schema) forever, epoch after epoch:
 * rank r of ``world`` data-parallel processes takes every world-th group of the shared order,
   so replicas see disjoint data;
 * ``position`` (groups yielded so far) is the resume state: a stream rebuilt with the same
-  arguments and ``skip=position`` continues with exactly the same groups.
+  arguments and ``skip=position`` continues with exactly the same groups;
+* ``decode=True``: each group handed out carries its decoded image under ``_image`` (a PIL image,
+  or None), decoded as it leaves the buffer, so the buffer holds only the encoded bytes.
 
 Rows are validated as they are read (before they enter the buffer): non-finite stored
 logprobs or rewards, logprob/token length mismatches and empty trajectories raise a
@@ -46,9 +48,9 @@ def validate_group(g: dict) -> None:
 
 class GroupStream:
     def __init__(self, shards, seed: int = 0, buffer_size: int = 256, rank: int = 0, world: int = 1,
-                 skip: int = 0, batch_rows: int = 64):
+                 skip: int = 0, batch_rows: int = 64, decode: bool = False):
         self.shards, self.seed, self.buffer_size = shards, seed, max(1, buffer_size)
-        self.rank, self.world, self.batch_rows = rank, world, batch_rows
+        self.rank, self.world, self.batch_rows, self.decode = rank, world, batch_rows, decode
         self.position = 0
         self._it = self._groups()
         for _ in range(skip):
@@ -86,4 +88,10 @@ class GroupStream:
             epoch += 1
 
     def take(self, n: int) -> list[dict]:
-        return [next(self._it) for _ in range(n)]
+        groups = [next(self._it) for _ in range(n)]
+        if self.decode:
+            from dfgen.policy import decode_image
+
+            for g in groups:
+                g["_image"] = decode_image(g["image"]) if g.get("image") is not None else None
+        return groups

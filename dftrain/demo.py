@@ -9,7 +9,8 @@
 3. greedy held-out accuracy and every-step-right of the start;
 4. two ``dftrain loop`` runs from that start, identical except for ``--objective``: the same
    fresh prompts every round, the same seeds, the same rounds of ``dfgen sample`` -> [``dfgen
-   repair --repairer oracle`` -> ``dfgen mask``] -> ``dftrain fit`` (the fit/loop defaults);
+   repair --repairer oracle`` -> ``dfgen mask``] -> ``dftrain fit`` (the fit/loop defaults: DF's root
+   mask, its repaired samples and its all-fail term, as the study chose them on val);
 5. both arms' held-out accuracy, every-step-right and lucky rate side by side, the tokens each
    generated, the HTML report of DF's last round, and where everything is.
 
@@ -29,6 +30,7 @@ from pathlib import Path
 START = Path(__file__).resolve().parents[1] / "data" / "policies" / "regime_start"
 TASK = {"ops": "+-*", "min_reads": 3, "max_reads": 4}  # the task the start is in the regime on
 STUDY = Path(__file__).resolve().parents[1] / "docs" / "study19" / "times34"  # the paired study from START
+DEFAULT_VARIANT = "rep+allfail"  # the study's name for the fit/loop defaults (bench/options_screen.py)
 
 
 def build_start(out: Path, quick: bool, seed: int, say) -> Path:
@@ -136,13 +138,15 @@ def main(argv=None) -> dict:
         con.print(f"  {name:9} {a['accuracy']:9.3f} {a['steps_right']:17.3f} {a['lucky']:6.3f} {a['tokens']:23,}")
     con.print("One seed is noisy (a single evaluation swings a few points): the paired study over 8 seeds, with "
               "intervals and a token-matched GRPO arm, is the first section of docs/RESULTS.md.")
-    study = STUDY / "results.json"
-    if study.is_file():  # the committed study's own numbers, read, not restated
-        s = json.loads(study.read_text())["summary"]
-        line = lambda k: f"{100 * s[k]['mean']:+.1f} points (95% CI {100 * s[k]['ci95'][0]:+.1f}, {100 * s[k]['ci95'][1]:+.1f})"  # noqa: E731
-        con.print(f"The study on this start ({s['seeds']} paired seeds, 1000 test problems): DF-GRPO - GRPO = "
-                  f"{line('a_df_minus_grpo')} at the same rollouts and steps, {line('b_df_minus_grpo_tok')} against "
-                  f"GRPO given DF's repair tokens as extra rollouts.")
+    opts, study = STUDY / "options" / "options.json", STUDY / "results.json"
+    fmt = lambda p: f"{100 * p['mean']:+.1f} points (95% CI {100 * p['ci95'][0]:+.1f}, {100 * p['ci95'][1]:+.1f})"  # noqa: E731
+    if opts.is_file() and study.is_file():  # the committed study's own numbers, read, not restated
+        v, s = json.loads(opts.read_text())["variants"][DEFAULT_VARIANT], json.loads(study.read_text())["summary"]
+        con.print(f"The study on this start ({len(v['seeds'])} paired seeds, 1000 test problems), DF-GRPO with these "
+                  f"default options - GRPO: {fmt(v['test_minus_grpo'])} at the same rollouts and steps, "
+                  f"{fmt(v['test_minus_grpo_tok'])} against GRPO given more tokens than DF generated and repaired; "
+                  f"the mask alone (no repaired samples, no all-fail term): {fmt(s['a_df_minus_grpo'])} and "
+                  f"{fmt(s['b_df_minus_grpo_tok'])}.")
     con.print(f"shards: {out}/{{grpo,df-grpo}}/round_*/{{sample,repair,df}}   checkpoints: {out}/*/round_*/fit   "
               f"report: {out}/report.html   curves: {out}/*/loop.json")
     con.print(f"total time {result['seconds']:.0f}s")

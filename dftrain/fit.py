@@ -8,11 +8,11 @@ computes current log-probs of the stored rollout tokens, and minimises ``dftrain
 * ``--objective df-grpo``: failed rollouts with a verified repair get DF token weights
   (``--kappa``, ``--marked root|root+prop|edit``, ``--delta``, ``--mass keep|redistribute``);
   the default ``root`` puts full blame on the first edit only (the root cause) and ``kappa`` on
-  the rest, the best DF setting measured (docs/RESULTS.md 3e-3f: +2.1 points over ``edit``);
-  with ``--repaired-weight A > 0`` each group's distinct repaired trajectories join the batch as
+  the rest (``edit``, every edited token, gained nothing on the sighted policy: docs/RESULTS.md);
+  with ``--repaired-weight A > 0`` (default 1) each group's distinct repaired trajectories join the batch as
   extra positive off-policy samples with advantage A (their behaviour log-probs come from the
   shards), tokens weighted ``mask_repaired + kappa_rep * (1 - mask_repaired)``;
-  with ``--fail-advantage A > 0``, in a group whose rollouts all failed (GRPO's advantage is 0
+  with ``--fail-advantage A > 0`` (default 1), in a group whose rollouts all failed (GRPO's advantage is 0
   there, so GRPO learns nothing from it) each rollout with a verified repair gets advantage -A on
   its root-cause token alone (every other token weight 0).
 
@@ -73,9 +73,10 @@ class FitConfig:
     marked: str = "root"  # root | root+prop | edit (docs/RESULTS.md 3e-3f: root beats edit)
     delta: float = 0.5  # root+prop: weight of edited tokens after the root cause
     mass: str = "keep"  # keep | redistribute
-    repaired_weight: float = 0.0  # A_plus of repaired samples; 0 = not used
+    # the two defaults below were chosen on val by the study (docs/RESULTS.md, "DF's weight options re-screened"):
+    repaired_weight: float = 1.0  # A_plus of repaired samples (credit on their corrected tokens); 0 = not used
     kappa_rep: float = 0.0  # weight of unedited tokens of a repaired sample
-    fail_advantage: float = 0.0  # A: advantage -A on the root token of repaired rollouts in all-fail groups; 0 = off
+    fail_advantage: float = 1.0  # A: advantage -A on the root token of repaired rollouts in all-fail groups; 0 = off
     rep_in_denominator: bool = False  # repaired tokens count in the token-mean denominator
     dedup_repaired: bool = True  # one copy of each distinct repaired trajectory per group
     buffer_size: int = 256  # shuffle buffer (groups)
@@ -314,7 +315,8 @@ def save_checkpoint(model, processor, opt, cfg, step, position, out: Path, final
     shutil.rmtree(out / name, ignore_errors=True)
     os.replace(tmp, out / name)
     if final:  # the final model also sits at OUT/ itself, a plain HF folder for the next round
-        for f in (out / name).iterdir():
+        # config.json last: a reader that takes it for "a model is here" never finds half a folder
+        for f in sorted((out / name).iterdir(), key=lambda f: f.name == "config.json"):
             if f.is_file() and f.name not in ("optimizer.pt",):
                 part = out / f".{f.name}.tmp"  # each file appears whole or not at all
                 shutil.copy2(f, part)
@@ -343,31 +345,22 @@ def latest_checkpoint(out: Path):
 
 
 # ----------------------------------------------------------------------------- loop
-def run_fit(cfg: FitConfig, log=print) -> dict:
-    import torch
-
-    from dfgen.policy import (check_policy_dir, decode_image, load_policy, load_processor, suppress_ids,
-                              tokenizer_fingerprint)
-    from dfgen.shards import config_json, open_shards, write_json_atomic
-    from dftrain.data import GroupStream
-
-    cfg.validate()
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    if world > 1 and not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("gloo" if not torch.cuda.is_available() else "nccl")
-    out = Path(cfg.out)
+def _resume_point(cfg: FitConfig, out: Path):
+    """The step folder ``--resume`` continues from (None: a fresh run), refusing a fresh run over
+    checkpoints and a resume under other settings."""
     resume_from = latest_checkpoint(out) if cfg.resume else None
     if not cfg.resume and latest_checkpoint(out) is not None:
         raise UserError(f"{out} already holds checkpoints; pass --resume to continue or choose a new folder")
     if resume_from is not None and (out / "fit_config.json").is_file():
         _check_resume_settings(json.loads((out / "fit_config.json").read_text()), cfg, out)
-    load_dir = resume_from if resume_from and cfg.lora_rank == 0 else cfg.model
-    dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
-    device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
-    # the shards are checked against the policy's tokenizer before the (possibly large) weights load
+    return resume_from
+
+
+def _open_data(cfg: FitConfig, load_dir: Path):
+    """The shard set, checked against the policy's tokenizer before the (possibly large) weights load."""
+    from dfgen.policy import check_policy_dir, load_processor, tokenizer_fingerprint
+    from dfgen.shards import open_shards
+
     stages = ("mask",) if cfg.objective == "df-grpo" else ("sample", "repair", "mask")
     try:
         shards = open_shards(cfg.data, stage=stages,
@@ -379,12 +372,21 @@ def run_fit(cfg: FitConfig, log=print) -> dict:
         raise
     if shards.num_rows() == 0:
         raise UserError(f"{cfg.data} holds no groups")
+    return shards
+
+
+def _load_models(cfg: FitConfig, load_dir: Path, resume_from):
+    """(policy to train, processor, frozen reference or None): vision tower frozen, LoRA and
+    gradient checkpointing applied as configured."""
+    import torch
+
+    from dfgen.policy import load_policy
+
+    dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
+    device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
     model, processor = load_policy(load_dir, dtype=dtype, device=device)
     if cfg.freeze_vision and hasattr(getattr(model, "model", None), "visual"):
         model.model.visual.requires_grad_(False)  # RL on a trained tower broke perception (docs/RESULTS.md)
-    tok = processor.tokenizer
-    temperature = float(shards.meta.get("sampling", {}).get("temperature", 1.0)) or 1.0
-    suppress = suppress_ids(tok)
     if cfg.lora_rank > 0:
         from peft import LoraConfig, get_peft_model
 
@@ -402,116 +404,179 @@ def run_fit(cfg: FitConfig, log=print) -> dict:
         ref_model, _ = load_policy(cfg.model, dtype=dtype, device=device)
         ref_model.eval().requires_grad_(False)
     model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    start, position = 0, 0
+    return model, processor, ref_model
+
+
+def _restore(cfg: FitConfig, opt, resume_from, log) -> tuple[int, int]:
+    """Seed the RNGs, then restore optimizer, RNG and data position from ``resume_from`` (a step
+    folder) or only the AdamW state of ``--optimizer-from``. Returns (first step, data position)."""
+    import torch
+
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     if resume_from is not None:
         state = json.loads((resume_from / "trainer_state.json").read_text())
-        start, position = state["step"], state["data_position"]
         ck = torch.load(resume_from / "optimizer.pt", weights_only=True)
         opt.load_state_dict(ck["optimizer"])
         random.setstate(ck["rng"]["python"])
         torch.set_rng_state(ck["rng"]["torch"])
-        log(f"resumed from {resume_from} (step {start})")
-    elif cfg.optimizer_from is not None:
+        log(f"resumed from {resume_from} (step {state['step']})")
+        return state["step"], state["data_position"]
+    if cfg.optimizer_from is not None:
         opt.load_state_dict(_optimizer_state(Path(cfg.optimizer_from), cfg.lr))
-    ddp = model
-    if world > 1:
-        ddp = torch.nn.parallel.DistributedDataParallel(model)
-    stream = GroupStream(shards, seed=cfg.seed, buffer_size=cfg.buffer_size, rank=rank, world=world, skip=position)
-    checked_prompt = False
+    return 0, 0
+
+
+def _truncate_metrics(out: Path, last_step: int) -> None:
+    """On resume, steps after the checkpoint are recomputed: drop their lines so each step is logged once."""
+    f = out / "metrics.jsonl"
+    if not f.exists():
+        return
+    keep = [ln for ln in f.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= last_step]
+    (out / "metrics.jsonl.tmp").write_text("".join(ln + "\n" for ln in keep))
+    os.replace(out / "metrics.jsonl.tmp", f)
+
+
+def _check_prompt_render(processor, group: dict) -> None:
+    """The stored ``prompt_ids`` are what this processor renders (else the log-probs are of another prompt)."""
+    from dfgen.policy import prompt_inputs
+
+    pi = prompt_inputs(processor, [group["question"]], [group["_image"]])
+    if group.get("prompt_ids") is not None and pi["input_ids"][0].tolist() != list(group["prompt_ids"]):
+        raise UserError("the policy's processor renders prompts differently from the shards' prompt_ids; "
+                        "train the checkpoint family that sampled them")
+
+
+def train_step(ddp, params, opt, processor, batches, cfg: FitConfig, suppress, temperature, ref_model=None) -> dict:
+    """One optimizer step (``--updates-per-batch`` updates) over ``batches`` [(groups, rows)]: the
+    micro-batches' losses scaled so their sum is the loss of the whole batch. Returns the step's
+    loss, grad norm, completion tokens and loss metrics."""
+    import torch
+
+    total_share = sum(_share(rows, cfg.agg, cfg.rep_in_denominator) for _, rows in batches)
+    metrics: dict = {}
+    ntok = 0
+    micro = [(groups, rows[k: k + cfg.micro_batch]) for groups, rows in batches
+             for k in range(0, len(rows), cfg.micro_batch)]
+    preps: list = [None] * len(micro)  # kept across updates only when there is more than one
+    for _upd in range(cfg.updates_per_batch):
+        opt.zero_grad(set_to_none=True)
+        step_loss = 0.0
+        for j, (groups, mb) in enumerate(micro):
+            prep = preps[j] or prepare_micro(processor, groups, mb, cfg)
+            if cfg.updates_per_batch > 1:
+                preps[j] = prep
+            loss, met, _, cm = micro_loss(ddp, prep, cfg, suppress, temperature, ref_model)
+            scale = _share(mb, cfg.agg, cfg.rep_in_denominator) / max(total_share, 1e-9)
+            (loss * scale).backward()
+            step_loss += float(loss.detach()) * scale
+            ntok += int(cm.sum())
+            for name, v in met.items():
+                metrics[name] = metrics.get(name, 0.0) + float(v) * scale / cfg.updates_per_batch
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
+        opt.step()
+    return {"loss": step_loss, "grad_norm": grad_norm, "tokens": ntok, "metrics": metrics}
+
+
+def _step_record(step: int, batches, res: dict, dt: float) -> dict:
+    """The metrics.jsonl line of one step."""
+    rows_all = [r for _, rows in batches for r in rows]
+    rollouts = [r for r in rows_all if not r.repaired]
+    failed = [r for r in rollouts if r.df_weighted]
+    return {"step": step, "loss": round(res["loss"], 6), "reward": sum(r.reward for r in rollouts) / len(rollouts),
+            "adv_abs_mean": sum(abs(r.advantage) for r in rollouts) / len(rollouts),
+            "mask_density": (sum(sum(r.mask_bad) for r in failed) / max(1, sum(len(r.token_ids) for r in failed)))
+            if failed else None,
+            "repaired_samples": sum(r.repaired for r in rows_all), "grad_norm": round(res["grad_norm"], 5),
+            "tok_per_s": round(res["tokens"] / dt, 1), "step_s": round(dt, 4),
+            **{k: round(v, 6) for k, v in res["metrics"].items()}}
+
+
+def _log_step(metrics_f, rec: dict, cfg: FitConfig, log) -> None:
+    metrics_f.write(json.dumps(rec) + "\n")
+    metrics_f.flush()
+    if rec["step"] % cfg.log_every == 0 or rec["step"] == cfg.steps:
+        log(f"step {rec['step']}/{cfg.steps} | loss {rec['loss']:.4f} | reward {rec['reward']:.3f} | "
+            f"clip {rec.get('clipfrac', 0):.3f} | {rec['tok_per_s']:.0f} tok/s")
+
+
+def _ddp_audit(model, seen_ids: list, cfg: FitConfig, n_groups: int, out: Path, rank: int, world: int) -> None:
+    """Data-parallel contract, checked by the ranks themselves (only they hold their replica and the
+    ids they trained on): identical replicas, disjoint data; rank 0 writes ``ddp_check.json``."""
+    import torch
+
+    from dfgen.shards import write_json_atomic
+
+    with torch.no_grad():
+        checksum = float(sum(p.double().sum() for p in model.parameters()))
+    gathered = [None] * world
+    torch.distributed.all_gather_object(gathered, (checksum, seen_ids))
+    if rank == 0:
+        sums, ids = [g[0] for g in gathered], [set(g[1]) for g in gathered]
+        write_json_atomic(out / "ddp_check.json", {
+            "world": world, "checksums": sums,
+            "replicas_identical": max(sums) - min(sums) <= 1e-6 * max(1.0, abs(sums[0])),
+            "disjoint_data": all(not (ids[i] & ids[j]) for i in range(world) for j in range(i + 1, world))
+            if cfg.steps * cfg.groups_per_step * world <= n_groups else None})
+
+
+def run_fit(cfg: FitConfig, log=print) -> dict:
+    """Train as configured; returns {"losses": per step, "seconds", "steps": steps run here}."""
+    import torch
+
+    from dfgen.policy import suppress_ids
+    from dfgen.shards import clear_done, config_json, mark_done, write_json_atomic
+    from dftrain.data import GroupStream
+
+    cfg.validate()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+    if world > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("gloo" if not torch.cuda.is_available() else "nccl")
+    out = Path(cfg.out)
+    resume_from = _resume_point(cfg, out)
+    load_dir = resume_from if resume_from and cfg.lora_rank == 0 else cfg.model
+    shards = _open_data(cfg, load_dir)
+    model, processor, ref_model = _load_models(cfg, load_dir, resume_from)
+    temperature = float(shards.meta.get("sampling", {}).get("temperature", 1.0)) or 1.0
+    suppress = suppress_ids(processor.tokenizer)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    start, position = _restore(cfg, opt, resume_from, log)
+    ddp = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    stream = GroupStream(shards, seed=cfg.seed, buffer_size=cfg.buffer_size, rank=rank, world=world, skip=position,
+                         decode=True)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
+        clear_done(out)
         write_json_atomic(out / "fit_config.json", config_json(cfg))
-    if rank == 0 and cfg.resume and (out / "metrics.jsonl").exists():
-        # steps after the checkpoint are recomputed: drop their lines so each step is logged once
-        lines = (out / "metrics.jsonl").read_text().splitlines()
-        keep = [ln for ln in lines if ln.strip() and json.loads(ln).get("step", 0) <= start]
-        (out / "metrics.jsonl.tmp").write_text("".join(ln + "\n" for ln in keep))
-        os.replace(out / "metrics.jsonl.tmp", out / "metrics.jsonl")
+        if cfg.resume:
+            _truncate_metrics(out, start)
     metrics_f = open(out / "metrics.jsonl", "a") if rank == 0 else None
-    summary: dict = {"losses": []}
-    seen_ids: list = []
-    t_start = time.time()
+    losses, seen_ids, t_start = [], [], time.time()
     for step in range(start, cfg.steps):
         t0 = time.time()
         batches = []
         for _ in range(cfg.grad_accum):
             groups = stream.take(cfg.groups_per_step)
-            seen_ids.extend(g["id"] for g in groups)
-            for g in groups:
-                g["_image"] = decode_image(g["image"]) if g.get("image") is not None else None
-            if not checked_prompt:
-                from dfgen.policy import prompt_inputs
-
-                pi = prompt_inputs(processor, [groups[0]["question"]], [groups[0]["_image"]])
-                if groups[0].get("prompt_ids") is not None and pi["input_ids"][0].tolist() != list(groups[0]["prompt_ids"]):
-                    raise UserError("the policy's processor renders prompts differently from the shards' prompt_ids; "
-                                    "train the checkpoint family that sampled them")
-                checked_prompt = True
+            if step == start and not batches:
+                _check_prompt_render(processor, groups[0])
             batches.append((groups, build_rows(groups, cfg)))
-        total_share = sum(_share(rows, cfg.agg, cfg.rep_in_denominator) for _, rows in batches)
-        agg_metrics: dict = {}
-        ntok = 0
-        micro = [(groups, rows[k: k + cfg.micro_batch]) for groups, rows in batches
-                 for k in range(0, len(rows), cfg.micro_batch)]
-        preps: list = [None] * len(micro)  # kept across updates only when there is more than one
-        for _upd in range(cfg.updates_per_batch):
-            opt.zero_grad(set_to_none=True)
-            step_loss = 0.0
-            for j, (groups, mb) in enumerate(micro):
-                prep = preps[j] or prepare_micro(processor, groups, mb, cfg)
-                if cfg.updates_per_batch > 1:
-                    preps[j] = prep
-                loss, met, _, cm = micro_loss(ddp, prep, cfg, suppress, temperature, ref_model)
-                scale = _share(mb, cfg.agg, cfg.rep_in_denominator) / max(total_share, 1e-9)
-                (loss * scale).backward()
-                step_loss += float(loss.detach()) * scale
-                ntok += int(cm.sum())
-                for name, v in met.items():
-                    agg_metrics[name] = agg_metrics.get(name, 0.0) + float(v) * scale / cfg.updates_per_batch
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
-            opt.step()
-        rows_all = [r for _, rows in batches for r in rows]
-        rollouts = [r for r in rows_all if not r.repaired]
-        failed = [r for r in rollouts if r.df_weighted]
-        dt = time.time() - t0
-        rec = {"step": step + 1, "loss": round(step_loss, 6), "reward": sum(r.reward for r in rollouts) / len(rollouts),
-               "adv_abs_mean": sum(abs(r.advantage) for r in rollouts) / len(rollouts),
-               "mask_density": (sum(sum(r.mask_bad) for r in failed) / max(1, sum(len(r.token_ids) for r in failed)))
-               if failed else None,
-               "repaired_samples": sum(r.repaired for r in rows_all), "grad_norm": round(grad_norm, 5),
-               "tok_per_s": round(ntok / dt, 1), "step_s": round(dt, 4),
-               **{k: round(v, 6) for k, v in agg_metrics.items()}}
-        summary["losses"].append(step_loss)
+        seen_ids.extend(g["id"] for groups, _ in batches for g in groups)
+        res = train_step(ddp, params, opt, processor, batches, cfg, suppress, temperature, ref_model)
+        rec = _step_record(step + 1, batches, res, time.time() - t0)
+        losses.append(res["loss"])
         if rank == 0:
-            metrics_f.write(json.dumps(rec) + "\n")
-            metrics_f.flush()
-            if (step + 1) % cfg.log_every == 0 or step == cfg.steps - 1:
-                log(f"step {step + 1}/{cfg.steps} | loss {step_loss:.4f} | reward {rec['reward']:.3f} | "
-                    f"clip {rec.get('clipfrac', 0):.3f} | {rec['tok_per_s']:.0f} tok/s")
+            _log_step(metrics_f, rec, cfg, log)
             if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps:
                 save_checkpoint(model, processor, opt, cfg, step + 1, stream.position, out)
     if rank == 0:
         save_checkpoint(model, processor, opt, cfg, cfg.steps, stream.position, out, final=True)
         metrics_f.close()
-    if world > 1:  # check the data-parallel contract: identical replicas, disjoint data
-        with torch.no_grad():
-            checksum = float(sum(p.double().sum() for p in model.parameters()))
-        gathered = [None] * world
-        torch.distributed.all_gather_object(gathered, (checksum, seen_ids))
-        if rank == 0:
-            sums = [g[0] for g in gathered]
-            ids = [set(g[1]) for g in gathered]
-            check = {"world": world, "checksums": sums,
-                     "replicas_identical": max(sums) - min(sums) <= 1e-6 * max(1.0, abs(sums[0])),
-                     "disjoint_data": all(not (ids[i] & ids[j]) for i in range(world) for j in range(i + 1, world))
-                     if cfg.steps * cfg.groups_per_step * world <= shards.num_rows() else None}
-            write_json_atomic(out / "ddp_check.json", check)
+        mark_done(out, {"steps": cfg.steps, "final_loss": losses[-1] if losses else None})
+    if world > 1:
+        _ddp_audit(model, seen_ids, cfg, shards.num_rows(), out, rank, world)
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
-    summary["seconds"] = round(time.time() - t_start, 2)
-    summary["steps"] = cfg.steps - start
-    return summary
+    return {"losses": losses, "seconds": round(time.time() - t_start, 2), "steps": cfg.steps - start}

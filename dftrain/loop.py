@@ -30,40 +30,52 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dfgen.errors import UserError
+from dfgen.repair import RepairConfig as _Repair
+from dfgen.sample import SampleConfig as _Sample
+from dftrain.fit import FitConfig as _Fit
 
 
 @dataclass
 class LoopConfig:
+    """The loop's own settings, then those it hands to each stage. A setting that is also a
+    ``SampleConfig``/``RepairConfig``/``FitConfig`` field takes that class's default (one source),
+    except ``updates_per_batch``: 2 here (two PPO epochs per round, as every study loop ran), 1 in a
+    single ``dftrain fit``."""
+
     model: Path  # starting policy (e.g. dftrain sft output)
     out: Path
     rounds: int = 3
-    objective: str = "df-grpo"  # df-grpo | grpo
+    objective: str = _Fit.objective  # df-grpo | grpo
     prompts: Path | None = None  # prompt set to draw rounds from; None = fresh synthetic problems
     prompts_per_round: int = 64
     task: dict = field(default_factory=dict)  # GridTask knobs for synthetic prompts
-    group_size: int = 8
-    temperature: float = 1.0
-    max_new_tokens: int | None = None  # None: fits the round's reference solutions (>= 64), as dfgen sample
-    repairer: str = "oracle"
+    # sample
+    group_size: int = _Sample.group_size
+    temperature: float = _Sample.temperature
+    max_new_tokens: int | None = _Sample.max_new_tokens  # None: fits the round's reference solutions, as dfgen sample
+    # repair
+    repairer: str = _Repair.repairer
+    repair_model: Path | None = _Repair.repair_model  # --repairer model: its checkpoint (default: the round's policy)
+    # fit
     fit_steps: int = 8  # fit_steps * groups_per_step = prompts_per_round uses each group once
-    groups_per_step: int = 8
+    groups_per_step: int = _Fit.groups_per_step
     updates_per_batch: int = 2
-    lr: float = 3e-5  # as dftrain fit: chosen on val for both objectives (docs/RESULTS.md)
-    kappa: float = 0.1
-    marked: str = "root"
-    mass: str = "keep"
-    repaired_weight: float = 0.0
-    kappa_rep: float = 0.0  # as dftrain fit
-    fail_advantage: float = 0.0  # as dftrain fit: -A on the root token of all-fail groups' repaired rollouts
-    repair_model: Path | None = None  # --repairer model: its checkpoint (default: the round's sampling policy)
-    policy_loss: str = "ppo"  # the surrogate, as dftrain fit --policy-loss
-    clip_high: float = 0.2
-    dual_clip: float | None = None
+    lr: float = _Fit.lr
+    kappa: float = _Fit.kappa
+    marked: str = _Fit.marked
+    mass: str = _Fit.mass
+    repaired_weight: float = _Fit.repaired_weight
+    kappa_rep: float = _Fit.kappa_rep
+    fail_advantage: float = _Fit.fail_advantage
+    policy_loss: str = _Fit.policy_loss
+    clip_high: float = _Fit.clip_high
+    dual_clip: float | None = _Fit.dual_clip
     carry_optimizer: bool = True
+    # evaluation
     eval: list = field(default_factory=list)  # prompt sets scored by greedy accuracy
     eval_n: int = 500
     eval_every: int = 1
-    seed: int = 0
+    seed: int = _Fit.seed
 
     def validate(self):
         if self.rounds <= 0 or self.prompts_per_round <= 0 or self.fit_steps <= 0 or self.group_size < 2:
@@ -124,14 +136,86 @@ def _round_prompts(cfg: LoopConfig, r: int, dst: Path):
     tmp.rename(dst)
 
 
-def run_loop(cfg: LoopConfig, log=print) -> dict:
+# what a loop ran with before the field existed (a loop.json written then lacks the key)
+BEFORE_FIELD = {"kappa_rep": 0.0, "fail_advantage": 0.0, "repair_model": None}
+
+
+def _check_resumable(cfg: LoopConfig, state_f: Path, out: Path) -> None:
+    """A loop.json already there must be of these settings (bar --rounds); a setting an older
+    loop.json lacks had the value it had before the field existed (``BEFORE_FIELD``)."""
+    if not state_f.exists():
+        return
+    want = {k: v for k, v in _jsonable(cfg).items() if k != "rounds"}  # more rounds may be added to a finished loop
+    have = {k: v for k, v in (BEFORE_FIELD | json.loads(state_f.read_text())["config"]).items() if k != "rounds"}
+    if have != want:
+        diff = sorted(k for k in set(have) | set(want) if have.get(k) != want.get(k))
+        raise UserError(f"{out} holds a loop with other settings ({', '.join(diff)}); use a new --out")
+
+
+def _df_data(cfg: LoopConfig, rd: Path, rec: dict) -> Path:
+    """The round's repair + mask stages (an unfinished one is redone from scratch); the DF shards."""
     from dfgen.mask import MaskConfig, run_mask
-    from dfgen.policy import check_policy_dir, load_policy
     from dfgen.repair import RepairConfig, run_repair
-    from dfgen.sample import SampleConfig, run_sample
-    from dfgen.shards import write_json_atomic, write_jsonl_atomic
-    from dftrain.evaluate import greedy_profile
+    from dfgen.shards import done_info
+
+    t1 = time.time()
+    for stage in ("repair", "df"):
+        if done_info(rd / stage, 0) is None:
+            shutil.rmtree(rd / stage, ignore_errors=True)
+    if done_info(rd / "repair", 0) is None:
+        run_repair(RepairConfig(rollouts=rd / "sample", out=rd / "repair", repairer=cfg.repairer,
+                                repair_model=cfg.repair_model))
+    if done_info(rd / "df", 0) is None:
+        run_mask(MaskConfig(repairs=rd / "repair", out=rd / "df"))
+    rep = done_info(rd / "repair", 0)
+    rec["repair"] = {k: rep.get(k) for k in ("failed", "ok", "repaired_tokens") if k in rep}
+    rec["seconds"]["repair_mask"] = round(time.time() - t1, 2)
+    return rd / "df"
+
+
+def _fit_round(cfg: LoopConfig, rd: Path, data: Path, policy: Path, prev_fit, r: int, rec: dict) -> None:
+    """The round's training, from the previous round's checkpoint and AdamW state (an interrupted fit restarts)."""
+    from dfgen.shards import done_info
     from dftrain.fit import FitConfig, run_fit
+
+    t2 = time.time()
+    if (rd / "fit").exists() and done_info(rd / "fit") is None:
+        shutil.rmtree(rd / "fit")
+    if done_info(rd / "fit") is None:
+        res = run_fit(FitConfig(data=data, model=policy, out=rd / "fit", objective=cfg.objective,
+                                steps=cfg.fit_steps, groups_per_step=cfg.groups_per_step,
+                                updates_per_batch=cfg.updates_per_batch, lr=cfg.lr, kappa=cfg.kappa,
+                                marked=cfg.marked, mass=cfg.mass, repaired_weight=cfg.repaired_weight,
+                                kappa_rep=cfg.kappa_rep, fail_advantage=cfg.fail_advantage,
+                                policy_loss=cfg.policy_loss, clip_high=cfg.clip_high, dual_clip=cfg.dual_clip,
+                                optimizer_from=prev_fit if cfg.carry_optimizer else None,
+                                seed=cfg.seed * 1000 + r), log=lambda m: None)
+        rec["fit_loss_mean"] = sum(res["losses"]) / len(res["losses"])
+    rec["seconds"]["fit"] = round(time.time() - t2, 2)
+
+
+def _evaluate_round(cfg: LoopConfig, rd: Path, policy: Path, rec: dict) -> None:
+    """Greedy accuracy and profile on every --eval set; per-problem rows in ``rd/eval/SET.jsonl``."""
+    from dfgen.policy import load_policy
+    from dfgen.shards import write_jsonl_atomic
+    from dftrain.evaluate import greedy_profile
+
+    t3 = time.time()
+    model, processor = load_policy(policy)
+    rec["profile"] = {}
+    for e in cfg.eval:
+        prof = greedy_profile(model, processor, Path(e), limit=cfg.eval_n, items=True)
+        rec["accuracy"][Path(e).name] = prof["accuracy"]
+        rec["profile"][Path(e).name] = {k: prof[k] for k in ("steps_right", "lucky", "read_acc", "first_error")}
+        (rd / "eval").mkdir(exist_ok=True)
+        write_jsonl_atomic(rd / "eval" / f"{Path(e).name}.jsonl", prof["items"])
+    rec["seconds"]["eval"] = round(time.time() - t3, 2)
+
+
+def run_loop(cfg: LoopConfig, log=print) -> dict:
+    from dfgen.policy import check_policy_dir
+    from dfgen.sample import SampleConfig, run_sample
+    from dfgen.shards import write_json_atomic
 
     cfg.validate()
     check_policy_dir(Path(cfg.model))
@@ -141,16 +225,7 @@ def run_loop(cfg: LoopConfig, log=print) -> dict:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     state_f = out / "loop.json"
-    want = _jsonable(cfg)
-    want.pop("rounds")  # more rounds may be added to a finished loop
-    if state_f.exists():
-        have = json.loads(state_f.read_text())
-        # a setting an older loop.json lacks was at its default there (a field added since)
-        defaults = _jsonable(LoopConfig(model=cfg.model, out=cfg.out))
-        have_cfg = {k: v for k, v in (defaults | have["config"]).items() if k != "rounds"}
-        if have_cfg != want:
-            diff = sorted(k for k in set(have_cfg) | set(want) if have_cfg.get(k) != want.get(k))
-            raise UserError(f"{out} holds a loop with other settings ({', '.join(diff)}); use a new --out")
+    _check_resumable(cfg, state_f, out)
     records: list[dict] = []
     policy, prev_fit = Path(cfg.model), None
     t_loop = time.time()
@@ -170,51 +245,12 @@ def run_loop(cfg: LoopConfig, log=print) -> dict:
                                      seed=cfg.seed * 1000 + r, chunk_size=32))
         rec = {"round": r, "rollouts": st["rollouts"], "generated_tokens": st["tokens"],
                "sample_reward": st.get("mean_reward"), "seconds": {"sample": round(time.time() - t0, 2)}}
-        data = rd / "sample"
-        if cfg.objective == "df-grpo":
-            t1 = time.time()
-            for stage in ("repair", "df"):  # an unfinished stage is redone from scratch
-                if not (rd / stage / "_done").exists():
-                    shutil.rmtree(rd / stage, ignore_errors=True)
-            if not (rd / "repair" / "_done").exists():
-                rep = run_repair(RepairConfig(rollouts=rd / "sample", out=rd / "repair", repairer=cfg.repairer,
-                                              repair_model=cfg.repair_model))
-                (rd / "repair" / "_done").write_text(json.dumps(rep, default=str))
-            rep = json.loads((rd / "repair" / "_done").read_text())
-            if not (rd / "df" / "_done").exists():
-                mk = run_mask(MaskConfig(repairs=rd / "repair", out=rd / "df"))
-                (rd / "df" / "_done").write_text(json.dumps(mk, default=str))
-            rec["repair"] = {k: rep.get(k) for k in ("failed", "ok", "repaired_tokens") if k in rep}
-            rec["seconds"]["repair_mask"] = round(time.time() - t1, 2)
-            data = rd / "df"
-        t2 = time.time()
-        if (rd / "fit").exists() and not (rd / "fit" / "config.json").exists():
-            shutil.rmtree(rd / "fit")  # an interrupted fit restarts the round's training
-        if not (rd / "fit" / "config.json").exists():
-            res = run_fit(FitConfig(data=data, model=policy, out=rd / "fit", objective=cfg.objective,
-                                    steps=cfg.fit_steps, groups_per_step=cfg.groups_per_step,
-                                    updates_per_batch=cfg.updates_per_batch, lr=cfg.lr, kappa=cfg.kappa,
-                                    marked=cfg.marked, mass=cfg.mass, repaired_weight=cfg.repaired_weight,
-                                    kappa_rep=cfg.kappa_rep, fail_advantage=cfg.fail_advantage,
-                                    policy_loss=cfg.policy_loss, clip_high=cfg.clip_high, dual_clip=cfg.dual_clip,
-                                    optimizer_from=prev_fit if cfg.carry_optimizer else None,
-                                    seed=cfg.seed * 1000 + r), log=lambda m: None)
-            rec["fit_loss_mean"] = sum(res["losses"]) / len(res["losses"])
-        rec["seconds"]["fit"] = round(time.time() - t2, 2)
+        data = _df_data(cfg, rd, rec) if cfg.objective == "df-grpo" else rd / "sample"  # grpo: no masks needed
+        _fit_round(cfg, rd, data, policy, prev_fit, r, rec)
         policy = prev_fit = rd / "fit"
         rec["accuracy"] = {}
         if cfg.eval and ((r + 1) % cfg.eval_every == 0 or r == cfg.rounds - 1):
-            t3 = time.time()
-            model, processor = load_policy(policy)
-            rec["profile"] = {}
-            for e in cfg.eval:
-                prof = greedy_profile(model, processor, Path(e), limit=cfg.eval_n, items=True)
-                rec["accuracy"][Path(e).name] = prof["accuracy"]
-                rec["profile"][Path(e).name] = {k: prof[k] for k in ("steps_right", "lucky", "read_acc", "first_error")}
-                (rd / "eval").mkdir(exist_ok=True)
-                write_jsonl_atomic(rd / "eval" / f"{Path(e).name}.jsonl", prof["items"])
-            del model
-            rec["seconds"]["eval"] = round(time.time() - t3, 2)
+            _evaluate_round(cfg, rd, policy, rec)
         write_json_atomic(done_f, rec)
         records.append(rec)
         acc = " ".join(f"{k} {v:.3f}" for k, v in rec["accuracy"].items())

@@ -219,6 +219,9 @@ def run_sft(cfg: SFTConfig, progress=None) -> dict:
     _save(model, processor, tmp, cfg, result)
     if staging.exists():
         staging.rename(tmp / "steps")
+    from dfgen.shards import mark_done
+
+    mark_done(tmp, {k: v for k, v in result.items() if k not in ("log", "curve")})  # then OUT appears whole
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
     return result

@@ -1,3 +1,5 @@
+import json
+
 import pytest
 
 from tests.conftest import run_cli
@@ -64,3 +66,83 @@ def test_every_registry_name_is_accepted_and_documented():
     for obj in LOSSES:
         for pl in POLICY_LOSSES:
             FitConfig(data=".", model=".", out=".", objective=obj, policy_loss=pl, **extra.get(pl, {})).validate()
+
+
+@pytest.mark.parametrize("prog,cmd", [("dfgen", "sample"), ("dfgen", "repair"), ("dfgen", "mask"), ("dftrain", "fit"),
+                                      ("dftrain", "loop"), ("dftrain", "sft")])
+def test_cli_defaults_are_the_config_dataclass_defaults(prog, cmd):
+    """One source of defaults: every option named as a field of the stage's config dataclass has
+    that field's default (a required field is a required option)."""
+    import dataclasses
+    import importlib
+
+    import typer
+
+    from dfgen.mask import MaskConfig
+    from dfgen.repair import RepairConfig
+    from dfgen.sample import SampleConfig
+    from dftrain.fit import FitConfig
+    from dftrain.loop import LoopConfig
+    from dftrain.sft import SFTConfig
+
+    cls = {"sample": SampleConfig, "repair": RepairConfig, "mask": MaskConfig, "fit": FitConfig, "loop": LoopConfig,
+           "sft": SFTConfig}[cmd]
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    options = typer.main.get_command(importlib.import_module(f"{prog}.cli").app).commands[cmd].params
+    checked = 0
+    for p in options:
+        f = fields.get(p.name)
+        if f is None:
+            continue
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            assert p.required, (cmd, p.name)
+            continue
+        want = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        have = getattr(p.default, "value", p.default)
+        if cmd == "loop" and p.name == "task":
+            have = json.loads(have)  # a JSON option
+        assert have == want or (want is None and have in (None, [], ())) or (want == [] and have in (None, ())), \
+            (cmd, p.name, have, want)
+        checked += 1
+    assert checked >= 2  # (mask has two: --level, --tokenizer)
+
+
+def test_loop_takes_the_stage_configs_defaults():
+    """LoopConfig's stage settings default to the stage classes' own (updates_per_batch: the loop's 2)."""
+    import dataclasses
+
+    from dfgen.repair import RepairConfig
+    from dfgen.sample import SampleConfig
+    from dftrain.fit import FitConfig
+    from dftrain.loop import LoopConfig
+
+    loop = {f.name: f.default for f in dataclasses.fields(LoopConfig)}
+    fit = {f.name: f.default for f in dataclasses.fields(FitConfig)}
+    taken = [(SampleConfig, "group_size"), (SampleConfig, "temperature"), (SampleConfig, "max_new_tokens"),
+             (RepairConfig, "repairer"), (RepairConfig, "repair_model")] + \
+        [(FitConfig, k) for k in loop if k in fit and k not in ("model", "out", "updates_per_batch")]
+    for cls, name in taken:
+        assert loop[name] == getattr(cls, name), (cls.__name__, name)
+    assert len(taken) >= 15 and loop["updates_per_batch"] == 2 != fit["updates_per_batch"]
+
+
+def test_the_fit_defaults_are_the_study_variant_the_demo_cites():
+    """dftrain fit's DF defaults are the options of the variant the study chose on val
+    (bench/options_screen.py), and the committed study holds that variant's 8-seed result."""
+    import importlib.util
+    from pathlib import Path
+
+    from dftrain.demo import DEFAULT_VARIANT, STUDY
+    from dftrain.fit import FitConfig
+
+    f = Path(__file__).resolve().parents[1] / "bench" / "options_screen.py"
+    spec = importlib.util.spec_from_file_location("options_screen", f)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    for k, v in mod.VARIANTS[DEFAULT_VARIANT].items():
+        assert getattr(FitConfig, k) == v, k
+    for k in ("marked", "kappa", "mass"):  # the rest as the study's DF arm ran it
+        assert getattr(FitConfig, k) == json.loads((STUDY / "results.json").read_text())["config"][k]
+    res = json.loads((STUDY / "options" / "options.json").read_text())
+    assert len(res["variants"][DEFAULT_VARIANT]["seeds"]) >= 8
+    assert res["ranked_on_val"][0][0] == DEFAULT_VARIANT  # chosen on val, not on test

@@ -76,7 +76,8 @@ def test_plain_grpo_and_df_give_the_same_loss_when_kappa_is_one(df_shards, sft_m
 
     kw = dict(data=df_shards / "m", model=sft_model, groups_per_step=16, steps=1)
     run_fit(FitConfig(out=tmp_path / "g", objective="grpo", **kw), log=lambda m: None)
-    run_fit(FitConfig(out=tmp_path / "d", objective="df-grpo", kappa=1.0, **kw), log=lambda m: None)
+    run_fit(FitConfig(out=tmp_path / "d", objective="df-grpo", kappa=1.0, repaired_weight=0.0, fail_advantage=0.0, **kw),
+            log=lambda m: None)  # the token weights alone: no repaired samples, no all-fail term
     run_fit(FitConfig(out=tmp_path / "k", objective="df-grpo", kappa=0.0, **kw), log=lambda m: None)
     g, d, k = _losses(tmp_path / "g"), _losses(tmp_path / "d"), _losses(tmp_path / "k")
     assert g[0] != 0.0, "fixture should hold mixed-reward groups"
@@ -90,7 +91,8 @@ def test_every_policy_loss_trains_and_equals_grpo_at_kappa_one(policy_loss, extr
 
     kw = dict(data=df_shards / "m", model=sft_model, groups_per_step=16, steps=1, policy_loss=policy_loss, **extra)
     run_fit(FitConfig(out=tmp_path / "g", objective="grpo", **kw), log=lambda m: None)
-    run_fit(FitConfig(out=tmp_path / "d", objective="df-grpo", kappa=1.0, **kw), log=lambda m: None)
+    run_fit(FitConfig(out=tmp_path / "d", objective="df-grpo", kappa=1.0, repaired_weight=0.0, fail_advantage=0.0, **kw),
+            log=lambda m: None)
     run_fit(FitConfig(out=tmp_path / "k", objective="df-grpo", kappa=0.0, **kw), log=lambda m: None)
     g, d, k = _losses(tmp_path / "g"), _losses(tmp_path / "d"), _losses(tmp_path / "k")
     assert g[0] != 0.0 and math.isfinite(g[0])
@@ -151,7 +153,7 @@ def test_a_df_step_lowers_the_wrong_token_more_than_the_others_and_grpo_spreads_
             {"token_ids": ids_bad, "logprobs": lp_bad, "reward": 0.0, "repair_status": "ok",
              "mask_bad": a.root_bad, "root_bad": a.root_bad, "repaired_ids": ids_good,
              "repaired_logprobs": lp_good, "mask_repaired": a.root_repaired}]}
-        cfg = FitConfig(data=".", model=".", out=".", objective=objective, kappa=0.0)
+        cfg = FitConfig(data=".", model=".", out=".", objective=objective, kappa=0.0, repaired_weight=0.0)
         rows = build_rows([group], cfg)
         model.train()
         loss, _, _, _ = micro_loss(model, prepare_micro(proc, [group], rows, cfg), cfg, [], 1.0)
@@ -202,7 +204,7 @@ def test_fail_advantage_puts_a_negative_advantage_on_the_root_token_of_all_fail_
                        "rollouts": [repaired, other]})  # g0: all failed; g1: one right, one repaired
     preps = {}
     for A in (0.0, 0.7):
-        cfg = FitConfig(data=".", model=".", out=".", kappa=0.1, fail_advantage=A)
+        cfg = FitConfig(data=".", model=".", out=".", kappa=0.1, fail_advantage=A, repaired_weight=0.0)
         rows = build_rows(groups, cfg)
         preps[A] = prepare_micro(proc, groups, rows, cfg)
     adv0, adv = preps[0.0]["advantages"], preps[0.7]["advantages"]
@@ -213,7 +215,7 @@ def test_fail_advantage_puts_a_negative_advantage_on_the_root_token_of_all_fail_
     assert torch.equal(w[0], root) and root.sum() == 1  # its root-cause token alone
     assert adv[1] == 0 and torch.equal(w[1], w0[1])  # an unrepaired failure of that group: as GRPO
     assert torch.equal(adv[2:], adv0[2:]) and torch.equal(w[2:], w0[2:])  # the mixed group: unchanged
-    cfg = FitConfig(data=".", model=".", out=".", kappa=0.1, fail_advantage=0.7)
+    cfg = FitConfig(data=".", model=".", out=".", kappa=0.1, fail_advantage=0.7, repaired_weight=0.0)
     model.train()
     only_fail = prepare_micro(proc, groups, [r for r in build_rows(groups, cfg) if r.group == 0], cfg)
     loss, _, _, _ = micro_loss(model, only_fail, cfg, [], 1.0)
@@ -319,7 +321,8 @@ def test_shards_round_trip_into_per_token_advantages_an_external_trainer_reads(d
     assert back.to_list() == ds.to_list()
     groups = list(open_shards(df_shards / "m").iter_rows())
     assert len(ds) == sum(len(g["rollouts"]) for g in groups)
-    cfg = FitConfig(data=df_shards / "m", model=sft_model, out=tmp_path / "x", kappa=0.1, marked="root")
+    cfg = FitConfig(data=df_shards / "m", model=sft_model, out=tmp_path / "x", kappa=0.1, marked="root",
+                    repaired_weight=0.0, fail_advantage=0.0)  # the integrations carry the token weights only
     rows = build_rows(groups, cfg)
     _, processor = load_policy(sft_model)
     for g in groups:

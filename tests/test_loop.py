@@ -27,6 +27,13 @@ def test_loop_chains_rounds_resumes_and_refuses_other_settings(tmp_path, sft_mod
         assert prof["steps_right"] == sum(x["steps_right"] for x in rows) / 8
         assert abs(prof["lucky"] - (r["accuracy"]["test"] - prof["steps_right"])) < 1e-12
         assert all(x["steps_right"] <= x["correct"] and 0 <= x["prefix"] <= x["steps"] for x in rows)
+    # every stage of a round wrote its done marker last, holding its statistics
+    from dfgen.shards import done_info
+
+    for stage in ("sample", "repair", "df"):
+        assert done_info(out / "round_000" / stage, 0)["done"]
+    assert done_info(out / "round_000" / "repair", 0)["failed"] == state["rounds"][0]["repair"]["failed"]
+    assert done_info(out / "round_000" / "fit")["steps"] == LOOP[LOOP.index("--fit-steps") + 1]
     # round 1 sampled from round 0's checkpoint and continued its optimizer
     r1 = json.loads((out / "round_001" / "sample" / "config.json").read_text())
     assert r1["model"] == str(out / "round_000" / "fit")
@@ -47,14 +54,14 @@ def test_loop_chains_rounds_resumes_and_refuses_other_settings(tmp_path, sft_mod
     bad = run_cli("dftrain", "loop", "--model", sft_model, "--out", out, "--eval", test_prompts, *args,
                   "--kappa", 0.5, check=False)
     assert bad.returncode != 0 and "kappa" in bad.stderr and "Traceback" not in bad.stderr
-    # a loop.json from before a setting existed: the setting was at its default there, and only that
+    # a loop.json from before a setting existed ran without it (fail_advantage 0, loop.BEFORE_FIELD):
+    # resumed as such, and refused under the newer default
     state = json.loads((out / "loop.json").read_text())
     del state["config"]["fail_advantage"]
     (out / "loop.json").write_text(json.dumps(state))
-    run_cli("dftrain", "loop", "--model", sft_model, "--out", out, "--eval", test_prompts, *args)
-    bad = run_cli("dftrain", "loop", "--model", sft_model, "--out", out, "--eval", test_prompts, *args,
-                  "--fail-advantage", 1, check=False)
+    bad = run_cli("dftrain", "loop", "--model", sft_model, "--out", out, "--eval", test_prompts, *args, check=False)
     assert bad.returncode != 0 and "fail_advantage" in bad.stderr and "Traceback" not in bad.stderr
+    run_cli("dftrain", "loop", "--model", sft_model, "--out", out, "--eval", test_prompts, *args, "--fail-advantage", 0)
 
 
 def test_optimizer_from_continues_adam_moments(tmp_path, sft_model, train_prompts):

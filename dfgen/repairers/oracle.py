@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import re
 
-from dfgen.repairers import Proposal
+from dfgen.repairers import Proposal, register_repairer
 
 READ = re.compile(r"^\s*Step\s*(\d+)\s*:\s*([A-Za-z]+)\s*=\s*(-?\d+)\s*$")
 OP = re.compile(r"^\s*Step\s*(\d+)\s*:\s*(-?\d+)\s*([-+*])\s*(-?\d+)\s*=\s*(-?\d+)\s*$")
@@ -58,3 +58,8 @@ def repair(record: dict, text: str) -> Proposal:
     keep_ans = ans_lines and re.fullmatch(rf"\s*Answer\s*:\s*{re.escape(str(answer))}\s*", ans_lines[-1])
     out.append(ans_lines[-1] if keep_ans else f"Answer: {answer}")
     return Proposal("\n".join(out))
+
+
+@register_repairer("oracle")
+def propose(jobs: list, env) -> list[Proposal]:
+    return [repair(row, row["rollouts"][i]["text"]) for row, i in jobs]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from rapidfuzz.distance import Levenshtein
 
-from dfgen.repairers import Proposal
+from dfgen.repairers import Proposal, register_repairer
 
 
 def repair(rollouts: list[dict], i: int) -> Proposal:
@@ -24,3 +24,8 @@ def repair(rollouts: list[dict], i: int) -> Proposal:
     if best is None:
         return Proposal(None, "no correct sibling")
     return Proposal(rollouts[best]["text"])
+
+
+@register_repairer("sibling")
+def propose(jobs: list, env) -> list[Proposal]:
+    return [repair(row["rollouts"], i) for row, i in jobs]
