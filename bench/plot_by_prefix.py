@@ -21,17 +21,24 @@ def main():
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("settings", nargs="+", help="NAME=results.json")
     args = ap.parse_args()
+    loaded = []
+    for spec in args.settings:  # bad arguments: one line (argparse's error, exit 2), before any drawing
+        name, _, path = spec.partition("=")
+        try:
+            s = json.loads(Path(path).read_text())["summary"]
+            s["a_df_minus_grpo_by_sft_prefix"], s["bucket_sizes"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            ap.error(f"{spec!r}: not NAME=results.json of bench/experiment.py with per-prefix results ({e!r})")
+        loaded.append((name, s))
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4))
-    for k, spec in enumerate(args.settings):
-        name, _, path = spec.partition("=")
-        s = json.loads(Path(path).read_text())["summary"]
+    for k, (name, s) in enumerate(loaded):
         by, sizes = s["a_df_minus_grpo_by_sft_prefix"], s["bucket_sizes"]
-        xs = [i + 0.08 * (k - (len(args.settings) - 1) / 2) for i in range(len(ORDER))]
+        xs = [i + 0.08 * (k - (len(loaded) - 1) / 2) for i in range(len(ORDER))]
         ys = [100 * by[b]["mean"] for b in ORDER]
         err = [[100 * (by[b]["mean"] - by[b]["ci95"][0]) for b in ORDER],
                [100 * (by[b]["ci95"][1] - by[b]["mean"]) for b in ORDER]]
