@@ -15,6 +15,7 @@ import json
 import os
 import platform
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -22,17 +23,34 @@ import time
 from pathlib import Path
 
 
+def _copies(src: Path, dst: Path, copies: int) -> None:
+    """``copies`` workers' worth of the one-worker shard set ``src`` in ``dst``: copy k is worker k's
+    shards and manifest, its group ids made distinct (readers refuse a group id met twice)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    man = json.loads((src / "_manifest.w000.json").read_text())
+    for k in range(copies):
+        shards = {}
+        for f in sorted(src.glob("part-w000-*.parquet")):
+            t = pq.read_table(f)
+            ids = pa.array([f"{i}-{k}" for i in t.column("id").to_pylist()])
+            name = f.name.replace("part-w000-", f"part-w{k:03d}-")
+            pq.write_table(t.set_column(t.schema.get_field_index("id"), "id", ids), dst / name, compression="zstd")
+            shards[name] = man["shards"][f.name]
+        (dst / f"_manifest.w{k:03d}.json").write_text(json.dumps({**man, "shards": shards}))
+
+
 def loader_rss(path: Path, copies: int) -> float:
+    """Peak memory (MiB) of a fresh process that streams ``copies`` workers' worth of ``path`` (made
+    here, outside the measured process) through GroupStream."""
+    d = Path(tempfile.mkdtemp())
+    _copies(path, d, copies)
     code = f"""
-import resource, shutil, tempfile
 from pathlib import Path
 from dfgen.shards import open_shards
 from dftrain.data import GroupStream
-src = Path({str(path)!r}); d = Path(tempfile.mkdtemp())
-for k in range({copies}):
-    for f in src.glob('*.parquet'):
-        shutil.copy(f, d / f"{{f.stem}}-{{k}}.parquet".replace('part-w000-', f'part-w{{k:03d}}-'))
-ss = open_shards(d)
+ss = open_shards(Path({str(d)!r}))
 n = ss.num_rows()
 s = GroupStream(ss, seed=0, buffer_size=64)
 for _ in range(n):
@@ -40,7 +58,10 @@ for _ in range(n):
 # VmHWM, not ru_maxrss: Linux carries ru_maxrss over fork+exec from the parent
 print([int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmHWM')][0] / 1024)
 """
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    try:
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
     return float(out.strip().splitlines()[-1])
 
 

@@ -18,12 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-
-def reward(completions, answer, answer_type, source, **_):
-    from dfgen.answers import score
-
-    return [score({"answer": a, "answer_type": t, "source": s}, c[0]["content"])[1]
-            for c, a, t, s in zip(completions, answer, answer_type, source)]
+from dftrain.integrations import answer_reward as reward  # noqa: E402 - light (no trl, no torch)
 
 
 def main():

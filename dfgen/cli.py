@@ -80,6 +80,26 @@ def tiny(
     typer.echo(f"built tiny policy in {p}")
 
 
+def _sample_ticker(prog, task):
+    """The sample stage's progress callback: rollouts and tokens per second on the bar; the bar
+    starts at the first call (inputs validated), so a refusal prints nothing before its line."""
+    import time
+
+    state = {"t0": time.time(), "n": 0, "tok": 0}
+
+    def tick(n_roll, n_tok, total=None):
+        if total is not None:  # first call: inputs validated, work starts
+            prog.start()
+            prog.update(task, total=total)
+            state["t0"] = time.time()
+        state["n"] += n_roll
+        state["tok"] += n_tok
+        dt = max(1e-6, time.time() - state["t0"])
+        prog.update(task, advance=n_roll, rate=f"{state['n'] / dt:.0f} rollouts/s {state['tok'] / dt:.0f} tok/s")
+
+    return tick
+
+
 @app.command()
 @cli_errors
 def sample(
@@ -122,23 +142,9 @@ def sample(
     cfg.validate()
     if ray is not None:
         return _on_ray("sample", cfg, ray, "groups", "groups")
-    import time
-
-    state = {"t0": time.time(), "n": 0, "tok": 0}
     prog, task = progress_bar(None, "sampling")
-
-    def tick(n_roll, n_tok, total=None):
-        if total is not None:  # first call: inputs validated, work starts
-            prog.start()
-            prog.update(task, total=total)
-            state["t0"] = time.time()
-        state["n"] += n_roll
-        state["tok"] += n_tok
-        dt = max(1e-6, time.time() - state["t0"])
-        prog.update(task, advance=n_roll, rate=f"{state['n'] / dt:.0f} rollouts/s {state['tok'] / dt:.0f} tok/s")
-
     try:
-        st = run_sample(cfg, progress=tick)
+        st = run_sample(cfg, progress=_sample_ticker(prog, task))
     finally:
         prog.stop()
     typer.echo(f"wrote {st['groups']} groups / {st['rollouts']} rollouts ({st['tokens']} tokens) to {out}"

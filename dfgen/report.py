@@ -42,6 +42,9 @@ def _tokens_html(pieces: list[str], mask, root) -> str:
 
 
 def write_report(path: Path, out: Path, groups: int = 20, seed: int = 0) -> int:
+    """A self-contained HTML page of ``groups`` groups of a shard set (those with a repair first):
+    image, question, and up to 3 failed rollouts beside their repairs, masked tokens marked.
+    Returns the number of groups shown."""
     from dfgen.errors import UserError
     from dfgen.shards import open_shards
     from dfgen.stats import compute_stats
@@ -49,11 +52,7 @@ def write_report(path: Path, out: Path, groups: int = 20, seed: int = 0) -> int:
     ss = open_shards(path, stage=("sample", "repair", "mask"))
     rows = list(ss.iter_rows())
     rng = random.Random(seed)
-    # prefer groups with a failed rollout that has a repair
-    def has_repair(r):
-        return any(x.get("repaired_text") for x in r["rollouts"])
-
-    pool = [r for r in rows if has_repair(r)] or rows
+    pool = [r for r in rows if any(x.get("repaired_text") for x in r["rollouts"])] or rows  # groups with a repair
     pick = sorted(rng.sample(range(len(pool)), min(groups, len(pool))))
     tok = None
     model_dir = Path(ss.meta.get("model", ""))
@@ -61,52 +60,13 @@ def write_report(path: Path, out: Path, groups: int = 20, seed: int = 0) -> int:
         from transformers import AutoTokenizer
 
         tok = AutoTokenizer.from_pretrained(model_dir)
-
-    def pieces(ids, text):
-        if tok is None or ids is None:
-            return [text or ""], None
-        return [tok.decode([i]) for i in ids], True
-
     st = compute_stats(path)
     summary = "".join(f"<tr><td>{html.escape(str(k))}</td><td>{html.escape(str(v if not isinstance(v, float) else round(v, 4)))}</td></tr>"
                       for k, v in st.items() if not isinstance(v, (list, dict)))
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>dfgen report: {html.escape(str(path))}</title>",
              f"<style>{CSS}</style></head><body><h1>Differential Feedback report: {html.escape(str(path))}</h1>",
              f"<table class='sum'>{summary}</table>"]
-    for gi in pick:
-        g = pool[gi]
-        img = ""
-        if g.get("image"):
-            img = f"<img alt='image' src='data:image/png;base64,{base64.b64encode(g['image']).decode()}'>"
-        rewards = [x["reward"] for x in g["rollouts"]]
-        parts.append(f"<div class='group'><div class='head'>{img}<div><div class='q'>{html.escape(g['question'])}</div>"
-                     f"<div class='meta'>id {html.escape(g['id'])} · answer {html.escape(str(g['answer']))} · "
-                     f"rewards {html.escape(str([round(x, 2) for x in rewards]))}</div></div></div>")
-        shown = 0
-        for i, x in enumerate(g["rollouts"]):
-            if x["reward"] >= 1 or shown >= 3:
-                continue
-            shown += 1
-            status = x.get("repair_status")
-            sclass = "ok" if status == "ok" else "rej"
-            bp, _ = pieces(x["token_ids"], x["text"])
-            rp, _ = pieces(x.get("repaired_ids"), x.get("repaired_text"))
-            info = f"rollout {i} · reward {x['reward']:.0f} · pred {html.escape(str(x.get('pred')))}"
-            if status:
-                info += f" · repair <span class='{sclass}'>{html.escape(status)}</span>"
-            if x.get("edit_ratio") is not None:
-                info += f" · edit ratio {x['edit_ratio']:.2f}"
-            if x.get("mask_bad") is not None:
-                info += f" · masked {sum(x['mask_bad'])}/{len(x['mask_bad'])} tokens"
-            parts.append(f"<div class='meta'>{info}</div><div class='pair'>"
-                         f"<div><div class='lbl'>bad trajectory</div><div class='traj bad'>"
-                         f"{_tokens_html(bp, x.get('mask_bad'), x.get('root_bad'))}</div></div>"
-                         f"<div><div class='lbl'>repaired trajectory</div><div class='traj rep'>"
-                         f"{_tokens_html(rp, x.get('mask_repaired'), x.get('root_repaired')) if x.get('repaired_text') is not None else '(no repair)'}"
-                         f"</div></div></div>")
-        if not shown:
-            parts.append("<div class='meta'>all rollouts correct</div>")
-        parts.append("</div>")
+    parts += [_group_html(pool[gi], tok) for gi in pick]
     parts.append("</body></html>")
     out = Path(out)
     if out.is_dir():
@@ -115,3 +75,42 @@ def write_report(path: Path, out: Path, groups: int = 20, seed: int = 0) -> int:
     tmp.write_text("".join(parts), encoding="utf-8")
     tmp.replace(out)
     return len(pick)
+
+
+def _group_html(g: dict, tok) -> str:
+    """One group: its head (image, question, rewards) and up to 3 failed rollouts with their repairs."""
+    def pieces(ids, text):
+        return [text or ""] if tok is None or ids is None else [tok.decode([i]) for i in ids]
+
+    img = ""
+    if g.get("image"):
+        img = f"<img alt='image' src='data:image/png;base64,{base64.b64encode(g['image']).decode()}'>"
+    rewards = [x["reward"] for x in g["rollouts"]]
+    parts = [f"<div class='group'><div class='head'>{img}<div><div class='q'>{html.escape(g['question'])}</div>"
+             f"<div class='meta'>id {html.escape(g['id'])} · answer {html.escape(str(g['answer']))} · "
+             f"rewards {html.escape(str([round(x, 2) for x in rewards]))}</div></div></div>"]
+    shown = 0
+    for i, x in enumerate(g["rollouts"]):
+        if x["reward"] >= 1 or shown >= 3:
+            continue
+        shown += 1
+        status = x.get("repair_status")
+        sclass = "ok" if status == "ok" else "rej"
+        bp, rp = pieces(x["token_ids"], x["text"]), pieces(x.get("repaired_ids"), x.get("repaired_text"))
+        info = f"rollout {i} · reward {x['reward']:.0f} · pred {html.escape(str(x.get('pred')))}"
+        if status:
+            info += f" · repair <span class='{sclass}'>{html.escape(status)}</span>"
+        if x.get("edit_ratio") is not None:
+            info += f" · edit ratio {x['edit_ratio']:.2f}"
+        if x.get("mask_bad") is not None:
+            info += f" · masked {sum(x['mask_bad'])}/{len(x['mask_bad'])} tokens"
+        parts.append(f"<div class='meta'>{info}</div><div class='pair'>"
+                     f"<div><div class='lbl'>bad trajectory</div><div class='traj bad'>"
+                     f"{_tokens_html(bp, x.get('mask_bad'), x.get('root_bad'))}</div></div>"
+                     f"<div><div class='lbl'>repaired trajectory</div><div class='traj rep'>"
+                     f"{_tokens_html(rp, x.get('mask_repaired'), x.get('root_repaired')) if x.get('repaired_text') is not None else '(no repair)'}"
+                     f"</div></div></div>")
+    if not shown:
+        parts.append("<div class='meta'>all rollouts correct</div>")
+    parts.append("</div>")
+    return "".join(parts)

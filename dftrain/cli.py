@@ -129,7 +129,7 @@ def fit(
     kappa_rep: KappaRep = _Fit.kappa_rep,
     fail_advantage: FailAdvantage = _Fit.fail_advantage,
     beta: float = typer.Option(0.0, help="k3 KL coefficient to the initial policy (0 = no reference)."),
-    adv_scale: str = typer.Option("group", help="group (GRPO) or none (Dr. GRPO)."),
+    adv_scale: str = typer.Option("group", help="group (GRPO), batch (std over the step's batch, TRL scale_rewards=batch) or none (Dr. GRPO)."),
     agg: str = typer.Option("token-mean", help="Loss aggregation."),
     freeze_vision: bool = typer.Option(_Fit.freeze_vision, help="Keep the vision tower fixed, as dftrain sft does "
                                        "(training it in RL broke the tiny policy's perception; docs/RESULTS.md)."),
@@ -228,14 +228,14 @@ def loop(
 
 
 from dfgen.backends import BackendName as _EvalBackend  # noqa: E402 - the eval command's option types
-from dftrain.evaluate import Bench as _Bench  # noqa: E402 - light module (no torch at import)
+from dftrain.evaluate import BENCH_NAMES as _BENCH_NAMES, Bench as _Bench  # noqa: E402 - light module (no torch at import)
 
 
 @app.command("eval")
 @cli_errors
 def eval_(
     model: Path = typer.Option(None, help="Policy folder to evaluate (not needed with --predictions)."),
-    bench: _Bench = typer.Option(_Bench.synth, help="Benchmark: synth, mathvista, mmstar or tabmwp."),
+    bench: _Bench = typer.Option(_Bench.synth, help=f"Benchmark: {', '.join(_BENCH_NAMES)}."),
     data: Path = typer.Option(None, help="Benchmark records: dfgen synth output, or the benchmark's "
                                          "json/jsonl/parquet/folder (images next to it)."),
     backend: _EvalBackend = typer.Option(_EvalBackend.hf, help="Generation engine."),

@@ -54,15 +54,17 @@ def build_start(out: Path, quick: bool, seed: int, say) -> Path:
     return out / "start"
 
 
-def main(argv=None) -> dict:
+def _parse(argv):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, default=Path("runs/demo"))
     ap.add_argument("--quick", action="store_true", help="a miniature run (tests use it)")
     ap.add_argument("--from-scratch", action="store_true", help="rebuild the start instead of the shipped one")
     ap.add_argument("--rounds", type=int, default=8)
     ap.add_argument("--seed", type=int, default=0)
-    args = ap.parse_args(argv)
+    return ap.parse_args(argv)
 
+
+def _quiet() -> None:
     import os
     import warnings
 
@@ -75,24 +77,24 @@ def main(argv=None) -> dict:
     transformers.utils.logging.set_verbosity_error()
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
+
+def main(argv=None) -> dict:
+    args = _parse(argv)
+    _quiet()
     from rich.console import Console
 
     from dfgen.policy import load_policy
     from dfgen.report import write_report
-    from dfgen.stats import compute_stats
     from dfgen.synth.grid import GridTask, write_synth
     from dftrain.evaluate import greedy_profile
     from dftrain.loop import LoopConfig, run_loop
 
-    con = Console()
-    q = args.quick
+    con, q, out, t0 = Console(), args.quick, args.out, time.time()
     n_test = 32 if q else 500
     prompts_per_round, G, fit_steps = (8, 4, 2) if q else (LoopConfig.prompts_per_round, LoopConfig.group_size,
                                                            LoopConfig.fit_steps)
     rounds = 1 if q else args.rounds
-    out = args.out
     out.mkdir(parents=True, exist_ok=True)
-    t0 = time.time()
 
     def stage(name):
         con.print(f"[bold]== {name}[/bold] ({time.time() - t0:.0f}s)")
@@ -123,15 +125,24 @@ def main(argv=None) -> dict:
         tokens = sum(r["generated_tokens"] + r.get("repair", {}).get("repaired_tokens", 0) for r in res["rounds"])
         arms[objective] = {"accuracy": prof["accuracy"], "steps_right": prof["steps_right"], "lucky": prof["lucky"],
                            "tokens": tokens, "final_model": res["final_model"]}
-    for r in range(rounds):
-        s = compute_stats(out / "df-grpo" / f"round_{r:03d}" / "df")
-        con.print(f"  DF round {r}: reward {s['mean_reward']:.3f}, mixed groups {s['mixed_groups']:.2f}, repaired "
-                  f"{s.get('repair_success_rate', 0):.2f} of failures, mask density {s.get('mask_density', 0):.3f}")
     write_report(out / "df-grpo" / f"round_{rounds - 1:03d}" / "df", out / "report.html", groups=20)
     result = {"start": {k: before[k] for k in ("accuracy", "steps_right", "lucky")}, "arms": arms, "n_test": n_test,
               "rounds": rounds, "seed": args.seed, "seconds": round(time.time() - t0, 1)}
     (out / "demo_result.json").write_text(json.dumps(result, indent=2))
-    con.print(f"\n[bold]held-out greedy results ({n_test} problems, {rounds} rounds, seed {args.seed})[/bold]")
+    _print_results(con, out, result, before)
+    return result
+
+
+def _print_results(con, out: Path, result: dict, before: dict) -> None:
+    """The DF rounds' shard statistics, the results table, and the committed study's numbers."""
+    from dfgen.stats import compute_stats
+
+    n_test, rounds, arms = result["n_test"], result["rounds"], result["arms"]
+    for r in range(rounds):
+        s = compute_stats(out / "df-grpo" / f"round_{r:03d}" / "df")
+        con.print(f"  DF round {r}: reward {s['mean_reward']:.3f}, mixed groups {s['mixed_groups']:.2f}, repaired "
+                  f"{s.get('repair_success_rate', 0):.2f} of failures, mask density {s.get('mask_density', 0):.3f}")
+    con.print(f"\n[bold]held-out greedy results ({n_test} problems, {rounds} rounds, seed {result['seed']})[/bold]")
     con.print(f"  {'':9} {'accuracy':>9} {'every step right':>17} {'lucky':>6} {'tokens (DF: + repairs)':>23}")
     con.print(f"  {'start':9} {before['accuracy']:9.3f} {before['steps_right']:17.3f} {before['lucky']:6.3f}")
     for name, a in arms.items():
@@ -150,7 +161,6 @@ def main(argv=None) -> dict:
     con.print(f"shards: {out}/{{grpo,df-grpo}}/round_*/{{sample,repair,df}}   checkpoints: {out}/*/round_*/fit   "
               f"report: {out}/report.html   curves: {out}/*/loop.json")
     con.print(f"total time {result['seconds']:.0f}s")
-    return result
 
 
 if __name__ == "__main__":

@@ -31,9 +31,13 @@ from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 
-BENCH_NAMES = ("synth", "mathvista", "mmstar", "tabmwp")
-# the id column of each benchmark's raw records (a predictions file may use it instead of ``id``)
-ID_KEYS = {"synth": "id", "mathvista": "pid", "mmstar": "index", "tabmwp": "pid"}
+from dfgen.benchmarks import BENCHMARKS
+from dfgen.synth import bench as _synth
+
+# every benchmark eval scores, by name: modules with load / score / summarize / ID_KEY (the id column of
+# raw records, which a predictions file may use instead of ``id``); the synthetic task is one of them
+EVAL_BENCHMARKS = {"synth": _synth, **BENCHMARKS}
+BENCH_NAMES = tuple(EVAL_BENCHMARKS)
 ITEM_KEYS = ("id", "status", "category", "answer", "response", "extraction", "prediction", "correct",
              "error", "samples", "n_correct")
 SUMMARY_KEYS = ("bench", "mode", "n", "n_correct", "accuracy", "n_errored", "accuracy_scored", "n_skipped",
@@ -42,11 +46,7 @@ SUMMARY_KEYS = ("bench", "mode", "n", "n_correct", "accuracy", "n_errored", "acc
 MAX_REPORTED = 20  # skipped / unknown ids listed in the summary (all are counted)
 
 
-class Bench(str, Enum):
-    synth = "synth"
-    mathvista = "mathvista"
-    mmstar = "mmstar"
-    tabmwp = "tabmwp"
+Bench = Enum("Bench", {k: k for k in EVAL_BENCHMARKS}, type=str)  # the CLI option type, from the registry
 
 
 def load_bench(bench: str, data: Path, limit: int | None = None, require_image: bool = True):
@@ -57,16 +57,9 @@ def load_bench(bench: str, data: Path, limit: int | None = None, require_image: 
     data = Path(data)
     if not data.exists():
         raise UserError(f"data not found: {data}")
-    if bench == "synth":
-        from dfgen.records import load_prompts
-
-        return load_prompts(data, limit=limit)
-    from dfgen.benchmarks import get_benchmark
-
-    try:
-        mod = get_benchmark(bench)
-    except KeyError as e:
-        raise UserError(str(e.args[0])) from None
+    if bench not in EVAL_BENCHMARKS:
+        raise UserError(f"unknown benchmark {bench!r} ({', '.join(BENCH_NAMES)})")
+    mod = EVAL_BENCHMARKS[bench]
     try:
         return mod.load(data, limit=limit, require_image=require_image)
     except ValueError as e:  # unsupported format, DatasetDict folder, unreadable JSON file
@@ -74,14 +67,7 @@ def load_bench(bench: str, data: Path, limit: int | None = None, require_image: 
 
 
 def score_record(bench: str, rec: dict, text: str) -> dict:
-    if bench == "synth":
-        from dfgen.answers import extract, score
-
-        pred, r = score(rec, text)
-        return {"extraction": extract(text), "prediction": pred, "correct": bool(r)}
-    from dfgen.benchmarks import get_benchmark
-
-    return get_benchmark(bench).score(rec, text)
+    return EVAL_BENCHMARKS[bench].score(rec, text)
 
 
 def _one_line(e) -> str:
@@ -172,20 +158,6 @@ def run_eval(backend, records: list[dict], bench: str = "synth", max_new_tokens:
     return results
 
 
-def summarize(results: list[dict], skipped: list | None = None) -> dict:
-    n = len(results)
-    cats: dict = {}
-    for r in results:
-        c = r.get("category") or "all"
-        a = cats.setdefault(c, [0, 0])
-        a[0] += bool(r["correct"])
-        a[1] += 1
-    return {"n": n, "accuracy": (sum(bool(r["correct"]) for r in results) / n) if n else 0.0,
-            "per_category": {c: {"n": v[1], "accuracy": v[0] / v[1]} for c, v in sorted(cats.items())},
-            "skipped": len(skipped or []),
-            "skipped_reasons": [list(s) for s in (skipped or [])[:20]]}
-
-
 def greedy_accuracy(model, processor, data: Path, limit: int | None = 200, max_new_tokens: int | None = None) -> float:
     """Held-out greedy exact-match accuracy of an in-memory policy on a synthetic prompt set."""
     return greedy_profile(model, processor, data, limit, max_new_tokens)["accuracy"]
@@ -266,7 +238,7 @@ def _prediction_rows(path: Path):
 
 
 def _pred_id(row: dict, bench: str):
-    for key in ("id", ID_KEYS.get(bench, "id")):
+    for key in ("id", EVAL_BENCHMARKS[bench].ID_KEY):
         v = row.get(key)
         if v is None or (isinstance(v, str) and not v.strip()):
             continue
@@ -274,6 +246,13 @@ def _pred_id(row: dict, bench: str):
             v = int(v)
         return str(v).strip()
     return None
+
+
+def _note(rep: dict, kind: str, value) -> None:
+    """Count one ``kind`` event of a predictions report, keeping the first few."""
+    rep[f"n_{kind}"] += 1
+    if len(rep[kind]) < MAX_REPORTED:
+        rep[kind].append(value)
 
 
 def score_predictions(bench: str, records: list[dict], path: Path, field: str | None = None,
@@ -288,71 +267,72 @@ def score_predictions(bench: str, records: list[dict], path: Path, field: str | 
     path = Path(path)
     if not path.is_file():
         raise UserError(f"predictions not found: {path}")
-    by_id = {r["id"]: r for r in records}
-    known_skipped = known_skipped or set()
     fields = (field,) if field else ("response", "prediction")
-    got: dict[str, object] = {}
-    keys: set = set()  # text fields of rows without the prediction field, named if nothing can be scored
     rep = {"file": str(path), "field": field or "response|prediction", "n_lines": 0, "n_matched": 0,
            "n_unknown_ids": 0, "unknown_ids": [], "n_duplicate_ids": 0, "duplicate_ids": [],
            "n_bad_lines": 0, "bad_lines": [], "n_for_skipped_records": 0, "n_missing_ids": 0, "missing_ids": []}
+    got = _read_predictions(bench, path, {r["id"] for r in records}, known_skipped or set(), fields, rep)
+    results = [_score_one(bench, r, got, rep) for r in records]
+    if rep["n_matched"] == 0 and records:
+        raise UserError(f"no prediction in {path} matches a record of the data (e.g. id {records[0]['id']!r}; "
+                        f"{rep['n_unknown_ids']} unknown id(s), {rep['n_bad_lines']} unreadable line(s))")
+    return results, rep
 
-    def note(kind, value):
-        rep[f"n_{kind}"] += 1
-        if len(rep[kind]) < MAX_REPORTED:
-            rep[kind].append(value)
 
+def _read_predictions(bench: str, path: Path, ids: set, known_skipped: set, fields: tuple, rep: dict) -> dict:
+    """id -> the prediction value (``_Missing`` where the row lacks every field) of each readable
+    line for a known record; the rest is counted in ``rep``. Refuses a file with nothing to score."""
+    from dfgen.errors import UserError
+
+    id_key = EVAL_BENCHMARKS[bench].ID_KEY
+    got: dict[str, object] = {}
+    keys: set = set()  # text fields of rows without the prediction field, named if nothing can be scored
     for where, row in _prediction_rows(path):
         rep["n_lines"] += 1
         if isinstance(row, str):
-            note("bad_lines", [where, row])
+            _note(rep, "bad_lines", [where, row])
             continue
         if not isinstance(row, dict):
-            note("bad_lines", [where, f"not an object ({type(row).__name__})"])
+            _note(rep, "bad_lines", [where, f"not an object ({type(row).__name__})"])
             continue
         rid = _pred_id(row, bench)
         if rid is None:
-            note("bad_lines", [where, f"no id field (id or {ID_KEYS.get(bench, 'id')})"])
-            continue
-        if rid not in by_id:
+            _note(rep, "bad_lines", [where, f"no id field (id or {id_key})"])
+        elif rid not in ids:
             if rid in known_skipped:
                 rep["n_for_skipped_records"] += 1
             else:
-                note("unknown_ids", rid)
-            continue
-        if rid in got:
-            note("duplicate_ids", rid)
-            continue
-        present = [f for f in fields if f in row]
-        got[rid] = row[present[0]] if present else _Missing(fields)
-        if not present:
-            keys.update(k for k, v in row.items() if isinstance(v, str) and k not in ("id", ID_KEYS.get(bench, "id")))
+                _note(rep, "unknown_ids", rid)
+        elif rid in got:
+            _note(rep, "duplicate_ids", rid)
+        else:
+            present = [f for f in fields if f in row]
+            got[rid] = row[present[0]] if present else _Missing(fields)
+            if not present:
+                keys.update(k for k, v in row.items() if isinstance(v, str) and k not in ("id", id_key))
     if rep["n_lines"] == 0:
         raise UserError(f"{path} holds no predictions")
     if got and all(isinstance(v, _Missing) for v in got.values()):  # nothing to score: refuse, never report 0.0
         likely = sorted(k for k in keys if any(w in k.lower() for w in ("pred", "resp", "output", "answer")))
         raise UserError(f"no row of {path} has a {' / '.join(fields)} field; pass --prediction-field, "
                         f"e.g. one of: {', '.join((likely or sorted(keys))[:8]) or '(no text fields)'}")
-    results = []
-    for r in records:
-        if r["id"] not in got:
-            note("missing_ids", r["id"])
-            results.append(_errored(r, "no prediction for this id"))
-            continue
-        rep["n_matched"] += 1
-        v = got[r["id"]]
-        if isinstance(v, _Missing):
-            results.append(_errored(r, f"prediction has no {' / '.join(v.fields)} field"))
-        elif v is None:
-            results.append(_errored(r, "prediction is null"))
-        elif isinstance(v, (str, int, float)) and not isinstance(v, bool):
-            results.append(_scored(bench, r, [str(v)]))
-        else:
-            results.append(_errored(r, f"prediction is not text ({type(v).__name__})"))
-    if rep["n_matched"] == 0 and records:
-        raise UserError(f"no prediction in {path} matches a record of the data (e.g. id {records[0]['id']!r}; "
-                        f"{rep['n_unknown_ids']} unknown id(s), {rep['n_bad_lines']} unreadable line(s))")
-    return results, rep
+    return got
+
+
+def _score_one(bench: str, r: dict, got: dict, rep: dict) -> dict:
+    """The result of record ``r`` from its prediction in ``got`` (errored when it has none usable)."""
+    if r["id"] not in got:
+        _note(rep, "missing_ids", r["id"])
+        return _errored(r, "no prediction for this id")
+    rep["n_matched"] += 1
+    v = got[r["id"]]
+    if isinstance(v, _Missing):
+        return _errored(r, f"prediction has no {' / '.join(v.fields)} field")
+    if v is None:
+        return _errored(r, "prediction is null")
+    if isinstance(v, (str, int, float)) and not isinstance(v, bool):
+        return _scored(bench, r, [str(v)])
+    return _errored(r, f"prediction is not text ({type(v).__name__})")
 
 
 @dataclass
@@ -368,21 +348,9 @@ def summarize_bench(bench: str, results: list[dict], skipped: list | None = None
     n = len(results)
     n_correct = sum(r.get("correct") is True and r.get("status") != "errored" for r in results)
     n_err = sum(r.get("status") == "errored" for r in results)
-    if bench == "synth":
-        details = summarize(results, skipped)
-        per = {}
-        for r in results:
-            c = r.get("category") or "all"
-            b = per.setdefault(c, {"n": 0, "n_correct": 0})
-            b["n"] += 1
-            b["n_correct"] += r.get("correct") is True and r.get("status") != "errored"
-        per = {c: {**b, "accuracy": b["n_correct"] / b["n"]} for c, b in sorted(per.items())}
-    else:
-        from dfgen.benchmarks import get_benchmark
-
-        details = get_benchmark(bench).summarize(results, skipped)
-        per = {c: {"n": b["n_total"], "n_correct": b["n_correct"], "accuracy": b["accuracy"]}
-               for c, b in details.get("by_category", {}).items()}
+    details = EVAL_BENCHMARKS[bench].summarize(results, skipped)
+    per = {c: {"n": b["n_total"], "n_correct": b["n_correct"], "accuracy": b["accuracy"]}
+           for c, b in details.get("by_category", {}).items()}
     k = max((r.get("samples") or 0 for r in results), default=0)
     n_samples = sum(r.get("samples") or 0 for r in results)
     return {
@@ -471,13 +439,36 @@ def evaluate(cfg: EvalConfig, progress=None, log=None) -> dict:
 
     ``progress(total=None, advance=0)`` is called with ``total`` once the records are loaded,
     then with ``advance`` per finished batch; ``log(msg)`` gets one-line notes."""
-    from dfgen.errors import UserError
-    from dfgen.shards import config_json, write_json_atomic, write_jsonl_atomic
-
     cfg.validate()
     log = log or (lambda m: None)
     t0 = time.time()
     mode = "predictions" if cfg.predictions is not None else "generate"
+    records, skipped = _load_records(cfg, mode, log)
+    if progress:
+        progress(total=len(records))
+    pred_report = None
+    if mode == "predictions":
+        results, pred_report = score_predictions(cfg.bench, records, cfg.predictions, cfg.prediction_field,
+                                                 known_skipped={str(s[0]) for s in skipped})
+        if progress:
+            progress(advance=len(records))
+        _log_prediction_report(pred_report, log)
+    else:
+        results = _generate(cfg, records, progress)
+    summary = summarize_bench(cfg.bench, results, skipped)
+    summary.update(_write_items(cfg, mode, results, skipped))
+    summary["elapsed_s"] = round(time.time() - t0, 3)
+    if pred_report is not None:
+        summary["predictions"] = pred_report
+    from dfgen.shards import write_json_atomic
+
+    write_json_atomic(Path(cfg.out), summary)
+    return summary
+
+
+def _load_records(cfg: EvalConfig, mode: str, log) -> tuple[list[dict], list]:
+    from dfgen.errors import UserError
+
     if mode == "predictions":
         records, skipped = load_bench(cfg.bench, cfg.data, None, require_image=False)
         if cfg.limit is not None:
@@ -491,45 +482,49 @@ def evaluate(cfg: EvalConfig, progress=None, log=None) -> dict:
         log(f"skipped {rid}: {why}")
     if len(skipped) > 3:
         log(f"... and {len(skipped) - 3} more skipped record(s) (all listed in {items_path(cfg.out).name})")
-    if progress:
-        progress(total=len(records))
-    pred_report = None
-    if mode == "predictions":
-        results, pred_report = score_predictions(cfg.bench, records, cfg.predictions, cfg.prediction_field,
-                                                 known_skipped={str(s[0]) for s in skipped})
-        if progress:
-            progress(advance=len(records))
-        for kind, what in (("unknown_ids", "prediction(s) with an id not in the data (ignored)"),
-                           ("duplicate_ids", "duplicate prediction(s) (the first one is kept)"),
-                           ("missing_ids", "record(s) without a prediction (counted wrong)")):
-            if pred_report[f"n_{kind}"]:
-                log(f"{pred_report[f'n_{kind}']} {what}, e.g. id {pred_report[kind][0]}")
-        if pred_report["n_bad_lines"]:
-            log(f"{pred_report['n_bad_lines']} unreadable prediction line(s), e.g. "
-                f"{pred_report['bad_lines'][0][0]}: {pred_report['bad_lines'][0][1]}")
+    return records, skipped
+
+
+def _log_prediction_report(rep: dict, log) -> None:
+    for kind, what in (("unknown_ids", "prediction(s) with an id not in the data (ignored)"),
+                       ("duplicate_ids", "duplicate prediction(s) (the first one is kept)"),
+                       ("missing_ids", "record(s) without a prediction (counted wrong)")):
+        if rep[f"n_{kind}"]:
+            log(f"{rep[f'n_{kind}']} {what}, e.g. id {rep[kind][0]}")
+    if rep["n_bad_lines"]:
+        log(f"{rep['n_bad_lines']} unreadable prediction line(s), e.g. {rep['bad_lines'][0][0]}: {rep['bad_lines'][0][1]}")
+
+
+def _generate(cfg: EvalConfig, records: list[dict], progress) -> list[dict]:
+    """Answers of ``cfg.model`` for every record, scored; refuses when generation failed for all."""
+    from dfgen.backends import get_backend
+    from dfgen.errors import UserError
+
+    kw: dict = {"batch_size": cfg.batch_size}
+    if cfg.backend == "hf":
+        from dfgen.policy import resolve_device
+
+        kw["device"] = resolve_device(cfg.device)
     else:
-        from dfgen.backends import get_backend
+        kw["seed"] = cfg.seed
+    backend = get_backend(cfg.backend, cfg.model, **kw)
+    if cfg.max_new_tokens is None:
+        from dfgen.synth.grid import token_budget
 
-        kw: dict = {"batch_size": cfg.batch_size}
-        if cfg.backend == "hf":
-            from dfgen.policy import resolve_device
+        cfg.max_new_tokens = token_budget(records, backend.tokenizer)
+    results = run_eval(backend, records, cfg.bench, max_new_tokens=cfg.max_new_tokens,
+                       temperature=cfg.temperature, samples=cfg.samples, seed=cfg.seed, batch_size=cfg.batch_size,
+                       progress=(lambda n: progress(advance=n)) if progress else None)
+    gen_failed = [r for r in results if (r.get("error") or "").startswith("generation failed")]
+    if gen_failed and len(gen_failed) == len(results):
+        raise UserError(f"generation failed for every record, e.g. {gen_failed[0]['id']}: {gen_failed[0]['error']}")
+    return results
 
-            kw["device"] = resolve_device(cfg.device)
-        else:
-            kw["seed"] = cfg.seed
-        backend = get_backend(cfg.backend, cfg.model, **kw)
-        if cfg.max_new_tokens is None:
-            from dfgen.synth.grid import token_budget
 
-            cfg.max_new_tokens = token_budget(records, backend.tokenizer)
-        results = run_eval(backend, records, cfg.bench, max_new_tokens=cfg.max_new_tokens,
-                           temperature=cfg.temperature, samples=cfg.samples, seed=cfg.seed,
-                           batch_size=cfg.batch_size,
-                           progress=(lambda n: progress(advance=n)) if progress else None)
-        gen_failed = [r for r in results if (r.get("error") or "").startswith("generation failed")]
-        if gen_failed and len(gen_failed) == len(results):
-            raise UserError(f"generation failed for every record, e.g. {gen_failed[0]['id']}: {gen_failed[0]['error']}")
-    summary = summarize_bench(cfg.bench, results, skipped)
+def _write_items(cfg: EvalConfig, mode: str, results: list[dict], skipped: list) -> dict:
+    """Write the per-item JSONL (skipped records included); the summary's mode, config and items path."""
+    from dfgen.shards import config_json, write_jsonl_atomic
+
     out = Path(cfg.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     ipath = items_path(out)
@@ -541,11 +536,7 @@ def evaluate(cfg: EvalConfig, progress=None, log=None) -> dict:
     if mode == "predictions":  # generation settings play no part
         for k in ("model", "backend", "device", "batch_size", "samples", "temperature", "max_new_tokens", "seed"):
             conf.pop(k)
-    summary.update({"mode": mode, "config": conf, "items": str(ipath), "elapsed_s": round(time.time() - t0, 3)})
-    if pred_report is not None:
-        summary["predictions"] = pred_report
-    write_json_atomic(out, summary)
-    return summary
+    return {"mode": mode, "config": conf, "items": str(ipath)}
 
 
 def summary_table(summary: dict):

@@ -66,7 +66,7 @@ class FitConfig:
     clip_low: float = 0.2
     clip_high: float = 0.2  # > clip_low: DAPO's clip-higher; cispo: the IS weight is capped at 1 + this
     dual_clip: float | None = None  # ppo/gspo: A < 0 tokens' loss bounded at -C*A (verl clip_ratio_c; 3 there)
-    adv_scale: str = "group"  # group (GRPO) | none (Dr. GRPO)
+    adv_scale: str = "group"  # group (GRPO) | batch (TRL scale_rewards="batch") | none (Dr. GRPO)
     agg: str = "token-mean"  # token-mean | seq-mean-token-mean | seq-mean-token-sum | seq-mean-token-sum-norm
     beta: float = 0.0  # k3 KL to the frozen initial policy; 0 = no reference model loaded
     kappa: float = 0.1  # DF weight of unmarked tokens of a repaired failed rollout (1 = GRPO)
@@ -93,7 +93,7 @@ class FitConfig:
     threads: int = 0
 
     def validate(self):
-        from dftrain.loss import AGG_MODES, MARKED_MODES, MASS_MODES, POLICY_LOSSES, check_surrogate
+        from dftrain.loss import ADV_SCALES, AGG_MODES, MARKED_MODES, MASS_MODES, OBJECTIVES, POLICY_LOSSES, check_surrogate
 
         if self.policy_loss not in POLICY_LOSSES:
             raise UserError(f"--policy-loss must be one of {', '.join(POLICY_LOSSES)}, got {self.policy_loss!r}")
@@ -103,7 +103,7 @@ class FitConfig:
             raise UserError(f"--policy-loss {self.policy_loss}: {e}".replace("dual_clip", "--dual-clip")
                             .replace("clip_high", "--clip-high").replace("clip_low", "--clip-low")) from None
 
-        checks = [(self.objective in ("df-grpo", "grpo"), "--objective must be df-grpo or grpo"),
+        checks = [(self.objective in OBJECTIVES, f"--objective must be one of {', '.join(OBJECTIVES)}"),
                   (self.steps > 0 and self.groups_per_step > 0 and self.micro_batch > 0, "sizes must be positive"),
                   (self.grad_accum > 0 and self.updates_per_batch > 0, "sizes must be positive"),
                   (self.lr > 0, "--lr must be positive"), (self.agg in AGG_MODES, f"--agg must be one of {AGG_MODES}"),
@@ -111,7 +111,7 @@ class FitConfig:
                   (self.mass in MASS_MODES, f"--mass must be one of {MASS_MODES}"),
                   (-1 <= self.kappa <= 1, "--kappa must be in [-1, 1]"),
                   (self.fail_advantage >= 0, "--fail-advantage must be >= 0 (it is the size of a negative advantage)"),
-                  (self.adv_scale in ("group", "none"), "--adv-scale must be group or none"),
+                  (self.adv_scale in ADV_SCALES, f"--adv-scale must be one of {', '.join(ADV_SCALES)}"),
                   (self.dtype in ("float32", "bfloat16"), "--dtype must be float32 or bfloat16")]
         for ok, msg in checks:
             if not ok:
@@ -158,13 +158,13 @@ def build_rows(groups: list[dict], cfg: FitConfig) -> list[TrainRow]:
     """Flatten groups into training sequences: rollouts (+ repaired samples)."""
     import torch
 
-    from dftrain.loss import group_advantages
+    from dftrain.loss import OBJECTIVES, group_advantages
 
     rewards = torch.tensor([float(r["reward"]) for g in groups for r in g["rollouts"]])
     gidx = torch.tensor([k for k, g in enumerate(groups) for _ in g["rollouts"]])
     adv = group_advantages(rewards, gidx, scale=cfg.adv_scale).tolist()
     rows, a = [], 0
-    use_df = cfg.objective == "df-grpo"
+    use_df = OBJECTIVES[cfg.objective].token_weights
     for k, g in enumerate(groups):
         seen = set()
         # every rollout failed: GRPO's advantages are all 0 here, --fail-advantage gives the root token -A
@@ -211,7 +211,7 @@ def prepare_micro(processor, groups, rows: list[TrainRow], cfg: FitConfig) -> di
     import torch
 
     from dfgen.policy import completion_inputs, prompt_inputs
-    from dftrain.loss import df_token_weights, repaired_term
+    from dftrain.loss import OBJECTIVES, df_token_weights, repaired_term
 
     qs = [groups[r.group]["question"] for r in rows]
     ims = [groups[r.group]["_image"] for r in rows]
@@ -229,7 +229,7 @@ def prepare_micro(processor, groups, rows: list[TrainRow], cfg: FitConfig) -> di
 
     is_rep = torch.tensor([r.repaired for r in rows])
     weights = None
-    if cfg.objective == "df-grpo":
+    if OBJECTIVES[cfg.objective].token_weights:
         w = df_token_weights(pad([r.mask_bad for r in rows]), cm, torch.tensor([r.df_weighted for r in rows]),
                              kappa=cfg.kappa, root_mask=pad([r.root_bad for r in rows]), marked=cfg.marked,
                              delta=cfg.delta, mass=cfg.mass)
@@ -361,7 +361,9 @@ def _open_data(cfg: FitConfig, load_dir: Path):
     from dfgen.policy import check_policy_dir, load_processor, tokenizer_fingerprint
     from dfgen.shards import open_shards
 
-    stages = ("mask",) if cfg.objective == "df-grpo" else ("sample", "repair", "mask")
+    from dftrain.loss import OBJECTIVES
+
+    stages = OBJECTIVES[cfg.objective].stages
     try:
         shards = open_shards(cfg.data, stage=stages,
                              tokenizer_fp=tokenizer_fingerprint(load_processor(check_policy_dir(load_dir)).tokenizer))

@@ -80,8 +80,10 @@ class LoopConfig:
     def validate(self):
         if self.rounds <= 0 or self.prompts_per_round <= 0 or self.fit_steps <= 0 or self.group_size < 2:
             raise UserError("--rounds, --prompts-per-round and --fit-steps must be positive, --group-size >= 2")
-        if self.objective not in ("df-grpo", "grpo"):
-            raise UserError("--objective must be df-grpo or grpo")
+        from dftrain.loss import OBJECTIVES
+
+        if self.objective not in OBJECTIVES:
+            raise UserError(f"--objective must be one of {', '.join(OBJECTIVES)}")
         if self.eval_every <= 0 or self.eval_n <= 0:
             raise UserError("--eval-every and --eval-n must be positive")
         from dftrain.fit import FitConfig
@@ -216,6 +218,7 @@ def run_loop(cfg: LoopConfig, log=print) -> dict:
     from dfgen.policy import check_policy_dir
     from dfgen.sample import SampleConfig, run_sample
     from dfgen.shards import write_json_atomic
+    from dftrain.loss import OBJECTIVES
 
     cfg.validate()
     check_policy_dir(Path(cfg.model))
@@ -245,7 +248,7 @@ def run_loop(cfg: LoopConfig, log=print) -> dict:
                                      seed=cfg.seed * 1000 + r, chunk_size=32))
         rec = {"round": r, "rollouts": st["rollouts"], "generated_tokens": st["tokens"],
                "sample_reward": st.get("mean_reward"), "seconds": {"sample": round(time.time() - t0, 2)}}
-        data = _df_data(cfg, rd, rec) if cfg.objective == "df-grpo" else rd / "sample"  # grpo: no masks needed
+        data = _df_data(cfg, rd, rec) if OBJECTIVES[cfg.objective].token_weights else rd / "sample"  # no masks needed
         _fit_round(cfg, rd, data, policy, prev_fit, r, rec)
         policy = prev_fit = rd / "fit"
         rec["accuracy"] = {}

@@ -120,6 +120,9 @@ Run the checks with: `.venv/bin/python -m pytest tests/test_loss.py -q`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 
@@ -369,6 +372,31 @@ def repaired_term(
     return adv, (m + kappa_rep * (1 - m)) * cm
 
 
+# ---------------------------------------------------------------- objectives
+# An objective is a loss with df_loss's signature plus what it needs from the data: the shard stages it
+# trains on (``dfgen.shards`` stage names) and whether the trainer builds DF token weights for it.
+# Registered by name, as the policy losses; ``dftrain fit/loop --objective`` accepts this registry's keys.
+@dataclass(frozen=True)
+class Objective:
+    loss: Callable
+    stages: tuple[str, ...]  # shard stages it can train on
+    token_weights: bool  # True: rows carry DF masks and the trainer builds df_token_weights
+    help: str
+
+
+OBJECTIVES: dict[str, Objective] = {}
+
+
+def register_objective(name: str, *, stages: tuple[str, ...], token_weights: bool, help: str):
+    def deco(fn):
+        OBJECTIVES[name] = Objective(fn, tuple(stages), token_weights, help)
+        return fn
+
+    return deco
+
+
+@register_objective("df-grpo", stages=("mask",), token_weights=True,
+                    help="masked GRPO on DF shards (dfgen mask output)")
 def df_loss(
     logprobs: Tensor,
     old_logprobs: Tensor,
@@ -408,6 +436,8 @@ def df_loss(
     return loss, metrics
 
 
+@register_objective("grpo", stages=("sample", "repair", "mask"), token_weights=False,
+                    help="plain GRPO, the baseline (sample shards suffice)")
 def grpo_loss(
     logprobs: Tensor,
     old_logprobs: Tensor,
@@ -440,4 +470,4 @@ def grpo_loss(
     )
 
 
-LOSSES = {"grpo": grpo_loss, "df-grpo": df_loss}  # objective name -> loss with one signature
+LOSSES = {name: o.loss for name, o in OBJECTIVES.items()}  # objective name -> loss with one signature

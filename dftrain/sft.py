@@ -178,13 +178,7 @@ def run_sft(cfg: SFTConfig, progress=None) -> dict:
         if len(order) < cfg.batch_size:
             order += rng.sample(range(len(recs)), len(recs))
         idx, order = order[: cfg.batch_size], order[cfg.batch_size:]
-        for g in opt.param_groups:
-            g["lr"] = _lr_at(step, cfg) * g["lr_scale"]
-        loss, ntok = encoded_loss(model, processor, [encoded[i] for i in idx])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_([q for g in opt.param_groups for q in g["params"]], 1.0)
-        opt.step()
+        loss = _sft_step(model, processor, opt, [encoded[i] for i in idx], _lr_at(step, cfg))
         if step % cfg.log_every == 0 or step == cfg.steps - 1:
             rec = {"step": step + 1, "loss": round(loss.item(), 4), "lr": _lr_at(step, cfg),
                    "elapsed_s": round(time.time() - t0, 2)}
@@ -206,7 +200,28 @@ def run_sft(cfg: SFTConfig, progress=None) -> dict:
                   {"step": step + 1, "loss": log[-1]["loss"], **({"heldout": at} if at else {})})
             model.train()
             t0 += time.time() - t_save
-    train_s = time.time() - t0
+    return _finish(model, processor, cfg, time.time() - t0, log, curve, staging)
+
+
+def _sft_step(model, processor, opt, rows: list[dict], lr: float):
+    """One optimizer step on encoded examples at learning rate ``lr`` (times each group's scale)."""
+    import torch
+
+    for g in opt.param_groups:
+        g["lr"] = lr * g["lr_scale"]
+    loss, _ = encoded_loss(model, processor, rows)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_([q for g in opt.param_groups for q in g["params"]], 1.0)
+    opt.step()
+    return loss
+
+
+def _finish(model, processor, cfg: SFTConfig, train_s: float, log: list, curve: list, staging: Path) -> dict:
+    """The final held-out score and save: OUT appears whole (weights, steps/, done marker) or not at all."""
+    from dfgen.shards import mark_done
+
+    out = Path(cfg.out)
     model.eval()
     result = {"steps": cfg.steps, "train_seconds": round(train_s, 2),
               "steps_per_s": round(cfg.steps / train_s, 2), "final_loss": log[-1]["loss"], "log": log}
@@ -219,8 +234,6 @@ def run_sft(cfg: SFTConfig, progress=None) -> dict:
     _save(model, processor, tmp, cfg, result)
     if staging.exists():
         staging.rename(tmp / "steps")
-    from dfgen.shards import mark_done
-
     mark_done(tmp, {k: v for k, v in result.items() if k not in ("log", "curve")})  # then OUT appears whole
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)

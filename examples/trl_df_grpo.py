@@ -12,15 +12,10 @@ import json
 from datasets import Dataset
 from trl import GRPOConfig
 
-from dfgen.answers import score
 from dfgen.policy import decode_image, load_policy, save_processor_files
 from dfgen.records import load_prompts
+from dftrain.integrations import answer_reward as reward  # the exact-answer reward of the prompt records
 from dftrain.integrations.trl import DFConfig, DFGRPOTrainer  # DF: instead of `from trl import GRPOTrainer`
-
-
-def reward(completions, answer, answer_type, source, **_):
-    return [score({"answer": a, "answer_type": t, "source": s}, c[0]["content"])[1]
-            for c, a, t, s in zip(completions, answer, answer_type, source)]
 
 
 def main():

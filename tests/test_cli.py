@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import pytest
 
@@ -66,6 +67,34 @@ def test_every_registry_name_is_accepted_and_documented():
     for obj in LOSSES:
         for pl in POLICY_LOSSES:
             FitConfig(data=".", model=".", out=".", objective=obj, policy_loss=pl, **extra.get(pl, {})).validate()
+
+
+def test_objective_backend_and_eval_registries_are_the_cli_choices():
+    """The objectives (with the shard stage each needs), the advantage scales, the backends and every
+    benchmark eval scores (the synthetic task included): each registry name is a documented choice of
+    the commands that take it, and their configs accept it."""
+    from dfgen.backends import BACKENDS
+    from dftrain.evaluate import EVAL_BENCHMARKS, EvalConfig
+    from dftrain.fit import FitConfig
+    from dftrain.loop import LoopConfig
+    from dftrain.loss import ADV_SCALES, LOSSES, OBJECTIVES
+
+    assert set(OBJECTIVES) == set(LOSSES) and all(o.stages for o in OBJECTIVES.values())
+    for cmd in ("fit", "loop"):
+        text = " ".join(run_cli("dftrain", cmd, "--help").stdout.split())
+        for name in OBJECTIVES:
+            assert name in text, (cmd, name)
+            LoopConfig(model=".", out=".", objective=name).validate()
+    fit_help = " ".join(run_cli("dftrain", "fit", "--help").stdout.split())
+    for scale in ADV_SCALES:
+        assert scale in fit_help
+        FitConfig(data=".", model=".", out=".", adv_scale=scale).validate()
+    for cmd in ("sample", "repair"):
+        assert f"--backend <{'|'.join(BACKENDS)}>" in run_cli("dfgen", cmd, "--help").stdout, cmd
+    assert f"--bench <{'|'.join(EVAL_BENCHMARKS)}>" in run_cli("dftrain", "eval", "--help").stdout
+    for name, mod in EVAL_BENCHMARKS.items():
+        assert all(callable(getattr(mod, f)) for f in ("load", "score", "summarize")) and mod.ID_KEY, name
+        EvalConfig(bench=name, data=".", predictions=Path(".")).validate()
 
 
 @pytest.mark.parametrize("prog,cmd", [("dfgen", "sample"), ("dfgen", "repair"), ("dfgen", "mask"), ("dftrain", "fit"),

@@ -10,21 +10,10 @@ import json
 import pytest
 import torch
 
+from dftrain.integrations import answer_reward as reward  # the exact-answer reward, from the dataset columns
 from dftrain.integrations.trl import DFConfig, DFGRPOTrainer  # make setup installs the trl extra
 
 G, PROMPTS = 4, 4
-
-
-def reward(completions, **cols):
-    """Exact-answer reward of the synthetic task (dfgen.answers.score), from the dataset's columns."""
-    from dfgen.answers import score
-
-    keys = [k for k in cols if k not in ("prompts", "completion_ids", "trainer_state", "log_extra", "log_metric")]
-    out = []
-    for i, c in enumerate(completions):
-        text = c[0]["content"] if isinstance(c, list) else c
-        out.append(score({k: cols[k][i] for k in keys}, text)[1])
-    return out
 
 
 @pytest.fixture(scope="module")

@@ -73,6 +73,18 @@ def _rot(x, cos, sin_signed):
 
 
 @torch.inference_mode()
+def _rotary_tables(rotary_emb, pos0, steps: int, hd: int, dt):
+    """cos and sin of every decode step at once, (steps, B, 1, 1, hd) each, computed in float32 as
+    transformers computes them; sin carries the sign of rotate_half's first half."""
+    B = pos0.shape[0]
+    pos = (pos0.unsqueeze(0) + torch.arange(steps, device=pos0.device).unsqueeze(1)).float()  # (S, B)
+    freqs = pos.unsqueeze(-1) * rotary_emb.inv_freq.float()
+    emb = torch.cat((freqs, freqs), -1) * getattr(rotary_emb, "attention_scaling", 1.0)
+    sin = emb.sin()
+    sin[..., : hd // 2] *= -1
+    return emb.cos().to(dt).view(-1, B, 1, 1, hd), sin.to(dt).view(-1, B, 1, 1, hd)
+
+
 def decode(model, inputs, max_new_tokens: int, eos_id: int, step, rows=None) -> list[list[int]]:
     """Prefill ``inputs`` (left-padded processor output) and decode; returns the sampled token
     ids per row (``max_new_tokens`` each, or fewer when all rows stopped). ``step(logits (B, V)
@@ -103,13 +115,7 @@ def decode(model, inputs, max_new_tokens: int, eos_id: int, step, rows=None) -> 
     mask = torch.zeros(B, 1, 1, L + max_new_tokens, dtype=dt, device=dev)  # additive: -inf on left padding
     mask[:, 0, 0, :L].masked_fill_(am == 0, float("-inf"))
     pos0 = am.sum(-1) + (deltas.view(-1) if deltas is not None else 0)  # (B,) position of token 0
-    # rotary tables of every decode step at once, in float32 as transformers computes them
-    pos = (pos0.unsqueeze(0) + torch.arange(max_new_tokens, device=dev).unsqueeze(1)).float()  # (S, B)
-    freqs = pos.unsqueeze(-1) * lm.rotary_emb.inv_freq.float()
-    emb = torch.cat((freqs, freqs), -1) * getattr(lm.rotary_emb, "attention_scaling", 1.0)
-    sin = emb.sin()
-    sin[..., : hd // 2] *= -1
-    COS, SIN = emb.cos().to(dt).view(-1, B, 1, 1, hd), sin.to(dt).view(-1, B, 1, 1, hd)
+    COS, SIN = _rotary_tables(lm.rotary_emb, pos0, max_new_tokens, hd, dt)
     embed, norm, head = lm.embed_tokens.weight, lm.norm, model.lm_head.weight
     qd, kd, rep, scaling = nh * hd, nkv * hd, nh // nkv, hd ** -0.5
 

@@ -59,6 +59,7 @@ from dfgen.benchmarks import (
 )
 
 NAME = "mathvista"
+ID_KEY = "pid"  # the id column of raw records (a predictions file may use it instead of ``id``)
 SOURCE = "mathvista"
 QUESTION_TYPES = ("multi_choice", "free_form")
 OFFICIAL_ANSWER_TYPES = ("integer", "float", "text", "list")
@@ -239,7 +240,7 @@ def load(path: Path, limit: int | None = None, require_image: bool = True) -> tu
     export (``decoded_image`` struct) or a ``save_to_disk`` folder.  Images are resolved
     inside the file's folder (``image_file`` first, then ``image``; another extension with
     the same stem is accepted).  ``require_image=False`` loads text-only records."""
-    return run_loader(Path(path), limit, lambda raw, root: _convert(raw, root, require_image), "pid")
+    return run_loader(Path(path), limit, lambda raw, root: _convert(raw, root, require_image), ID_KEY)
 
 
 # --------------------------------------------------------------------------------------

@@ -43,6 +43,7 @@ from dfgen.benchmarks import (
 )
 
 NAME = "mmstar"
+ID_KEY = "index"  # the id column of raw records (a predictions file may use it instead of ``id``)
 SOURCE = "mmstar"
 CATEGORIES = (
     "coarse perception",
@@ -149,7 +150,7 @@ def load(path: Path, limit: int | None = None, require_image: bool = True) -> tu
     """Load MMStar from the HF parquet / ``save_to_disk`` export (``image`` struct), a
     VLMEvalKit TSV (base64 ``image``) or json/jsonl with image paths inside the folder.
     ``require_image=False`` loads text-only records."""
-    return run_loader(Path(path), limit, lambda raw, root: _convert(raw, root, require_image), "index")
+    return run_loader(Path(path), limit, lambda raw, root: _convert(raw, root, require_image), ID_KEY)
 
 
 # --------------------------------------------------------------------------------------

@@ -57,6 +57,7 @@ from dfgen.benchmarks import (
 )
 
 NAME = "tabmwp"
+ID_KEY = "pid"  # the id column of raw records (a predictions file may use it instead of ``id``)
 SOURCE = "tabmwp"
 OPTION_INDS = ("A", "B", "C", "D", "E", "F")
 ANS_TYPES = ("integer_number", "decimal_number", "extractive_text", "boolean_text", "other_text")
@@ -158,7 +159,7 @@ def load(path: Path, limit: int | None = None, require_image: bool = True) -> tu
     """Load TabMWP from the official ``problems_*.json`` (``{pid: problem}``; images at
     ``tables/<pid>.png`` next to it), jsonl with ``image_file``, a parquet export or a
     ``save_to_disk`` folder.  ``require_image=False`` loads text-only records."""
-    return run_loader(Path(path), limit, lambda raw, root: _convert(raw, root, require_image), "pid")
+    return run_loader(Path(path), limit, lambda raw, root: _convert(raw, root, require_image), ID_KEY)
 
 
 # --------------------------------------------------------------------------------------

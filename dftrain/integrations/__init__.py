@@ -8,6 +8,20 @@ from __future__ import annotations
 import json
 
 
+TRL_NON_DATA_KEYS = ("prompts", "completion_ids", "trainer_state", "log_extra", "log_metric")
+
+
+def answer_reward(completions, **cols) -> list[float]:
+    """A TRL reward function: the exact-answer reward of prompt records (``dfgen.answers.score``,
+    as ``dfgen sample`` scores rollouts), read from the dataset's columns (answer, answer_type,
+    source); a completion is a chat message list or a string."""
+    from dfgen.answers import score
+
+    keys = [k for k in cols if k not in TRL_NON_DATA_KEYS]
+    return [score({k: cols[k][i] for k in keys}, c[0]["content"] if isinstance(c, list) else c)[1]
+            for i, c in enumerate(completions)]
+
+
 def oracle_repairer(row: dict, text: str) -> str | None:
     """The synthetic task's oracle (``dfgen.repairers.oracle``) from the row's ``solution`` column."""
     from dfgen.repairers import oracle
