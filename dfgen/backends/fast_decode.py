@@ -72,7 +72,6 @@ def _rot(x, cos, sin_signed):
     return x * cos + x.roll(x.shape[-1] // 2, -1) * sin_signed
 
 
-@torch.inference_mode()
 def _rotary_tables(rotary_emb, pos0, steps: int, hd: int, dt):
     """cos and sin of every decode step at once, (steps, B, 1, 1, hd) each, computed in float32 as
     transformers computes them; sin carries the sign of rotate_half's first half."""
@@ -85,6 +84,7 @@ def _rotary_tables(rotary_emb, pos0, steps: int, hd: int, dt):
     return emb.cos().to(dt).view(-1, B, 1, 1, hd), sin.to(dt).view(-1, B, 1, 1, hd)
 
 
+@torch.inference_mode()
 def decode(model, inputs, max_new_tokens: int, eos_id: int, step, rows=None) -> list[list[int]]:
     """Prefill ``inputs`` (left-padded processor output) and decode; returns the sampled token
     ids per row (``max_new_tokens`` each, or fewer when all rows stopped). ``step(logits (B, V)
