@@ -28,6 +28,8 @@ from pathlib import Path
 import rapidfuzz
 from rapidfuzz.distance import Levenshtein
 
+from _env import versions
+
 try:
     from dfgen.align import align
 except ImportError:  # run from a checkout without `pip install -e .`
@@ -117,7 +119,7 @@ def main() -> None:
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         payload = {"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-                   "machine": machine, "mean_length": mean_len, "mean_distance": mean_dist,
+                   "machine": machine, "versions": versions(), "mean_length": mean_len, "mean_distance": mean_dist,
                    "results": results, "speedup": speedup}
         args.json.write_text(json.dumps(payload, indent=2) + "\n")
 

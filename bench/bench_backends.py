@@ -23,6 +23,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from _env import versions
+
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -80,7 +82,7 @@ def main(argv=None) -> int:
                 best[name] = (dt, toks)
     vl.close()
 
-    res = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+    res = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores", "versions": versions(),
            "model": str(args.model or "tiny (built)"), "prompts": args.prompts, "group": args.group,
            "max_new_tokens": args.max_new_tokens, "hf_threads": args.threads,
            "torch": torch.__version__, "vllm_startup_s": round(startup, 1), "rows": []}

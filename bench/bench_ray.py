@@ -9,12 +9,13 @@ Run: python bench/bench_ray.py [--prompts 64] [--json out.json]
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from _env import machine, versions
 
 
 def sample_args(d: Path, out: Path, n: int) -> list[str]:
@@ -51,7 +52,7 @@ def main():
                        check=True, capture_output=True)
         on_ray.append(time.time() - t)
     ray.shutdown()
-    res = {"machine": f"{platform.machine()} {os.cpu_count()} cpus", "prompts": a.prompts, "group_size": 4,
+    res = {"machine": machine(), "versions": versions(), "prompts": a.prompts, "group_size": 4,
            "hand_wall_s": [round(x, 2) for x in hand], "ray_wall_s": [round(x, 2) for x in on_ray],
            "ray_over_hand": round(min(on_ray) / min(hand), 3)}
     print(json.dumps(res, indent=2))

@@ -13,10 +13,11 @@ Run: python bench/bench_sample.py [--repeats 3] [--json out.json]
 import argparse
 import json
 import os
-import platform
 import tempfile
 import time
 from pathlib import Path
+
+from _env import machine, versions
 
 
 def main():
@@ -65,7 +66,7 @@ def main():
                      "ratio": round(best["fast"] / best["generate"], 2), "same_tokens": same})
         print(f"batch {bs:3d} ({bs // group} prompts x {group}) x {args.max_new_tokens} new tokens: {best['fast']:,.0f} tok/s "
               f"(generate {best['generate']:,.0f}, {best['fast'] / best['generate']:.2f}x; same tokens: {same})")
-    res = {"machine": f"{platform.machine()} {os.cpu_count()} cpus", "torch_threads": torch.get_num_threads(),
+    res = {"machine": machine(), "versions": versions(), "torch_threads": torch.get_num_threads(),
            "build_tiny_s": round(build_s, 2), "rows": rows}
     print(json.dumps(res))
     if args.json:

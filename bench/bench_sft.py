@@ -22,6 +22,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from _env import versions
+
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -69,7 +71,7 @@ def main(argv=None) -> int:
                 opt.step()
                 times[name].append(time.perf_counter() - t)
     med = {k: statistics.median(v) for k, v in times.items()}
-    res = {"machine": f"{platform.machine()} {torch.get_num_threads()} torch threads", "steps": len(times["old"]),
+    res = {"machine": f"{platform.machine()} {torch.get_num_threads()} torch threads", "versions": versions(), "steps": len(times["old"]),
            "median_s_per_step": {k: round(v, 4) for k, v in med.items()},
            "ratio_default_vs_old": round(med["default"] / med["old"], 3),
            "ratio_frozen_vs_old": round(med["frozen"] / med["old"], 3),

@@ -13,7 +13,6 @@ Run: python bench/bench_trainer.py [--steps 10] [--policy-losses ppo,gspo,sapo,c
 import argparse
 import json
 import os
-import platform
 import resource
 import shutil
 import subprocess
@@ -21,6 +20,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from _env import machine, versions
 
 
 def _copies(src: Path, dst: Path, copies: int) -> None:
@@ -196,7 +197,7 @@ def main():
     GroupStream(ss, seed=0).take(n)
     load_gps = n / (time.time() - t)
     train_gps = 8 / med["df-grpo"]
-    res = {"machine": f"{platform.machine()} {os.cpu_count()} cpus", "torch_threads": torch.get_num_threads(),
+    res = {"machine": machine(), "versions": versions(), "torch_threads": torch.get_num_threads(),
            "step_s_median": med, "tok_per_s_median": tps,
            "df_overhead": round(med["df-grpo"] / med["grpo"] - 1, 4),
            "policy_loss": base,

@@ -33,6 +33,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from _env import versions
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
@@ -72,7 +74,6 @@ def main():
     import transformers
 
     try:
-        import trl
         from trl import GRPOConfig, GRPOTrainer
     except ImportError:
         sys.exit("bench_trl: trl is not installed; pip install -e '.[bench]'")
@@ -150,7 +151,7 @@ def main():
     med = {k: statistics.median(v) for k, v in times.items()}
     ntok = int(tin["completion_mask"].sum())
     res = {"machine": f"{platform.machine()} {os.cpu_count()} cpus, {platform.node()}", "torch_threads": args.threads,
-           "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "trl": trl.__version__},
+           "versions": versions(),
            "batch": {"sequences": len(rows["grpo"]), "completion_tokens": ntok,
                      "prompt_len": int(tin["prompt_ids"].shape[1]), "completion_len_max": int(tin["completion_ids"].shape[1])},
            "reps": args.reps, "loss_backward_s_median": {k: round(v, 4) for k, v in med.items()},

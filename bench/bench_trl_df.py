@@ -10,7 +10,6 @@ Run: python bench/bench_trl_df.py [--steps 6] [--json out.json]
 import argparse
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -19,6 +18,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from dftrain.integrations import answer_reward as reward  # noqa: E402 - light (no trl, no torch)
+
+from _env import machine, versions
 
 
 def main():
@@ -78,7 +79,7 @@ def main():
         Timed.df_s = 0.0
         df.append(run(Timed, rep, df=DFConfig(kappa=0.1)))
         df_part.append(Timed.df_s / a.steps)
-    res = {"machine": f"{platform.machine()} {os.cpu_count()} cpus", "steps": a.steps, "reps": a.reps,
+    res = {"machine": machine(), "versions": versions(), "steps": a.steps, "reps": a.reps,
            "batch": "16 prompts x 4 generations, max_completion_length 64",
            "stock_step_s": [round(x, 3) for x in stock], "df_step_s": [round(x, 3) for x in df],
            "df_part_s_per_step": [round(x, 4) for x in df_part],
