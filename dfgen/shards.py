@@ -432,7 +432,7 @@ def _refuse_duplicate_groups(path: Path, files: list[Path]) -> None:
     seen: dict = {}
     for f in files:
         try:
-            ids = pq.read_table(f, columns=["id"]).column("id").to_pylist()
+            ids = pq.ParquetFile(f).read(columns=["id"]).column("id").to_pylist()  # not read_table: it imports pandas
         except Exception as e:
             raise UserError(f"{f} is corrupt or truncated ({one_line(e)})") from None
         for gid in ids:

@@ -102,3 +102,21 @@ def test_a_group_id_met_twice_is_refused(tmp_path):
         open_shards(tmp_path / "o")
     (tmp_path / "o" / "b.parquet").unlink()
     assert open_shards(tmp_path / "o").num_rows() == 2
+
+
+def test_reading_a_shard_set_stays_off_pandas_and_torch(tmp_path):
+    """Opening, checking (the duplicate-id scan included) and streaming a set import neither pandas
+    nor torch. Measured: the id scan's pq.read_table imported pandas, 48 of the loader's 138 MiB
+    peak (bench/bench_trainer.py loader_rss)."""
+    import subprocess
+    import sys
+
+    groups = [{**_group(i), "rollouts": [{"text": "a", "token_ids": [3], "logprobs": [-0.5], "reward": 0.0}]}
+              for i in range(2)]
+    ShardWriter(tmp_path / "o", "sample", {}).write(0, groups)
+    code = ("import sys; from pathlib import Path; from dfgen.shards import open_shards; "
+            "from dftrain.data import GroupStream; "
+            f"GroupStream(open_shards(Path({str(tmp_path / 'o')!r})), seed=0).take(2); "
+            "print(sorted(m for m in ('pandas', 'torch') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
