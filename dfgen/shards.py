@@ -16,7 +16,8 @@ Every stage writes a folder of zstd parquet shards plus manifests::
   worker index it writes, from before it looks at the folder until it is done; a second writer of
   the same (folder, worker) gets a one-line error naming the holder (``_lock.wNNN.holder``, removed
   when the holder is done). The kernel drops the lock when the holder dies, SIGKILL included, so a
-  retry takes it over. A run that fails before writing anything leaves no folder behind.
+  retry takes it over. A run that fails before writing anything leaves no folder behind (of a
+  folder it made, it removes only its own lock files: another worker's writer may be there).
 * **Atomic.** A shard is written to ``.name.tmp`` and renamed into place after fsync; a killed
   writer leaves no half shard, only a temp file that the next run deletes. Manifests are
   replaced the same way.
@@ -233,9 +234,14 @@ class WriterLock:
 
         from filelock import FileLock, Timeout
 
-        try:
-            self.created = not self.out.exists()
-            self.out.mkdir(parents=True, exist_ok=True)
+        try:  # one process makes the folder; two racing runs must not both think it theirs
+            self.out.parent.mkdir(parents=True, exist_ok=True)
+            self.out.mkdir()
+            self.created = True
+        except FileExistsError as e:
+            if not self.out.is_dir():
+                raise _named(e, self.out) from None
+            self.created = False
         except OSError as e:
             raise _named(e, self.out) from None
         for w in self.workers:
@@ -257,16 +263,20 @@ class WriterLock:
         return self
 
     def __exit__(self, exc_type=None, *exc) -> None:
+        # A run refused in a folder it made leaves no folder behind, only its error. It removes only
+        # its own files: another process may hold another worker's lock there by now.
+        drop = exc_type is not None and self.created
         for lock in self.locks:
             Path(lock.lock_file + ".holder").unlink(missing_ok=True)  # before the release: never a new holder's
+            if drop:
+                Path(lock.lock_file).unlink(missing_ok=True)  # while held: a later opener makes its own
             lock.release()
         self.locks = []
-        if exc_type is not None and self.created and self.out.is_dir():
-            # a run refused before it wrote anything leaves no folder behind, only its error
-            if all(p.name.startswith("_lock.w") for p in self.out.iterdir()):
-                for p in self.out.iterdir():
-                    p.unlink(missing_ok=True)
+        if drop:
+            try:
                 self.out.rmdir()
+            except OSError:
+                pass  # not empty: another process writes there; it is theirs now
 
 
 def shard_position(f: Path) -> tuple[int, int]:

@@ -220,17 +220,41 @@ HOLD = """
 import sys, time
 from pathlib import Path
 from dfgen.shards import WriterLock
-with WriterLock(Path(sys.argv[1]), [0]):
+with WriterLock(Path(sys.argv[1]), [int(sys.argv[2])]):
     print("held", flush=True)
     time.sleep(120)
 """
 
 
-def _hold(folder):
-    """Another process holding the writer lock of worker 0 of ``folder``."""
-    p = subprocess.Popen([sys.executable, "-c", HOLD, str(folder)], stdout=subprocess.PIPE, text=True)
+def _hold(folder, worker=0):
+    """Another process holding the writer lock of worker ``worker`` of ``folder``."""
+    p = subprocess.Popen([sys.executable, "-c", HOLD, str(folder), str(worker)], stdout=subprocess.PIPE, text=True)
     assert p.stdout.readline().strip() == "held"
     return p
+
+
+def test_a_refused_run_removes_only_its_own_lock_files(tmp_path):
+    """A run refused inside its lock, in a folder it made, removes its own lock files and leaves the
+    folder to a process writing another worker there. Seen in CI: that cleanup took every
+    ``_lock.w*`` file, another process's included, and the racing test below failed ('not found:
+    _lock.w000.holder')."""
+    from dfgen.errors import UserError
+    from dfgen.shards import WriterLock
+
+    out = tmp_path / "S"
+    with pytest.raises(UserError, match="refused"):
+        with WriterLock(out, [0]):
+            other = _hold(out, worker=1)
+            raise UserError("refused after taking the lock (another run's settings)")
+    try:
+        assert sorted(p.name for p in out.iterdir()) == ["_lock.w001", "_lock.w001.holder"]
+    finally:
+        other.kill()
+        other.wait()
+    with pytest.raises(UserError, match="refused"):
+        with WriterLock(tmp_path / "T", [0]):
+            raise UserError("refused")
+    assert not (tmp_path / "T").exists()  # alone in its folder, a refused run still leaves none behind
 
 
 def test_a_second_writer_of_a_folder_is_refused_naming_the_holder_and_a_killed_one_is_taken_over(
