@@ -382,10 +382,12 @@ def _load_models(cfg: FitConfig, load_dir: Path, resume_from):
     gradient checkpointing applied as configured."""
     import torch
 
-    from dfgen.policy import load_policy
+    from dfgen.policy import load_policy, resolve_device
 
     dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
-    device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
+    device = resolve_device("auto")  # every command's rule; under DDP each rank takes its local GPU
+    if device == "cuda":
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
     model, processor = load_policy(load_dir, dtype=dtype, device=device)
     if cfg.freeze_vision and hasattr(getattr(model, "model", None), "visual"):
         model.model.visual.requires_grad_(False)  # RL on a trained tower broke perception (docs/RESULTS.md)
