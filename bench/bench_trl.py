@@ -33,9 +33,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from _env import versions
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _env import versions  # noqa: E402 - beside this file
 
 
 def trl_inputs(processor, groups, rows):

@@ -17,9 +17,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from _env import machine, versions  # noqa: E402 - beside this file
 from dftrain.integrations import answer_reward as reward  # noqa: E402 - light (no trl, no torch)
-
-from _env import machine, versions
 
 
 def main():
