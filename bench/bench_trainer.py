@@ -87,10 +87,9 @@ def make_df_shards(d: Path, sft_steps: int = 300, prompts: int = 96) -> None:
 
 def df_cost_direct(d: Path, losses: list, extra: dict, med: dict, reps: int = 30) -> dict:
     """What DF adds to a step, timed directly (the step-time difference above is within this VM's
-    step-to-step noise): building the DF token weights of the batch (``df_token_weights``, once per
-    batch; the rest of the preparation is the same for both objectives), and the loss + backward on
-    the batch's (B, T) tensors with weights minus without (once per update; the model's forward and
-    backward are the same computation for both objectives)."""
+    step-to-step noise): the objective's loss + backward on the step's ``Batch`` (B, T) tensors, DF's
+    (which builds its token weights, ``batch_token_weights``, inside) minus GRPO's, once per update
+    (the model's forward and backward are the same computation for both objectives)."""
     import statistics
 
     import torch
@@ -98,8 +97,9 @@ def df_cost_direct(d: Path, losses: list, extra: dict, med: dict, reps: int = 30
     from dfgen.policy import decode_image, load_policy
     from dfgen.shards import open_shards
     from dftrain.data import GroupStream
-    from dftrain.fit import FitConfig, build_rows, prepare_micro
-    from dftrain.loss import LOSSES, df_token_weights
+    from dftrain.batch import Batch, build_rows
+    from dftrain.fit import FitConfig
+    from dftrain.loss import LOSSES
 
     groups = GroupStream(open_shards(d / "m"), seed=0).take(8)
     for g in groups:
@@ -119,33 +119,17 @@ def df_cost_direct(d: Path, losses: list, extra: dict, med: dict, reps: int = 30
         # DF's token weights alone (as BENCHMARKS.md measured): the default repaired samples add ~9% sequences
         cfgs = {obj: FitConfig(data=d / "m", model=d / "sft", out=d / "x", objective=obj, policy_loss=loss,
                                repaired_weight=0.0, fail_advantage=0.0, **extra.get(loss, {})) for obj in ("grpo", "df-grpo")}
-        rows = {obj: build_rows(groups, c) for obj, c in cfgs.items()}
-        prep = {obj: prepare_micro(processor, groups, rows[obj], cfgs[obj]) for obj in cfgs}
-        r_df, c_df, cm = rows["df-grpo"], cfgs["df-grpo"], prep["df-grpo"]["completion_mask"]
-
-        def pad(xs, T=cm.shape[1]):
-            return torch.tensor([(list(x) if x is not None else [0] * len(r.token_ids)) + [0] * (T - len(r.token_ids))
-                                 for x, r in zip(xs, r_df)], dtype=torch.float32)
-
-        def weights():
-            failed = torch.tensor([r.df_weighted for r in r_df])
-            df_token_weights(pad([r.mask_bad for r in r_df]), cm, failed, kappa=c_df.kappa,
-                             root_mask=pad([r.root_bad for r in r_df]), marked=c_df.marked, delta=c_df.delta,
-                             mass=c_df.mass)
-        t_weights = timed(weights)
+        batches = {obj: Batch.from_rows(build_rows(groups, c), c) for obj, c in cfgs.items()}
         t_loss = {}
         for obj, c in cfgs.items():
-            p = prep[obj]
-            lp = (p["old_logprobs"] + 0.01 * torch.randn_like(p["old_logprobs"])).requires_grad_(True)
+            b = batches[obj]
+            lp = (b.logprobs + 0.01 * torch.randn_like(b.logprobs)).requires_grad_(True)
 
-            def step(p=p, c=c, lp=lp, obj=obj):
-                loss_, _ = LOSSES[obj](lp, p["old_logprobs"], p["advantages"], p["completion_mask"].to(lp.dtype),
-                                       token_weights=p["token_weights"], is_repaired=p["is_repaired"],
-                                       clip_low=c.clip_low, clip_high=c.clip_high,
-                                       agg=c.agg, surrogate=c.policy_loss, dual_clip=c.dual_clip)
+            def step(b=b, c=c, lp=lp, obj=obj):
+                loss_, _ = LOSSES[obj](lp, b, c)  # the df-grpo objective builds its token weights inside
                 loss_.backward()
             t_loss[obj] = timed(step)
-        extra_s = t_weights + 2 * (t_loss["df-grpo"] - t_loss["grpo"])  # 2 updates per batch
+        extra_s = 2 * (t_loss["df-grpo"] - t_loss["grpo"])  # 2 updates per batch; weights built in each
         res[loss] = {"df_extra_s_per_step": round(extra_s, 5),
                      "df_overhead_direct": round(extra_s / med[loss, "grpo"], 4)}
     return res

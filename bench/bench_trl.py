@@ -6,8 +6,8 @@ Qwen2-VL, a short SFT, 8 samples per prompt, oracle repair, mask), then 8 groups
 the TRL anchor's setting in shared/notes. Both sides start from the same weights (two copies) and
 see the same rollouts, advantages and behaviour log-probs:
 
-* ours: ``dftrain.fit.micro_loss`` + ``backward`` on the batch prepared by
-  ``dftrain.fit.prepare_micro`` (prompts and images rendered by the processor, weights built),
+* ours: ``dftrain.fit.micro_loss`` + ``backward`` on a ``dftrain.batch.Batch`` whose model inputs
+  were built once (prompts and images rendered by the processor; DF's weights are built in the loss),
   for ``--objective grpo`` and ``df-grpo``; fit prepares a batch once and reuses it for every
   update over it, so the preparation is timed separately and also reported amortised over
   ``num_iterations=2`` updates (``*_with_prep``);
@@ -44,7 +44,7 @@ def trl_inputs(processor, groups, rows):
 
     from dfgen.policy import prompt_inputs
 
-    pi = prompt_inputs(processor, [groups[r.group]["question"] for r in rows], [groups[r.group]["_image"] for r in rows])
+    pi = prompt_inputs(processor, [r.prompt[0] for r in rows], [r.prompt[1] for r in rows])
     B, Tc = len(rows), max(len(r.token_ids) for r in rows)
     comp = torch.full((B, Tc), processor.tokenizer.pad_token_id, dtype=torch.long)
     cmask = torch.zeros((B, Tc), dtype=torch.long)
@@ -83,7 +83,8 @@ def main():
     from dfgen.policy import decode_image, load_policy, suppress_ids
     from dfgen.shards import open_shards
     from dftrain.data import GroupStream
-    from dftrain.fit import FitConfig, build_rows, micro_loss, prepare_micro
+    from dftrain.batch import Batch, build_rows
+    from dftrain.fit import FitConfig, micro_loss
 
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
@@ -118,13 +119,14 @@ def main():
     for _ in range(args.reps):
         for obj in cfgs:
             t = time.perf_counter()
-            preps[obj] = prepare_micro(processor, groups, rows[obj], cfgs[obj])
+            preps[obj] = Batch.from_rows(rows[obj], cfgs[obj])
+            preps[obj].model_inputs(processor)  # rendered prompts and images, built once per batch
             prep_s[obj].append(time.perf_counter() - t)
 
     def step_ours(obj):
         ours.zero_grad(set_to_none=True)
         t = time.perf_counter()
-        loss, *_ = micro_loss(ours, preps[obj], cfgs[obj], suppress, 1.0)
+        loss, _ = micro_loss(ours, preps[obj], cfgs[obj], processor, suppress, 1.0)
         loss.backward()
         return time.perf_counter() - t, float(loss.detach())
 

@@ -116,7 +116,7 @@ def fit(
     groups_per_step: GroupsPerStep = _Fit.groups_per_step,
     grad_accum: int = typer.Option(_Fit.grad_accum, help="Batches of groups accumulated per optimizer step."),
     updates_per_batch: UpdatesPerBatch = _Fit.updates_per_batch,
-    micro_batch: int = typer.Option(_Fit.micro_batch, help="Sequences per forward/backward pass."),
+    micro_batch: int = typer.Option(_Fit.micro_batch, help="Sequences per forward/backward pass (memory only: the step's loss and gradient are the same at every size)."),
     lr: Lr = _Fit.lr,
     kappa: Kappa = _Fit.kappa,
     marked: Marked = _Fit.marked,

@@ -21,12 +21,13 @@ GSPO-token, SAPO's soft gate, CISPO), with ``--clip-high`` (clip-higher; CISPO's
 1 + clip-high) and ``--dual-clip C`` (ppo and gspo); DF's weights enter every one of them the same
 way, in the per-token advantage, and ``--objective grpo`` is each surrogate without DF.
 
-Advantages are per group over the *rollouts* (``--adv-scale group|none``). The importance ratio
+Advantages are per group over the *rollouts* (``--adv-scale group|batch|none``). The importance ratio
 uses the stored behaviour logprobs, so the first update of a batch is exactly on-policy when the
 checkpoint that sampled is the one being trained; ``--updates-per-batch`` > 1 reuses a batch
-(the clip then matters), and its weight-independent inputs (``prepare_micro``: rendered prompts
-and images, weights, advantages, reference log-probs) are built once for all its updates. Micro-batches (``--micro-batch`` sequences) are scaled so a step's
-loss equals the loss of the whole batch. Optional frozen reference for ``beta * k3`` (loaded only
+(the clip then matters). A step is one ``dftrain.batch.Batch`` (the shard columns, padded once,
+with the step's denominators); its micro-batches (``--micro-batch`` rows) carry those denominators,
+so their losses and gradients sum to the whole batch's (a memory knob; result unchanged). Their
+rendered prompts and images and the reference log-probs are built once for all updates. Optional frozen reference for ``beta * k3`` (loaded only
 when ``--beta > 0``), LoRA (peft; the checkpoint is saved merged), gradient checkpointing, bf16.
 
 Checkpoints: ``OUT/step_000020/`` (HF folder + ``trainer_state.json`` + ``optimizer.pt``), and
@@ -134,139 +135,59 @@ def _check_resume_settings(have: dict, cfg: "FitConfig", out: Path) -> None:
                         f"pass the same settings to --resume, or use a new --out")
 
 
-# ----------------------------------------------------------------------------- batches
-@dataclass
-class TrainRow:
-    """One training sequence of a batch, its fields named as the shard columns they come from
-    (``dfgen.shards.ROLLOUT``): a sampled rollout, or (``repaired``) the verified repair of one,
-    whose ``token_ids``/``logprobs`` are the rollout's ``repaired_ids``/``repaired_logprobs``."""
-
-    group: int  # index of its prompt group in the batch
-    token_ids: list
-    logprobs: list  # behaviour log-probs of token_ids (the loss's old_logprobs)
-    advantage: float  # group-relative; a repaired sample's is --repaired-weight
-    reward: float
-    repaired: bool = False
-    df_weighted: bool = False  # df-grpo, failed, with a verified repair: DF token weights apply
-    mask_bad: list | None = None  # edit mask of a df_weighted rollout
-    root_bad: list | None = None  # root-cause mask of a df_weighted rollout
-    mask_repaired: list | None = None  # edit mask of a repaired sample
-    root_only: bool = False  # --fail-advantage: an all-fail group's repaired rollout, weight on its root token only
-
-
-def build_rows(groups: list[dict], cfg: FitConfig) -> list[TrainRow]:
-    """Flatten groups into training sequences: rollouts (+ repaired samples)."""
-    import torch
-
-    from dftrain.loss import OBJECTIVES, group_advantages
-
-    rewards = torch.tensor([float(r["reward"]) for g in groups for r in g["rollouts"]])
-    gidx = torch.tensor([k for k, g in enumerate(groups) for _ in g["rollouts"]])
-    adv = group_advantages(rewards, gidx, scale=cfg.adv_scale).tolist()
-    rows, a = [], 0
-    use_df = OBJECTIVES[cfg.objective].token_weights
-    for k, g in enumerate(groups):
-        seen = set()
-        # every rollout failed: GRPO's advantages are all 0 here, --fail-advantage gives the root token -A
-        all_fail = use_df and cfg.fail_advantage > 0 and all(r["reward"] < 1 for r in g["rollouts"]) and \
-            len({r["reward"] for r in g["rollouts"]}) == 1
-        for r in g["rollouts"]:
-            ok = use_df and r.get("repair_status") == "ok" and r.get("mask_bad") is not None
-            if ok and (cfg.marked != "edit" or all_fail) and r.get("root_bad") is None:
-                need = f"--marked {cfg.marked}" if cfg.marked != "edit" else "--fail-advantage"
-                raise UserError(f"{need} needs the root_bad mask, which a rollout of prompt "
-                                f"{g.get('id')!r} lacks: rerun dfgen mask on these shards, or pass --marked edit")
-            weighted = ok and r["reward"] < 1
-            root_only = weighted and all_fail
-            rows.append(TrainRow(k, r["token_ids"], r["logprobs"], -cfg.fail_advantage if root_only else adv[a],
-                                 r["reward"], df_weighted=weighted, mask_bad=r["mask_bad"] if weighted else None,
-                                 root_bad=r.get("root_bad") if weighted else None, root_only=root_only))
-            a += 1
-            if weighted and cfg.repaired_weight > 0:
-                key = tuple(r["repaired_ids"])
-                if cfg.dedup_repaired and key in seen:
-                    continue
-                seen.add(key)
-                rows.append(TrainRow(k, r["repaired_ids"], r["repaired_logprobs"], cfg.repaired_weight, 1.0,
-                                     repaired=True, mask_repaired=r["mask_repaired"]))
-    return rows
-
-
-def _share(rows: list[TrainRow], agg: str, rep_in_denominator: bool) -> float:
-    """What ``dftrain.loss.aggregate`` divides by, for scaling micro-batches to the whole batch:
-    completion tokens (token-mean) or sequences (seq-mean modes) of the rows in the denominator."""
-    counted = [r for r in rows if rep_in_denominator or not r.repaired]
-    if agg == "token-mean":
-        return float(sum(len(r.token_ids) for r in counted))
-    return float(len(counted))
-
-
-def prepare_micro(processor, groups, rows: list[TrainRow], cfg: FitConfig) -> dict:
-    """Everything of one micro-batch that does not depend on the policy's weights, keyed as the
-    loss's arguments (``dftrain.loss.LOSSES``): model ``inputs`` (prompts and images rendered by the
-    processor, completions appended), ``completion_mask``, ``old_logprobs``, ``advantages``,
-    ``token_weights`` (DF; None for GRPO), ``is_repaired``. Built once per batch and reused by every
-    update over it (``--updates-per-batch``); ``ref_logprobs`` of the frozen reference are added on
-    first use."""
-    import torch
-
-    from dfgen.policy import completion_inputs, prompt_inputs
-    from dftrain.loss import OBJECTIVES, df_token_weights, repaired_term
-
-    qs = [groups[r.group]["question"] for r in rows]
-    ims = [groups[r.group]["_image"] for r in rows]
-    inputs, cmask = completion_inputs(prompt_inputs(processor, qs, ims), [r.token_ids for r in rows],
-                                      processor.tokenizer.pad_token_id)
-    B, T = cmask.shape
-    cm = cmask.to(torch.float32)
-
-    def pad(seqs, fill=0.0):
-        t = torch.full((B, T), fill, dtype=torch.float32)
-        for i, s in enumerate(seqs):
-            if s is not None:
-                t[i, : len(s)] = torch.as_tensor(s, dtype=torch.float32)
-        return t
-
-    is_rep = torch.tensor([r.repaired for r in rows])
-    weights = None
-    if OBJECTIVES[cfg.objective].token_weights:
-        w = df_token_weights(pad([r.mask_bad for r in rows]), cm, torch.tensor([r.df_weighted for r in rows]),
-                             kappa=cfg.kappa, root_mask=pad([r.root_bad for r in rows]), marked=cfg.marked,
-                             delta=cfg.delta, mass=cfg.mass)
-        if is_rep.any():
-            _, wr = repaired_term(pad([r.mask_repaired for r in rows]), cm, cfg.repaired_weight, cfg.kappa_rep)
-            w = torch.where(is_rep.unsqueeze(-1), wr, w)
-        root_only = torch.tensor([r.root_only for r in rows])
-        if root_only.any():
-            w = torch.where(root_only.unsqueeze(-1), pad([r.root_bad for r in rows]) * cm, w)
-        weights = w
-    return {"inputs": inputs, "completion_mask": cm, "old_logprobs": pad([r.logprobs for r in rows]),
-            "advantages": torch.tensor([r.advantage for r in rows], dtype=torch.float32), "token_weights": weights,
-            "is_repaired": is_rep, "ref_logprobs": None}
-
-
-def micro_loss(model, prep: dict, cfg: FitConfig, suppress, temperature, ref_model=None):
-    """Loss and metrics of one prepared micro-batch (``prepare_micro``) under the current weights."""
+# ----------------------------------------------------------------------------- one step
+def micro_loss(model, batch, cfg: FitConfig, processor, suppress, temperature, ref_model=None):
+    """Loss and metrics of one micro-batch (``dftrain.batch.Batch.split``) under the current weights:
+    its share of the step's, since it carries the step's denominators. Returns (loss, metrics)."""
     import torch
 
     from dfgen.policy import token_logprobs
     from dftrain.loss import LOSSES
 
-    inputs = {k: v.to(model.device) if hasattr(v, "to") else v for k, v in prep["inputs"].items()}
-    cm = prep["completion_mask"]
-    T = cm.shape[1]
-    pad = cm == 0  # padding is the pad token, a suppressed id: its logprob is -inf under both models,
-    # and exp(-inf - -inf) in the KL would be NaN even behind the mask; zero it (no gradient flows there)
+    inputs = {k: v.to(model.device) if hasattr(v, "to") else v for k, v in batch.model_inputs(processor).items()}
+    T = batch.completion_mask.shape[1]
+    pad = batch.completion_mask == 0  # padding is the pad token, a suppressed id: its logprob is -inf under
+    # both models, and exp(-inf - -inf) in the KL would be NaN even behind the mask; zero it (no gradient there)
     lp = token_logprobs(model, inputs, T, suppress, temperature).masked_fill(pad, 0.0)  # (B, T)
-    if ref_model is not None and cfg.beta > 0 and prep["ref_logprobs"] is None:
-        with torch.no_grad():  # the reference is frozen: once per batch, not once per update
-            prep["ref_logprobs"] = token_logprobs(ref_model, inputs, T, suppress, temperature).masked_fill(pad, 0.0)
-    loss, metrics = LOSSES[cfg.objective](lp, prep["old_logprobs"], prep["advantages"], cm.to(lp.dtype),
-                                          token_weights=prep["token_weights"], is_repaired=prep["is_repaired"],
-                                          rep_in_denominator=cfg.rep_in_denominator, ref_logprobs=prep["ref_logprobs"],
-                                          beta=cfg.beta, clip_low=cfg.clip_low, clip_high=cfg.clip_high, agg=cfg.agg,
-                                          surrogate=cfg.policy_loss, dual_clip=cfg.dual_clip)
-    return loss, metrics, lp.detach(), cm
+    if ref_model is not None and cfg.beta > 0 and batch.ref_logprobs is None:
+        with torch.no_grad():  # the reference is frozen: once per step, not once per update
+            batch.ref_logprobs = token_logprobs(ref_model, inputs, T, suppress, temperature).masked_fill(pad, 0.0)
+    return LOSSES[cfg.objective](lp, batch, cfg)
+
+
+def _reduce(into: dict, met: dict) -> None:
+    """Combine one micro-batch's metrics (each its share of the step's) into the step's."""
+    from dftrain.loss import METRIC_REDUCE
+
+    for name, v in met.items():
+        v = float(v)
+        into[name] = METRIC_REDUCE.get(name, float.__add__)(into[name], v) if name in into else v
+
+
+def train_step(ddp, params, opt, processor, batch, cfg: FitConfig, suppress, temperature, ref_model=None) -> dict:
+    """One optimizer step (``--updates-per-batch`` updates) over a step's ``Batch``: split into
+    micro-batches that carry the step's denominators, so the summed losses and gradients are the
+    whole batch's. Returns the step's loss, grad norm, completion tokens and loss metrics."""
+    import torch
+
+    micro = [mb.to(params[0].device) for mb in batch.split(cfg.micro_batch)]
+    metrics: dict = {}
+    for _upd in range(cfg.updates_per_batch):
+        opt.zero_grad(set_to_none=True)
+        step_loss, upd = 0.0, {}
+        for mb in micro:
+            loss, met = micro_loss(ddp, mb, cfg, processor, suppress, temperature, ref_model)
+            loss.backward()
+            step_loss += float(loss.detach())
+            _reduce(upd, met)
+            if cfg.updates_per_batch == 1:
+                mb.inputs = None  # one update: nothing reuses them, free the memory now
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
+        opt.step()
+        for name, v in upd.items():  # the step's metrics: the mean over its updates
+            metrics[name] = metrics.get(name, 0.0) + v / cfg.updates_per_batch
+    return {"loss": step_loss, "grad_norm": grad_norm, "metrics": metrics,
+            "tokens": int(batch.completion_mask.sum()) * cfg.updates_per_batch}  # tokens trained through
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -451,47 +372,15 @@ def _check_prompt_render(processor, group: dict) -> None:
                         "train the checkpoint family that sampled them")
 
 
-def train_step(ddp, params, opt, processor, batches, cfg: FitConfig, suppress, temperature, ref_model=None) -> dict:
-    """One optimizer step (``--updates-per-batch`` updates) over ``batches`` [(groups, rows)]: the
-    micro-batches' losses scaled so their sum is the loss of the whole batch. Returns the step's
-    loss, grad norm, completion tokens and loss metrics."""
-    import torch
-
-    total_share = sum(_share(rows, cfg.agg, cfg.rep_in_denominator) for _, rows in batches)
-    metrics: dict = {}
-    ntok = 0
-    micro = [(groups, rows[k: k + cfg.micro_batch]) for groups, rows in batches
-             for k in range(0, len(rows), cfg.micro_batch)]
-    preps: list = [None] * len(micro)  # kept across updates only when there is more than one
-    for _upd in range(cfg.updates_per_batch):
-        opt.zero_grad(set_to_none=True)
-        step_loss = 0.0
-        for j, (groups, mb) in enumerate(micro):
-            prep = preps[j] or prepare_micro(processor, groups, mb, cfg)
-            if cfg.updates_per_batch > 1:
-                preps[j] = prep
-            loss, met, _, cm = micro_loss(ddp, prep, cfg, suppress, temperature, ref_model)
-            scale = _share(mb, cfg.agg, cfg.rep_in_denominator) / max(total_share, 1e-9)
-            (loss * scale).backward()
-            step_loss += float(loss.detach()) * scale
-            ntok += int(cm.sum())
-            for name, v in met.items():
-                metrics[name] = metrics.get(name, 0.0) + float(v) * scale / cfg.updates_per_batch
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
-        opt.step()
-    return {"loss": step_loss, "grad_norm": grad_norm, "tokens": ntok, "metrics": metrics}
-
-
-def _step_record(step: int, batches, res: dict, dt: float) -> dict:
+def _step_record(step: int, batch, res: dict, dt: float) -> dict:
     """The metrics.jsonl line of one step."""
-    rows_all = [r for _, rows in batches for r in rows]
-    rollouts = [r for r in rows_all if not r.repaired]
-    failed = [r for r in rollouts if r.df_weighted]
-    return {"step": step, "loss": round(res["loss"], 6), "reward": sum(r.reward for r in rollouts) / len(rollouts),
-            "adv_abs_mean": sum(abs(r.advantage) for r in rollouts) / len(rollouts),
-            "mask_density": (sum(sum(r.mask_bad) for r in failed) / max(1, sum(len(r.token_ids) for r in failed)))
-            if failed else None,
-            "repaired_samples": sum(r.repaired for r in rows_all), "grad_norm": round(res["grad_norm"], 5),
+    roll = ~batch.is_repaired  # (B,) sampled rollouts
+    df = batch.df_weighted  # (B,) failed with a verified repair
+    df_tokens = float(batch.completion_mask[df].sum())
+    return {"step": step, "loss": round(res["loss"], 6), "reward": float(batch.reward[roll].mean()),
+            "adv_abs_mean": float(batch.advantages[roll].abs().mean()),
+            "mask_density": float(batch.mask_bad[df].sum()) / max(1.0, df_tokens) if bool(df.any()) else None,
+            "repaired_samples": int(batch.is_repaired.sum()), "grad_norm": round(res["grad_norm"], 5),
             "tok_per_s": round(res["tokens"] / dt, 1), "step_s": round(dt, 4),
             **{k: round(v, 6) for k, v in res["metrics"].items()}}
 
@@ -530,6 +419,7 @@ def run_fit(cfg: FitConfig, log=print) -> dict:
 
     from dfgen.policy import suppress_ids
     from dfgen.shards import clear_done, config_json, mark_done, write_json_atomic
+    from dftrain.batch import Batch, build_rows
     from dftrain.data import GroupStream
 
     cfg.validate()
@@ -561,15 +451,16 @@ def run_fit(cfg: FitConfig, log=print) -> dict:
     losses, seen_ids, t_start = [], [], time.time()
     for step in range(start, cfg.steps):
         t0 = time.time()
-        batches = []
-        for _ in range(cfg.grad_accum):
+        rows = []
+        for k in range(cfg.grad_accum):  # advantages per take of groups_per_step groups (adv_scale batch)
             groups = stream.take(cfg.groups_per_step)
-            if step == start and not batches:
+            if step == start and k == 0:
                 _check_prompt_render(processor, groups[0])
-            batches.append((groups, build_rows(groups, cfg)))
-        seen_ids.extend(g["id"] for groups, _ in batches for g in groups)
-        res = train_step(ddp, params, opt, processor, batches, cfg, suppress, temperature, ref_model)
-        rec = _step_record(step + 1, batches, res, time.time() - t0)
+            seen_ids.extend(g["id"] for g in groups)
+            rows.extend(build_rows(groups, cfg))
+        batch = Batch.from_rows(rows, cfg)
+        res = train_step(ddp, params, opt, processor, batch, cfg, suppress, temperature, ref_model)
+        rec = _step_record(step + 1, batch, res, time.time() - t0)
         losses.append(res["loss"])
         if rank == 0:
             _log_step(metrics_f, rec, cfg, log)

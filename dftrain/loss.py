@@ -167,32 +167,57 @@ def kl_k3(logprobs: Tensor, ref_logprobs: Tensor) -> Tensor:
     return torch.exp(d) - d - 1
 
 
+@dataclass(frozen=True)
+class StepNorm:
+    """The denominators of one optimizer step, computed once over ALL its rows (`step_norm`) and
+    handed unchanged to each of its micro-batches, so that a micro-batch's loss and metrics are its
+    exact share of the step's and the shares sum to them: the micro-batch size is a memory knob only.
+    loss: what `aggregate` divides by (tokens, sequences, or sequences x max_len, of the rows in the
+    denominator); tokens: completion tokens the loss trains on (token-mean metrics); rollout_tokens:
+    those of non-repaired rows (DF's weight_mean); rows: all rows (rep_frac)."""
+
+    loss: float
+    tokens: float
+    rollout_tokens: float
+    rows: float
+
+
+def denominator(completion_mask: Tensor, agg: str, max_len: int | None = None,
+                in_denominator: Tensor | None = None) -> Tensor:
+    """What `aggregate` divides by for this batch: completion tokens (token-mean), sequences
+    (seq-mean-token-mean, seq-mean-token-sum) or sequences x max_len (seq-mean-token-sum-norm; max_len
+    defaults to T), counting only the rows of in_denominator (B,) bool (default all). Never below 1."""
+    _check("agg", agg, AGG_MODES)
+    mask = completion_mask.float()  # (B, T)
+    rows = mask.new_ones(mask.shape[0]) if in_denominator is None else in_denominator.to(mask.dtype)  # (B,)
+    if agg == "token-mean":
+        return (mask.sum(-1) * rows).sum().clamp(min=1)
+    n_rows = rows.sum().clamp(min=1)
+    if agg == "seq-mean-token-sum-norm":
+        return n_rows * (mask.shape[-1] if max_len is None else max_len)
+    return n_rows
+
+
 def aggregate(
     loss_mat: Tensor,
     completion_mask: Tensor,
     agg: str,
     max_len: int | None = None,
     in_denominator: Tensor | None = None,
+    denom: float | Tensor | None = None,
 ) -> Tensor:
-    """Reduce a (B, T) per-token loss to a scalar. in_denominator (B,) bool: rows counted in the
-    denominators (default all); rows outside it still add their numerator."""
+    """Reduce a (B, T) per-token loss to a scalar: a sum over rows (each row's token sum, or for
+    seq-mean-token-mean its token mean) divided by `denominator`. in_denominator (B,) bool: rows counted
+    in the denominator (default all); rows outside it still add their numerator. denom: the whole step's
+    denominator when this batch is one micro-batch of a step (`StepNorm.loss`); default this batch's own."""
     _check("agg", agg, AGG_MODES)
     mask = completion_mask.to(loss_mat.dtype)  # (B, T)
-    rows = mask.new_ones(mask.shape[0]) if in_denominator is None else in_denominator.to(mask.dtype)  # (B,)
     row_sum = (loss_mat * mask).sum(-1)  # (B,)
-    row_tokens = mask.sum(-1)  # (B,)
-    n_rows = rows.sum().clamp(min=1)
-    if agg == "token-mean":
-        return row_sum.sum() / (row_tokens * rows).sum().clamp(min=1)
     if agg == "seq-mean-token-mean":
-        return (row_sum / row_tokens.clamp(min=1)).sum() / n_rows
-    if agg == "seq-mean-token-sum":
-        return row_sum.sum() / n_rows
-    return row_sum.sum() / (n_rows * (mask.shape[-1] if max_len is None else max_len))  # token-sum-norm
-
-
-def _masked_mean(x: Tensor, mask: Tensor) -> Tensor:
-    return (x * mask).sum() / mask.sum().clamp(min=1)
+        row_sum = row_sum / mask.sum(-1).clamp(min=1)  # (B,)
+    if denom is None:
+        denom = denominator(mask, agg, max_len, in_denominator)
+    return row_sum.sum() / denom
 
 
 # ---------------------------------------------------------------- policy losses (surrogates)
@@ -285,9 +310,12 @@ def policy_loss(
     surrogate: str = "ppo",
     dual_clip: float | None = None,
     sapo_tau: tuple[float, float] = SAPO_TAU,
+    norm: StepNorm | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """A surrogate of `POLICY_LOSSES` on per-token advantages A_t = A * w_t, aggregated by `aggregate`.
-    logprobs, old_logprobs, completion_mask, token_weights: (B, T); advantages: (B,) or (B, T)."""
+    logprobs, old_logprobs, completion_mask, token_weights: (B, T); advantages: (B,) or (B, T).
+    norm: the step's denominators when this batch is a micro-batch of it (loss and token-mean metrics
+    are then this micro-batch's share; ratio_max stays its own max); default: this batch is the step."""
     check_surrogate(surrogate, clip_low, clip_high, dual_clip, sapo_tau)
     mask = completion_mask.to(logprobs.dtype)  # (B, T)
     adv = advantages.to(logprobs.dtype)
@@ -304,21 +332,32 @@ def policy_loss(
             raise ValueError("beta != 0 needs ref_logprobs")
         kl_mat = kl_k3(logprobs, ref_logprobs)  # (B, T)
         loss_mat = pg_mat + beta * kl_mat
-    loss = aggregate(loss_mat, mask, agg, max_len, in_denominator)
+    denom = None if norm is None else norm.loss
+    loss = aggregate(loss_mat, mask, agg, max_len, in_denominator, denom)
     with torch.no_grad():
         mask_d = mask.detach()
+        tokens = mask_d.sum().clamp(min=1) if norm is None else norm.tokens
+
+        def token_mean(x):
+            return (x * mask_d).sum() / tokens
+
         log_ratio = (logprobs - old_logprobs).detach().clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)  # (B, T)
         ratio_d = torch.exp(log_ratio)
         metrics = {
-            "pg_loss": aggregate(pg_mat.detach(), mask_d, agg, max_len, in_denominator),
-            "clipfrac": _masked_mean(cut.to(mask_d.dtype), mask_d),  # verl pg_clipfrac (+ dual clip, cispo clamp)
-            "ppo_kl": _masked_mean(-log_ratio, mask_d),  # verl ppo_kl
-            "ratio_mean": _masked_mean(ratio_d, mask_d),
+            "pg_loss": aggregate(pg_mat.detach(), mask_d, agg, max_len, in_denominator, denom),
+            "clipfrac": token_mean(cut.to(mask_d.dtype)),  # verl pg_clipfrac (+ dual clip, cispo clamp)
+            "ppo_kl": token_mean(-log_ratio),  # verl ppo_kl
+            "ratio_mean": token_mean(ratio_d),
             "ratio_max": torch.where(mask_d > 0, ratio_d, torch.zeros_like(ratio_d)).max(),
         }
         if kl_mat is not None:
-            metrics["kl"] = _masked_mean(kl_mat.detach(), mask_d)
+            metrics["kl"] = token_mean(kl_mat.detach())
     return loss, metrics
+
+
+# how a step's metrics combine over its micro-batches (each is already its share of the step): sum,
+# except these
+METRIC_REDUCE = {"ratio_max": max}
 
 
 def df_token_weights(
@@ -372,31 +411,7 @@ def repaired_term(
     return adv, (m + kappa_rep * (1 - m)) * cm
 
 
-# ---------------------------------------------------------------- objectives
-# An objective is a loss with df_loss's signature plus what it needs from the data: the shard stages it
-# trains on (``dfgen.shards`` stage names) and whether the trainer builds DF token weights for it.
-# Registered by name, as the policy losses; ``dftrain fit/loop --objective`` accepts this registry's keys.
-@dataclass(frozen=True)
-class Objective:
-    loss: Callable
-    stages: tuple[str, ...]  # shard stages it can train on
-    token_weights: bool  # True: rows carry DF masks and the trainer builds df_token_weights
-    help: str
-
-
-OBJECTIVES: dict[str, Objective] = {}
-
-
-def register_objective(name: str, *, stages: tuple[str, ...], token_weights: bool, help: str):
-    def deco(fn):
-        OBJECTIVES[name] = Objective(fn, tuple(stages), token_weights, help)
-        return fn
-
-    return deco
-
-
-@register_objective("df-grpo", stages=("mask",), token_weights=True,
-                    help="masked GRPO on DF shards (dfgen mask output)")
+# ---------------------------------------------------------------- DF losses on tensors
 def df_loss(
     logprobs: Tensor,
     old_logprobs: Tensor,
@@ -415,29 +430,30 @@ def df_loss(
     surrogate: str = "ppo",
     dual_clip: float | None = None,
     sapo_tau: tuple[float, float] = SAPO_TAU,
+    norm: StepNorm | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """DF-GRPO on one batch of rollouts and (optionally) repaired samples, rows flagged by is_repaired
-    (B,) bool. token_weights (B, T) from df_token_weights / repaired_term; None means all 1."""
+    (B,) bool. token_weights (B, T) from df_token_weights / repaired_term; None means all 1.
+    norm: the step's denominators (`step_norm`) when this batch is one of its micro-batches."""
     in_denominator = None
     if is_repaired is not None and not rep_in_denominator:
         in_denominator = ~is_repaired.bool()  # (B,)
     loss, metrics = policy_loss(
         logprobs, old_logprobs, advantages, completion_mask, token_weights, clip_low, clip_high, agg, max_len,
         ref_logprobs=ref_logprobs, beta=beta, in_denominator=in_denominator, surrogate=surrogate,
-        dual_clip=dual_clip, sapo_tau=sapo_tau,
+        dual_clip=dual_clip, sapo_tau=sapo_tau, norm=norm,
     )
     with torch.no_grad():
         mask = completion_mask.to(logprobs.dtype)  # (B, T)
+        rollout = mask if is_repaired is None else mask * (~is_repaired.bool()).to(mask.dtype).unsqueeze(-1)
         if token_weights is not None:
-            rollout = mask if is_repaired is None else mask * (~is_repaired.bool()).to(mask.dtype).unsqueeze(-1)
-            metrics["weight_mean"] = _masked_mean(token_weights.detach().to(mask.dtype), rollout)
+            n = rollout.sum().clamp(min=1) if norm is None else max(norm.rollout_tokens, 1.0)
+            metrics["weight_mean"] = (token_weights.detach().to(mask.dtype) * rollout).sum() / n
         if is_repaired is not None:
-            metrics["rep_frac"] = is_repaired.to(mask.dtype).mean()
+            metrics["rep_frac"] = is_repaired.to(mask.dtype).sum() / (mask.shape[0] if norm is None else norm.rows)
     return loss, metrics
 
 
-@register_objective("grpo", stages=("sample", "repair", "mask"), token_weights=False,
-                    help="plain GRPO, the baseline (sample shards suffice)")
 def grpo_loss(
     logprobs: Tensor,
     old_logprobs: Tensor,
@@ -456,6 +472,7 @@ def grpo_loss(
     surrogate: str = "ppo",
     dual_clip: float | None = None,
     sapo_tau: tuple[float, float] = SAPO_TAU,
+    norm: StepNorm | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Plain GRPO (or any surrogate without DF) with the same signature as df_loss: token_weights are ignored and repaired rows are
     dropped (masked out and out of every denominator), so one batch can feed either objective."""
@@ -466,8 +483,85 @@ def grpo_loss(
     return df_loss(
         logprobs, old_logprobs, advantages, mask, is_repaired=is_repaired, rep_in_denominator=False,
         ref_logprobs=ref_logprobs, beta=beta, clip_low=clip_low, clip_high=clip_high, agg=agg, max_len=max_len,
-        surrogate=surrogate, dual_clip=dual_clip, sapo_tau=sapo_tau,
+        surrogate=surrogate, dual_clip=dual_clip, sapo_tau=sapo_tau, norm=norm,
     )
 
 
-LOSSES = {name: o.loss for name, o in OBJECTIVES.items()}  # objective name -> loss with one signature
+def step_norm(completion_mask: Tensor, is_repaired: Tensor, agg: str, *, trains_repaired: bool,
+              rep_in_denominator: bool) -> StepNorm:
+    """The denominators of a whole step (`StepNorm`), from its (B, T) completion mask and (B,) repaired
+    flags: repaired rows count in the loss's denominator only if the objective trains on them AND
+    rep_in_denominator; max_len of seq-mean-token-sum-norm is the step's T (its longest completion)."""
+    cm = completion_mask.float()  # (B, T)
+    rollout = cm * (~is_repaired.bool()).to(cm.dtype).unsqueeze(-1)  # (B, T)
+    used = cm if trains_repaired else rollout
+    counted = None if (trains_repaired and rep_in_denominator) else ~is_repaired.bool()
+    return StepNorm(loss=float(denominator(used, agg, cm.shape[-1], counted)), tokens=max(float(used.sum()), 1.0),
+                    rollout_tokens=float(rollout.sum()), rows=float(cm.shape[0]))
+
+
+def batch_token_weights(batch, w) -> Tensor:
+    """DF's signed token weights (B, T) for a batch whose fields are the shard columns (`dftrain.batch.Batch`:
+    mask_bad, root_bad, mask_repaired, completion_mask, and the row flags df_weighted, is_repaired, root_only),
+    under the settings w (`dftrain.settings.DFWeights` fields): `df_token_weights` on rollouts that failed
+    with a verified repair (1 on the others), `repaired_term`'s on repaired rows, and root_bad alone on
+    --fail-advantage rows (all-fail groups)."""
+    cm = batch.completion_mask
+    weights = df_token_weights(batch.mask_bad, cm, batch.df_weighted, kappa=w.kappa, root_mask=batch.root_bad,
+                               marked=w.marked, delta=w.delta, mass=w.mass)  # (B, T)
+    if batch.is_repaired.any():
+        _, rep = repaired_term(batch.mask_repaired, cm, w.repaired_weight, w.kappa_rep)  # (B, T)
+        weights = torch.where(batch.is_repaired.unsqueeze(-1), rep, weights)
+    if batch.root_only.any():
+        weights = torch.where(batch.root_only.unsqueeze(-1), batch.root_bad * cm, weights)
+    return weights
+
+
+# ---------------------------------------------------------------- objectives
+# An objective is one signature, (logprobs (B, T), batch, cfg) -> (loss, metrics), as verl's registries:
+# batch is a `dftrain.batch.Batch` (a whole step or one micro-batch of it, carrying the step's `norm`),
+# cfg any object with the loss settings' fields (FitConfig). It declares what it needs from the data:
+# the shard stages it trains on, and whether it uses DF's masks (token weights AND repaired rows).
+# Registered by name, as the policy losses; ``dftrain fit/loop --objective`` accepts this registry's keys.
+@dataclass(frozen=True)
+class Objective:
+    loss: Callable
+    stages: tuple[str, ...]  # shard stages it can train on
+    token_weights: bool  # True: DF's token weights and repaired rows; False: both ignored
+    help: str
+
+
+OBJECTIVES: dict[str, Objective] = {}
+
+
+def register_objective(name: str, *, stages: tuple[str, ...], token_weights: bool, help: str):
+    def deco(fn):
+        OBJECTIVES[name] = Objective(fn, tuple(stages), token_weights, help)
+        return fn
+
+    return deco
+
+
+def _surrogate_kw(batch, cfg) -> dict:
+    return dict(ref_logprobs=batch.ref_logprobs, beta=cfg.beta, clip_low=cfg.clip_low, clip_high=cfg.clip_high,
+                agg=cfg.agg, surrogate=cfg.policy_loss, dual_clip=cfg.dual_clip, norm=batch.norm)
+
+
+@register_objective("df-grpo", stages=("mask",), token_weights=True,
+                    help="masked GRPO on DF shards (dfgen mask output)")
+def df_grpo_objective(logprobs: Tensor, batch, cfg) -> tuple[Tensor, dict[str, Tensor]]:
+    """DF-GRPO: `batch_token_weights` under cfg's DF settings, rollouts and repaired rows in one loss."""
+    return df_loss(logprobs, batch.logprobs, batch.advantages, batch.completion_mask,
+                   token_weights=batch_token_weights(batch, cfg), is_repaired=batch.is_repaired,
+                   rep_in_denominator=cfg.rep_in_denominator, **_surrogate_kw(batch, cfg))
+
+
+@register_objective("grpo", stages=("sample", "repair", "mask"), token_weights=False,
+                    help="plain GRPO, the baseline (sample shards suffice)")
+def grpo_objective(logprobs: Tensor, batch, cfg) -> tuple[Tensor, dict[str, Tensor]]:
+    """Plain GRPO (any surrogate without DF): masks ignored, repaired rows dropped."""
+    return grpo_loss(logprobs, batch.logprobs, batch.advantages, batch.completion_mask,
+                     is_repaired=batch.is_repaired, **_surrogate_kw(batch, cfg))
+
+
+LOSSES = {name: o.loss for name, o in OBJECTIVES.items()}  # objective name -> (logprobs, batch, cfg) -> (loss, metrics)

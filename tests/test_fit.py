@@ -131,7 +131,8 @@ def test_a_df_step_lowers_the_wrong_token_more_than_the_others_and_grpo_spreads_
     from dfgen.backends.hf import HFBackend
     from dfgen.policy import decode_image, load_policy
     from dfgen.synth.grid import make_problems, solution_text
-    from dftrain.fit import FitConfig, build_rows, micro_loss, prepare_micro
+    from dftrain.batch import Batch, build_rows
+    from dftrain.fit import FitConfig, micro_loss
 
     p = next(make_problems(1, seed=21))
     good = solution_text(p.steps, p.answer)
@@ -156,7 +157,7 @@ def test_a_df_step_lowers_the_wrong_token_more_than_the_others_and_grpo_spreads_
         cfg = FitConfig(data=".", model=".", out=".", objective=objective, kappa=0.0, repaired_weight=0.0)
         rows = build_rows([group], cfg)
         model.train()
-        loss, _, _, _ = micro_loss(model, prepare_micro(proc, [group], rows, cfg), cfg, [], 1.0)
+        loss, _ = micro_loss(model, Batch.from_rows(rows, cfg), cfg, proc, [], 1.0)
         loss.backward()
         with torch.no_grad():
             for prm in model.parameters():
@@ -181,7 +182,9 @@ def test_fail_advantage_puts_a_negative_advantage_on_the_root_token_of_all_fail_
     from dfgen.backends.hf import HFBackend
     from dfgen.policy import decode_image, load_policy
     from dfgen.synth.grid import make_problems, solution_text
-    from dftrain.fit import FitConfig, build_rows, micro_loss, prepare_micro
+    from dftrain.batch import Batch, build_rows
+    from dftrain.fit import FitConfig, micro_loss
+    from dftrain.loss import batch_token_weights
 
     model, proc = load_policy(sft_model)
     tok = proc.tokenizer
@@ -205,10 +208,9 @@ def test_fail_advantage_puts_a_negative_advantage_on_the_root_token_of_all_fail_
     preps = {}
     for A in (0.0, 0.7):
         cfg = FitConfig(data=".", model=".", out=".", kappa=0.1, fail_advantage=A, repaired_weight=0.0)
-        rows = build_rows(groups, cfg)
-        preps[A] = prepare_micro(proc, groups, rows, cfg)
-    adv0, adv = preps[0.0]["advantages"], preps[0.7]["advantages"]
-    w0, w = preps[0.0]["token_weights"], preps[0.7]["token_weights"]
+        batch = Batch.from_rows(build_rows(groups, cfg), cfg)
+        preps[A] = (batch.advantages, batch_token_weights(batch, cfg))
+    (adv0, w0), (adv, w) = preps[0.0], preps[0.7]
     root = torch.zeros_like(w[0])
     root[: len(groups[0]["rollouts"][0]["root_bad"])] = torch.tensor(groups[0]["rollouts"][0]["root_bad"], dtype=torch.float32)
     assert adv0[0] == 0 and adv[0] == pytest.approx(-0.7)  # the all-fail group's repaired rollout
@@ -217,8 +219,8 @@ def test_fail_advantage_puts_a_negative_advantage_on_the_root_token_of_all_fail_
     assert torch.equal(adv[2:], adv0[2:]) and torch.equal(w[2:], w0[2:])  # the mixed group: unchanged
     cfg = FitConfig(data=".", model=".", out=".", kappa=0.1, fail_advantage=0.7, repaired_weight=0.0)
     model.train()
-    only_fail = prepare_micro(proc, groups, [r for r in build_rows(groups, cfg) if r.group == 0], cfg)
-    loss, _, _, _ = micro_loss(model, only_fail, cfg, [], 1.0)
+    only_fail = Batch.from_rows(build_rows(groups[:1], cfg), cfg)
+    loss, _ = micro_loss(model, only_fail, cfg, proc, [], 1.0)
     loss.backward()  # GRPO gets no gradient from an all-fail group; this option does
     assert sum(float(p.grad.abs().sum()) for p in model.parameters() if p.grad is not None) > 0
 
@@ -311,9 +313,10 @@ def test_shards_round_trip_into_per_token_advantages_an_external_trainer_reads(d
     from datasets import Dataset
 
     from dfgen.shards import open_shards
-    from dftrain.fit import FitConfig, build_rows, prepare_micro
+    from dftrain.batch import Batch, build_rows
+    from dftrain.fit import FitConfig
     from dftrain.integrations import shard_advantages
-    from dfgen.policy import load_policy
+    from dftrain.loss import batch_token_weights
 
     ds = shard_advantages(df_shards / "m", kappa=0.1, marked="root")
     ds.to_parquet(tmp_path / "adv.parquet")
@@ -323,14 +326,11 @@ def test_shards_round_trip_into_per_token_advantages_an_external_trainer_reads(d
     assert len(ds) == sum(len(g["rollouts"]) for g in groups)
     cfg = FitConfig(data=df_shards / "m", model=sft_model, out=tmp_path / "x", kappa=0.1, marked="root",
                     repaired_weight=0.0, fail_advantage=0.0)  # the integrations carry the token weights only
-    rows = build_rows(groups, cfg)
-    _, processor = load_policy(sft_model)
     for g in groups:
-        from dfgen.policy import decode_image
-
-        g["_image"] = decode_image(g["image"])
-    prep = prepare_micro(processor, groups, rows, cfg)
-    w, adv = prep["token_weights"], prep["advantages"]
+        g["_image"] = None  # weights and advantages need no image
+    rows = build_rows(groups, cfg)
+    batch = Batch.from_rows(rows, cfg)
+    w, adv = batch_token_weights(batch, cfg), batch.advantages
     for i, r in enumerate(ds):
         n = len(r["completion_ids"])
         assert r["completion_ids"] == rows[i].token_ids

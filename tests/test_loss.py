@@ -133,8 +133,8 @@ def test_df_loss_with_masks_off_equals_grpo_golden(golden):
     B, T = inp["mask"].shape
     adv = group_advantages(inp["rewards"], inp["index"], eps=1e-6)
     w = df_token_weights(torch.zeros(B, T), inp["mask"], torch.zeros(B, dtype=torch.bool), kappa=0.1)
-    for name in ("grpo", "df-grpo"):
-        loss, _ = LOSSES[name](inp["log_prob"], inp["old_log_prob"], adv, inp["mask"], token_weights=w)
+    for fn in (grpo_loss, df_loss):
+        loss, _ = fn(inp["log_prob"], inp["old_log_prob"], adv, inp["mask"], token_weights=w)
         assert close(loss, d["verl_pg_loss[token-mean]"])
 
 
@@ -450,10 +450,12 @@ def test_grpo_ignores_weights_and_drops_repaired_rows():
     assert out == pytest.approx(float(df_kappa1))
 
 
-def test_losses_registry_shares_one_signature():
+def test_objectives_share_one_signature_logprobs_batch_cfg():
     sigs = {name: inspect.signature(fn) for name, fn in LOSSES.items()}
     assert set(sigs) == {"grpo", "df-grpo"}
-    assert len({str(s) for s in sigs.values()}) == 1
+    assert {tuple(s.parameters) for s in sigs.values()} == {("logprobs", "batch", "cfg")}
+    tensor_sigs = {str(inspect.signature(fn)) for fn in (df_loss, grpo_loss)}
+    assert len(tensor_sigs) == 1
 
 
 def test_public_signatures_are_stable():
