@@ -76,7 +76,7 @@ def main():
     for rep in range(a.reps):
         stock.append(run(GRPOTrainer, rep))
         Timed.df_s = 0.0
-        df.append(run(Timed, rep, df=DFConfig(kappa=0.1)))
+        df.append(run(Timed, rep, df=DFConfig()))
         df_part.append(Timed.df_s / a.steps)
     res = {"machine": machine(), "versions": versions(), "steps": a.steps, "reps": a.reps,
            "batch": "16 prompts x 4 generations, max_completion_length 64",

@@ -38,6 +38,8 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
+from dftrain.settings import MARKED_MODES, MASS_MODES, DFWeights
+
 T975 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26, 10: 2.23,
         11: 2.20, 12: 2.18, 13: 2.16, 14: 2.14, 15: 2.13}
 
@@ -176,9 +178,9 @@ def main():
     ap.add_argument("--prompts-per-round", type=int, default=64)
     ap.add_argument("--group-size", type=int, default=8)
     ap.add_argument("--fit-steps", type=int, default=8)
-    ap.add_argument("--kappa", type=float, default=0.1)
-    ap.add_argument("--marked", default="root", choices=["root", "root+prop", "edit"])
-    ap.add_argument("--mass", default="keep", choices=["keep", "redistribute"])
+    ap.add_argument("--kappa", type=float, default=DFWeights.kappa)
+    ap.add_argument("--marked", default=DFWeights.marked, choices=MARKED_MODES)
+    ap.add_argument("--mass", default=DFWeights.mass, choices=MASS_MODES)
     ap.add_argument("--repaired-weight", type=float, default=0.0)
     ap.add_argument("--fail-advantage", type=float, default=0.0)
     ap.add_argument("--kappa-rep", type=float, default=0.0)

@@ -26,6 +26,7 @@ Lr = Annotated[float, typer.Option(help="Learning rate (AdamW, constant; carried
 Kappa = Annotated[float, typer.Option(help="DF weight of unmarked tokens of a repaired failed rollout.")]
 Marked = Annotated[str, typer.Option(help="Which tokens DF marks: root (first edit), root+prop, edit (all edits).")]
 Mass = Annotated[str, typer.Option(help="keep or redistribute the failed rollout's blame.")]
+Delta = Annotated[float, typer.Option(help="root+prop: weight of later edited tokens.")]
 RepairedWeight = Annotated[float, typer.Option(help="Advantage of repaired samples (0 = off).")]
 KappaRep = Annotated[float, typer.Option(help="Weight of unedited tokens of repaired samples.")]
 FailAdvantage = Annotated[float, typer.Option(help=(
@@ -120,7 +121,7 @@ def fit(
     lr: Lr = _Fit.lr,
     kappa: Kappa = _Fit.kappa,
     marked: Marked = _Fit.marked,
-    delta: float = typer.Option(_Fit.delta, help="root+prop: weight of later edited tokens."),
+    delta: Delta = _Fit.delta,
     mass: Mass = _Fit.mass,
     repaired_weight: RepairedWeight = _Fit.repaired_weight,
     policy_loss: PolicyLoss = _Fit.policy_loss,
@@ -183,6 +184,7 @@ def loop(
     lr: Lr = _Loop.lr,
     kappa: Kappa = _Loop.kappa,
     marked: Marked = _Loop.marked,
+    delta: Delta = _Loop.delta,
     mass: Mass = _Loop.mass,
     repaired_weight: RepairedWeight = _Loop.repaired_weight,
     kappa_rep: KappaRep = _Loop.kappa_rep,
@@ -217,7 +219,7 @@ def loop(
     cfg = LoopConfig(model=model, out=out, rounds=rounds, objective=objective, prompts=prompts,
                      prompts_per_round=prompts_per_round, task=task_knobs, group_size=group_size, fit_steps=fit_steps,
                      groups_per_step=groups_per_step, updates_per_batch=updates_per_batch, lr=lr, kappa=kappa,
-                     marked=marked, mass=mass, repaired_weight=repaired_weight, kappa_rep=kappa_rep,
+                     marked=marked, delta=delta, mass=mass, repaired_weight=repaired_weight, kappa_rep=kappa_rep,
                      fail_advantage=fail_advantage, policy_loss=policy_loss,
                      clip_high=clip_high, dual_clip=dual_clip, repairer=repairer, repair_model=repair_model,
                      carry_optimizer=carry_optimizer, eval=[str(e) for e in eval], eval_n=eval_n,

@@ -158,11 +158,6 @@ def run_eval(backend, records: list[dict], bench: str = "synth", max_new_tokens:
     return results
 
 
-def greedy_accuracy(model, processor, data: Path, limit: int | None = 200, max_new_tokens: int | None = None) -> float:
-    """Held-out greedy exact-match accuracy of an in-memory policy on a synthetic prompt set."""
-    return greedy_profile(model, processor, data, limit, max_new_tokens)["accuracy"]
-
-
 def greedy_profile(model, processor, data: Path, limit: int | None = 200, max_new_tokens: int | None = None,
                    items: bool = False) -> dict:
     """Greedy accuracy plus ``steps_right``: the share whose every step matches the canonical

@@ -47,10 +47,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dfgen.errors import UserError
+from dftrain.settings import DFWeights
 
 
-@dataclass
-class FitConfig:
+@dataclass(kw_only=True)
+class FitConfig(DFWeights):
+    """``dftrain fit``'s settings; DF's token-weight settings (kappa, marked, delta, mass,
+    repaired_weight, kappa_rep, fail_advantage) are inherited from ``dftrain.settings.DFWeights``."""
+
     data: Path  # DF shards (dfgen mask output); sample shards suffice for --objective grpo
     model: Path  # policy to train (HF folder); normally the checkpoint that sampled the shards
     out: Path  # output folder: final model + step_* checkpoints + metrics.jsonl
@@ -70,14 +74,6 @@ class FitConfig:
     adv_scale: str = "group"  # group (GRPO) | batch (TRL scale_rewards="batch") | none (Dr. GRPO)
     agg: str = "token-mean"  # token-mean | seq-mean-token-mean | seq-mean-token-sum | seq-mean-token-sum-norm
     beta: float = 0.0  # k3 KL to the frozen initial policy; 0 = no reference model loaded
-    kappa: float = 0.1  # DF weight of unmarked tokens of a repaired failed rollout (1 = GRPO)
-    marked: str = "root"  # root | root+prop | edit (docs/RESULTS.md 3e-3f: root beats edit)
-    delta: float = 0.5  # root+prop: weight of edited tokens after the root cause
-    mass: str = "keep"  # keep | redistribute
-    # the two defaults below were chosen on val by the study (docs/RESULTS.md, "DF's weight options re-screened"):
-    repaired_weight: float = 1.0  # A_plus of repaired samples (credit on their corrected tokens); 0 = not used
-    kappa_rep: float = 0.0  # weight of unedited tokens of a repaired sample
-    fail_advantage: float = 1.0  # A: advantage -A on the root token of repaired rollouts in all-fail groups; 0 = off
     rep_in_denominator: bool = False  # repaired tokens count in the token-mean denominator
     dedup_repaired: bool = True  # one copy of each distinct repaired trajectory per group
     buffer_size: int = 256  # shuffle buffer (groups)
@@ -94,7 +90,7 @@ class FitConfig:
     threads: int = 0
 
     def validate(self):
-        from dftrain.loss import ADV_SCALES, AGG_MODES, MARKED_MODES, MASS_MODES, OBJECTIVES, POLICY_LOSSES, check_surrogate
+        from dftrain.loss import ADV_SCALES, AGG_MODES, OBJECTIVES, POLICY_LOSSES, check_surrogate
 
         if self.policy_loss not in POLICY_LOSSES:
             raise UserError(f"--policy-loss must be one of {', '.join(POLICY_LOSSES)}, got {self.policy_loss!r}")
@@ -108,10 +104,7 @@ class FitConfig:
                   (self.steps > 0 and self.groups_per_step > 0 and self.micro_batch > 0, "sizes must be positive"),
                   (self.grad_accum > 0 and self.updates_per_batch > 0, "sizes must be positive"),
                   (self.lr > 0, "--lr must be positive"), (self.agg in AGG_MODES, f"--agg must be one of {AGG_MODES}"),
-                  (self.marked in MARKED_MODES, f"--marked must be one of {MARKED_MODES}"),
-                  (self.mass in MASS_MODES, f"--mass must be one of {MASS_MODES}"),
-                  (-1 <= self.kappa <= 1, "--kappa must be in [-1, 1]"),
-                  (self.fail_advantage >= 0, "--fail-advantage must be >= 0 (it is the size of a negative advantage)"),
+                  (self.check_weights() is None, self.check_weights()),
                   (self.adv_scale in ADV_SCALES, f"--adv-scale must be one of {', '.join(ADV_SCALES)}"),
                   (self.dtype in ("float32", "bfloat16"), "--dtype must be float32 or bfloat16")]
         for ok, msg in checks:

@@ -33,14 +33,16 @@ from dfgen.errors import UserError
 from dfgen.repair import RepairConfig as _Repair
 from dfgen.sample import SampleConfig as _Sample
 from dftrain.fit import FitConfig as _Fit
+from dftrain.settings import DFWeights
 
 
-@dataclass
-class LoopConfig:
-    """The loop's own settings, then those it hands to each stage. A setting that is also a
-    ``SampleConfig``/``RepairConfig``/``FitConfig`` field takes that class's default (one source),
-    except ``updates_per_batch``: 2 here (two PPO epochs per round, as every study loop ran), 1 in a
-    single ``dftrain fit``."""
+@dataclass(kw_only=True)
+class LoopConfig(DFWeights):
+    """The loop's own settings, then those it hands to each stage. DF's weight settings are
+    ``dftrain.settings.DFWeights``'s fields (inherited, as ``FitConfig``'s), handed to every round's fit.
+    A setting that is also a ``SampleConfig``/``RepairConfig``/``FitConfig`` field takes that class's
+    default (one source), except ``updates_per_batch``: 2 here (two PPO epochs per round, as every
+    study loop ran), 1 in a single ``dftrain fit``."""
 
     model: Path  # starting policy (e.g. dftrain sft output)
     out: Path
@@ -61,12 +63,6 @@ class LoopConfig:
     groups_per_step: int = _Fit.groups_per_step
     updates_per_batch: int = 2
     lr: float = _Fit.lr
-    kappa: float = _Fit.kappa
-    marked: str = _Fit.marked
-    mass: str = _Fit.mass
-    repaired_weight: float = _Fit.repaired_weight
-    kappa_rep: float = _Fit.kappa_rep
-    fail_advantage: float = _Fit.fail_advantage
     policy_loss: str = _Fit.policy_loss
     clip_high: float = _Fit.clip_high
     dual_clip: float | None = _Fit.dual_clip
@@ -89,11 +85,7 @@ class LoopConfig:
         from dftrain.fit import FitConfig
 
         # the objective's settings are checked by the trainer's own rules before round 0 samples anything
-        FitConfig(data=Path("."), model=Path("."), out=Path("."), objective=self.objective,
-                  groups_per_step=self.groups_per_step, updates_per_batch=self.updates_per_batch, lr=self.lr,
-                  kappa=self.kappa, marked=self.marked, mass=self.mass, fail_advantage=self.fail_advantage,
-                  policy_loss=self.policy_loss,
-                  clip_high=self.clip_high, dual_clip=self.dual_clip).validate()
+        FitConfig(data=Path("."), model=Path("."), out=Path("."), **_fit_settings(self)).validate()
         from dataclasses import fields
 
         from dfgen.synth.grid import GridTask
@@ -106,6 +98,15 @@ class LoopConfig:
             GridTask(**self.task).validate()
         except (TypeError, ValueError) as e:
             raise UserError(f"--task: {e}") from None
+
+
+# what a round's fit takes from the loop: DF's weights and these
+FIT_SETTINGS = ("objective", "groups_per_step", "updates_per_batch", "lr", "policy_loss", "clip_high", "dual_clip",
+                "seed")
+
+
+def _fit_settings(cfg: LoopConfig) -> dict:
+    return {k: getattr(cfg, k) for k in (*DFWeights.__dataclass_fields__, *FIT_SETTINGS)}
 
 
 def _jsonable(cfg: LoopConfig) -> dict:
@@ -139,7 +140,8 @@ def _round_prompts(cfg: LoopConfig, r: int, dst: Path):
 
 
 # what a loop ran with before the field existed (a loop.json written then lacks the key)
-BEFORE_FIELD = {"kappa_rep": 0.0, "fail_advantage": 0.0, "repair_model": None}
+BEFORE_FIELD = {"kappa_rep": 0.0, "fail_advantage": 0.0, "repair_model": None,
+                "delta": 0.5}  # delta: fit's default, which every round used before the loop passed it
 
 
 def _check_resumable(cfg: LoopConfig, state_f: Path, out: Path) -> None:
@@ -184,14 +186,9 @@ def _fit_round(cfg: LoopConfig, rd: Path, data: Path, policy: Path, prev_fit, r:
     if (rd / "fit").exists() and done_info(rd / "fit") is None:
         shutil.rmtree(rd / "fit")
     if done_info(rd / "fit") is None:
-        res = run_fit(FitConfig(data=data, model=policy, out=rd / "fit", objective=cfg.objective,
-                                steps=cfg.fit_steps, groups_per_step=cfg.groups_per_step,
-                                updates_per_batch=cfg.updates_per_batch, lr=cfg.lr, kappa=cfg.kappa,
-                                marked=cfg.marked, mass=cfg.mass, repaired_weight=cfg.repaired_weight,
-                                kappa_rep=cfg.kappa_rep, fail_advantage=cfg.fail_advantage,
-                                policy_loss=cfg.policy_loss, clip_high=cfg.clip_high, dual_clip=cfg.dual_clip,
-                                optimizer_from=prev_fit if cfg.carry_optimizer else None,
-                                seed=cfg.seed * 1000 + r), log=lambda m: None)
+        res = run_fit(FitConfig(data=data, model=policy, out=rd / "fit", steps=cfg.fit_steps,
+                                **(_fit_settings(cfg) | {"seed": cfg.seed * 1000 + r}),
+                                optimizer_from=prev_fit if cfg.carry_optimizer else None), log=lambda m: None)
         rec["fit_loss_mean"] = sum(res["losses"]) / len(res["losses"])
     rec["seconds"]["fit"] = round(time.time() - t2, 2)
 

@@ -128,8 +128,7 @@ from torch import Tensor
 
 ADV_SCALES = ("group", "batch", "none")
 AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
-MARKED_MODES = ("edit", "root", "root+prop")
-MASS_MODES = ("keep", "redistribute")
+from dftrain.settings import MARKED_MODES, MASS_MODES  # noqa: E402  (declared with DF's settings)
 SAPO_TAU = (1.0, 1.05)  # (tau_pos, tau_neg): the SAPO paper's and TRL's defaults
 LOG_RATIO_CLAMP = 20.0  # as verl: exp(20) is finite, so padding never produces inf * 0 = NaN
 

@@ -35,7 +35,7 @@ def main():
                       max_steps=a.steps, learning_rate=1e-4, beta=0.0, use_cpu=True, bf16=False, report_to="none",
                       logging_steps=1, save_strategy="no")
     trainer = DFGRPOTrainer(model=model, reward_funcs=reward, args=args, train_dataset=ds, processing_class=processor,
-                            df=DFConfig(kappa=0.1, marked="root"), repairer="oracle")  # DF: the two extra arguments
+                            df=DFConfig(), repairer="oracle")  # DF: the two extra arguments
     trainer.train()
     # trainer.save_model(a.out) for a hub Qwen2-VL; the tiny policy's processor has no video processor to save
     trainer.model.save_pretrained(a.out, safe_serialization=True)

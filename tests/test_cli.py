@@ -175,3 +175,34 @@ def test_the_fit_defaults_are_the_study_variant_the_demo_cites():
     res = json.loads((STUDY / "options" / "options.json").read_text())
     assert len(res["variants"][DEFAULT_VARIANT]["seeds"]) >= 8
     assert res["ranked_on_val"][0][0] == DEFAULT_VARIANT  # chosen on val, not on test
+
+
+def test_df_settings_are_declared_once_and_reach_every_consumer():
+    """DFWeights is the one declaration: fit and loop inherit it (every field an option of both
+    commands, with its default), the loop hands every field to its rounds' fit, and the TRL, verl and
+    shard-export integrations default to it."""
+    import dataclasses
+    import importlib
+    import inspect
+
+    import typer
+
+    from dftrain.fit import FitConfig
+    from dftrain.integrations import shard_advantages
+    from dftrain.loop import LoopConfig, _fit_settings
+    from dftrain.settings import DFWeights
+
+    names = [f.name for f in dataclasses.fields(DFWeights)]
+    assert issubclass(FitConfig, DFWeights) and issubclass(LoopConfig, DFWeights)
+    cmds = typer.main.get_command(importlib.import_module("dftrain.cli").app).commands
+    for cmd in ("fit", "loop"):
+        params = {p.name: p for p in cmds[cmd].params}
+        for n in names:
+            assert n in params and params[n].default == getattr(DFWeights, n), (cmd, n)
+    odd = LoopConfig(model=".", out=".", **{n: (0.3 if isinstance(getattr(DFWeights, n), float) else getattr(DFWeights, n))
+                                            for n in names})
+    handed = _fit_settings(odd)
+    assert all(handed[n] == getattr(odd, n) for n in names)
+    for n, p in inspect.signature(shard_advantages).parameters.items():
+        if n in names:
+            assert p.default == getattr(DFWeights, n), n

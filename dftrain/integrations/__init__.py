@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 
+from dftrain.settings import DFWeights
+
 
 TRL_NON_DATA_KEYS = ("prompts", "completion_ids", "trainer_state", "log_extra", "log_metric")
 
@@ -71,13 +73,15 @@ def repair_masks(tokenizer, rows: list[dict], completion_ids, lengths: list[int]
     return mask_bad, root, repaired, stats
 
 
-def shard_advantages(data, kappa: float = 0.1, marked: str = "root", delta: float = 0.5, mass: str = "keep",
-                     adv_scale: str = "group"):
+def shard_advantages(data, kappa: float = DFWeights.kappa, marked: str = DFWeights.marked,
+                     delta: float = DFWeights.delta, mass: str = DFWeights.mass, adv_scale: str = "group"):
     """A DF shard set (``dfgen mask`` output) as a ``datasets.Dataset`` an external trainer consumes:
     one row per rollout with ``id``, ``question``, ``prompt_ids``, ``completion_ids``, ``logprobs``
     (behaviour), ``reward``, ``advantage`` (GRPO's, per group over the rollouts) and ``token_weights`` /
     ``token_advantages`` (lists of the completion's length: ``dftrain.loss.df_token_weights`` with these
-    settings, and advantage x weight), exactly what ``dftrain fit --objective df-grpo`` trains on."""
+    settings, and advantage x weight): what ``dftrain fit --objective df-grpo`` trains on with
+    ``--repaired-weight 0 --fail-advantage 0``, the token weights alone (fit's defaults also add the
+    repaired samples and the all-fail blame, which this export does not carry)."""
     from pathlib import Path
 
     import torch

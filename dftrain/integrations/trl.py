@@ -5,7 +5,7 @@ the script (model, reward functions, ``GRPOConfig``, dataset) stays as it is::
 
     from dftrain.integrations.trl import DFConfig, DFGRPOTrainer
     trainer = DFGRPOTrainer(model=model, reward_funcs=reward, args=GRPOConfig(...), train_dataset=ds,
-                            processing_class=processor, df=DFConfig(kappa=0.1, marked="root"), repairer="oracle")
+                            processing_class=processor, df=DFConfig(), repairer="oracle")
 
 What happens to each generation batch, after TRL has generated, scored and computed its advantages:
 
@@ -44,16 +44,20 @@ import torch
 from trl import GRPOTrainer
 
 from dftrain.integrations import repair_masks, resolve_repairer
+from dftrain.settings import DFWeights
 
 TOKEN_LEVEL_LOSSES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo")
 
 
 @dataclass(frozen=True)
 class DFConfig:
-    kappa: float = 0.1  # weight of the unmarked tokens of a repaired failed completion (1 = GRPO)
-    marked: str = "root"  # root | root+prop | edit, as dftrain fit
-    delta: float = 0.5  # root+prop: weight of the later edited tokens
-    mass: str = "keep"  # keep | redistribute
+    """The DF token-weight settings this trainer carries, with ``dftrain fit``'s defaults
+    (``dftrain.settings.DFWeights``). Repaired samples and all-fail blame are not carried yet."""
+
+    kappa: float = DFWeights.kappa  # weight of the unmarked tokens of a repaired failed completion (1 = GRPO)
+    marked: str = DFWeights.marked  # root | root+prop | edit, as dftrain fit
+    delta: float = DFWeights.delta  # root+prop: weight of the later edited tokens
+    mass: str = DFWeights.mass  # keep | redistribute
 
 
 def check_trl_args(args) -> None:

@@ -12,7 +12,7 @@ per-token advantages, exactly as with our trainer.
 Two ways in, a few lines each in a verl trainer's fit loop (where ``compute_advantage`` is called):
 
     from dftrain.integrations.verl import compute_df_advantage, df_weights_for_batch
-    batch.batch["df_weights"] = df_weights_for_batch(batch, tokenizer, repairer="oracle", kappa=0.1)
+    batch.batch["df_weights"] = df_weights_for_batch(batch, tokenizer, repairer="oracle")
     batch = compute_df_advantage(batch, norm_adv_by_std_in_grpo=True)    # instead of compute_advantage
 
 or, with ``algorithm.adv_estimator=df_grpo``, call the registered estimator with the extra key
@@ -32,6 +32,7 @@ import torch
 from verl.trainer.ppo import core_algos
 
 from dftrain.integrations import repair_masks, resolve_repairer
+from dftrain.settings import DFWeights
 
 
 @core_algos.register_adv_est("df_grpo")
@@ -61,8 +62,9 @@ def blamed_rows(scores: torch.Tensor, index) -> list[bool]:
     return out
 
 
-def df_weights_for_batch(data, tokenizer, repairer="oracle", kappa: float = 0.1, marked: str = "root",
-                         delta: float = 0.5, mass: str = "keep") -> torch.Tensor:
+def df_weights_for_batch(data, tokenizer, repairer="oracle", kappa: float = DFWeights.kappa,
+                         marked: str = DFWeights.marked, delta: float = DFWeights.delta,
+                         mass: str = DFWeights.mass) -> torch.Tensor:
     """DF token weights (B, T) for a verl ``DataProto`` after the rewards: ``responses``,
     ``response_mask`` (or ``attention_mask``'s response part) and ``token_level_rewards`` from
     ``data.batch``, the group ``uid`` and the repairer's columns from ``data.non_tensor_batch``."""
