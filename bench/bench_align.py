@@ -10,7 +10,7 @@ The pairs are split into chunks and each chunk is timed for all methods back to 
 spike on a shared machine hits every method alike; the whole pass is repeated --repeat times and
 each method's fastest pass is reported (timeit's convention).
 
-    python bench/bench_align.py --pairs 10000 --length 300 --edit-rate 0.1 --seed 0 --json docs/bench_align.json
+    python -m bench.bench_align --pairs 10000 --length 300 --edit-rate 0.1 --seed 0 --json docs/bench_align.json
 """
 
 from __future__ import annotations
@@ -21,20 +21,15 @@ import json
 import os
 import platform
 import random
-import sys
 import time
 from pathlib import Path
 
 import rapidfuzz
 from rapidfuzz.distance import Levenshtein
 
-from _env import versions
+from bench._env import versions
 
-try:
-    from dfgen.align import align
-except ImportError:  # run from a checkout without `pip install -e .`
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from dfgen.align import align
+from dfgen.align import align
 
 
 def make_pairs(n: int, length: int, edit_rate: float, vocab: int, seed: int) -> list[tuple[list[int], list[int]]]:

@@ -10,8 +10,8 @@ pass of each is reported. Tokens are those actually generated (EOS ends a sample
 untrained tiny model rarely emits it, so nearly every sample runs to --max-new-tokens).
 vLLM start-up (engine process, model load, profiling) is reported separately, not in tok/s.
 
-    VLLM_CPU_KVCACHE_SPACE=1 .venv-vllm/bin/python bench/bench_backends.py            # tiny model
-    VLLM_CPU_KVCACHE_SPACE=1 .venv-vllm/bin/python bench/bench_backends.py --model runs/sft --json out.json
+    VLLM_CPU_KVCACHE_SPACE=1 .venv-vllm/bin/python -m bench.bench_backends            # tiny model
+    VLLM_CPU_KVCACHE_SPACE=1 .venv-vllm/bin/python -m bench.bench_backends --model runs/sft --json out.json
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _env import versions
+from bench._env import versions
 
 
 def main(argv=None) -> int:
@@ -45,7 +45,8 @@ def main(argv=None) -> int:
     from dfgen.backends import Prompt, SamplingConfig
     from dfgen.backends.hf import HFBackend
     from dfgen.backends.vllm import VLLMBackend
-    from dfgen.policy import build_tiny, decode_image
+    from dfgen.images import decode_image
+    from dfgen.tiny import build_tiny
     from dfgen.seeds import sample_seed
     from dfgen.synth.grid import make_problems
 

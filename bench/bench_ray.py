@@ -4,7 +4,7 @@ workers started by hand as two processes, same prompts, same model, same output 
 On a 2-core machine neither can be faster than the other (both use the two cores); the ratio says
 what scheduling through Ray costs (starting its worker processes, importing the stage there).
 
-Run: python bench/bench_ray.py [--prompts 64] [--json out.json]
+Run: python -m bench.bench_ray [--prompts 64] [--json out.json]
 """
 import argparse
 import json
@@ -15,7 +15,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _env import machine, versions
+from bench._env import machine, versions
 
 
 def sample_args(d: Path, out: Path, n: int) -> list[str]:
@@ -31,7 +31,7 @@ def main():
     a = ap.parse_args()
     import ray
 
-    from dfgen.policy import build_tiny
+    from dfgen.tiny import build_tiny
     from dfgen.synth.grid import write_synth
 
     d = Path(tempfile.mkdtemp())

@@ -8,7 +8,7 @@ the baseline). Prints tok/s per batch size and the ratio; checks that both drew 
 Then the shape ``dfgen sample`` runs: 8 prompts x 8 samples (group size 8) in one batch of 64,
 where the fast path renders and prefills each prompt once for its 8 samples.
 
-Run: python bench/bench_sample.py [--repeats 3] [--json out.json]
+Run: python -m bench.bench_sample [--repeats 3] [--json out.json]
 """
 import argparse
 import json
@@ -17,7 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _env import machine, versions
+from bench._env import machine, versions
 
 
 def main():
@@ -34,7 +34,8 @@ def main():
     torch.set_num_threads(2)
     from dfgen.backends import Prompt, SamplingConfig
     from dfgen.backends.hf import HFBackend
-    from dfgen.policy import build_tiny, decode_image
+    from dfgen.images import decode_image
+    from dfgen.tiny import build_tiny
     from dfgen.synth.grid import make_problems
 
     d = Path(tempfile.mkdtemp())

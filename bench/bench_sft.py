@@ -8,7 +8,7 @@ so a load spike on a shared machine hits all alike; the median seconds per step 
 * ``default``: prompts encoded once (``dftrain.sft.encode_examples``), the tower frozen: what
   ``dftrain sft`` does now.
 
-Run: ``python bench/bench_sft.py --json docs/bench_sft.json``
+Run: ``python -m bench.bench_sft --json docs/bench_sft.json``
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _env import versions
+from bench._env import versions
 
 
 def main(argv=None) -> int:
@@ -36,7 +36,9 @@ def main(argv=None) -> int:
         ap.error("--steps and --rounds must be positive")
     import torch
 
-    from dfgen.policy import build_tiny, decode_image, load_policy
+    from dfgen.images import decode_image
+    from dfgen.policy import load_policy
+    from dfgen.tiny import build_tiny
     from dfgen.records import load_prompts
     from dfgen.synth.grid import write_synth
     from dftrain.sft import _param_groups, encode_examples, encoded_loss, sft_loss

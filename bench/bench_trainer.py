@@ -8,7 +8,7 @@ times ``dftrain.fit`` steps (8 groups x 8 rollouts, 2 updates per batch, as the 
 shared/notes) for each objective, interleaved, and streams the shards through ``GroupStream``
 alone. Peak RSS of the loader with 1x and 10x the shards is measured in subprocesses.
 
-Run: python bench/bench_trainer.py [--steps 10] [--policy-losses ppo,gspo,sapo,cispo] [--json out.json]
+Run: python -m bench.bench_trainer [--steps 10] [--policy-losses ppo,gspo,sapo,cispo] [--json out.json]
 """
 import argparse
 import json
@@ -21,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _env import machine, versions
+from bench._env import machine, versions
 
 
 def _copies(src: Path, dst: Path, copies: int) -> None:
@@ -70,7 +70,7 @@ def make_df_shards(d: Path, sft_steps: int = 300, prompts: int = 96) -> None:
     """The real pipeline in miniature under ``d``: synth -> tiny -> SFT (``d/sft``) -> sample 8 per
     prompt (``d/s``) -> oracle repair (``d/r``) -> mask (``d/m``)."""
     from dfgen.mask import MaskConfig, run_mask
-    from dfgen.policy import build_tiny
+    from dfgen.tiny import build_tiny
     from dfgen.repair import RepairConfig, run_repair
     from dfgen.sample import SampleConfig, run_sample
     from dfgen.synth.grid import write_synth
@@ -94,7 +94,8 @@ def df_cost_direct(d: Path, losses: list, extra: dict, med: dict, reps: int = 30
 
     import torch
 
-    from dfgen.policy import decode_image, load_policy
+    from dfgen.images import decode_image
+    from dfgen.policy import load_policy
     from dfgen.shards import open_shards
     from dftrain.data import GroupStream
     from dftrain.batch import Batch, build_rows

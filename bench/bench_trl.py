@@ -20,7 +20,7 @@ over the unsuppressed tokens (the sampling distribution), TRL scores the full vo
 they should point the same way but need not match exactly.
 
 Needs the bench extra: ``pip install -e '.[bench]'`` (trl==1.16.0).
-Run: python bench/bench_trl.py [--reps 12] [--json out.json]
+Run: python -m bench.bench_trl [--reps 12] [--json out.json]
 """
 import argparse
 import copy
@@ -33,9 +33,8 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _env import versions  # noqa: E402 - beside this file
+from bench._env import versions
 
 
 def trl_inputs(processor, groups, rows):
@@ -79,8 +78,9 @@ def main():
         sys.exit("bench_trl: trl is not installed; pip install -e '.[bench]'")
     from datasets import Dataset
 
-    from bench_trainer import make_df_shards
-    from dfgen.policy import decode_image, load_policy, suppress_ids
+    from bench.bench_trainer import make_df_shards
+    from dfgen.images import decode_image
+    from dfgen.policy import load_policy, suppress_ids
     from dfgen.shards import open_shards
     from dftrain.data import GroupStream
     from dftrain.batch import Batch, build_rows

@@ -5,19 +5,17 @@ time against stock ``GRPOTrainer`` on the same data, interleaved in one run.
 The policy is the pipeline's miniature (``bench_trainer.make_df_shards``: tiny Qwen2-VL, a short
 SFT), the data 16 synthetic prompts x 4 generations per step, ``max_completion_length`` 64.
 
-Run: python bench/bench_trl_df.py [--steps 6] [--json out.json]
+Run: python -m bench.bench_trl_df [--steps 6] [--json out.json]
 """
 import argparse
 import json
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _env import machine, versions  # noqa: E402 - beside this file
+from bench._env import machine, versions
 from dftrain.integrations import answer_reward as reward  # noqa: E402 - light (no trl, no torch)
 
 
@@ -33,8 +31,9 @@ def main():
     from datasets import Dataset
     from trl import GRPOConfig, GRPOTrainer
 
-    from bench_trainer import make_df_shards
-    from dfgen.policy import decode_image, load_policy
+    from bench.bench_trainer import make_df_shards
+    from dfgen.images import decode_image
+    from dfgen.policy import load_policy
     from dfgen.records import load_prompts
     from dftrain.integrations.trl import DFConfig, DFGRPOTrainer
 

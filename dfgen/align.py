@@ -63,7 +63,7 @@ the next character; a newline that ends the text starts no step, so trailing "" 
 decoded without special tokens) stay in the last step.
 
 Pure Python + rapidfuzz, deterministic. Pass lists, not numpy arrays (rapidfuzz is ~7x slower on
-numpy ints); `align` converts arrays with `.tolist()`. Speed (`python bench/bench_align.py`, 10k
+numpy ints); `align` converts arrays with `.tolist()`. Speed (`python -m bench.bench_align`, 10k
 pairs of 300 tokens, 10% edits, 2-core x86_64): align 47 us/pair, 1.4x bare rapidfuzz opcodes and
 17x faster than difflib.SequenceMatcher(autojunk=False).
 Tests: `python -m pytest tests/test_align.py -q`.

@@ -11,8 +11,9 @@ nothing is extracted (the format is part of the task). ``score(record, text)`` r
 * ``text``/``list``: whitespace- and case-normalised string equality.
 
 Model text is only ever parsed (regular expressions, ``int``/``float``), never evaluated.
-Benchmark scorers (``dfgen.benchmarks``) extend this with their official rules; the sampler
-uses them through ``score`` when a record's ``source`` names a benchmark.
+Benchmark scorers (``dfgen.benchmarks``) extend this with their official rules; the stages
+reward a rollout through ``dfgen.benchmarks.reward``, which picks the record's benchmark scorer
+or this exact match.
 """
 from __future__ import annotations
 
@@ -62,15 +63,6 @@ def equal(pred: str | None, record: dict) -> bool:
 
 
 def score(record: dict, text: str) -> tuple[str | None, float]:
-    """(extracted prediction, reward in {0, 1})."""
-    src = record.get("source")
-    if src and src not in ("synth", None):
-        try:
-            from dfgen.benchmarks import get_benchmark
-
-            res = get_benchmark(src).score(record, text)
-            return res.get("prediction"), float(bool(res.get("correct")))
-        except (ImportError, KeyError):
-            pass
+    """(extracted prediction, reward in {0, 1}) by exact match of the last ``Answer:`` line."""
     pred = extract(text)
     return pred, float(equal(pred, record))

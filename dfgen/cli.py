@@ -7,6 +7,7 @@ command bodies so ``--help`` is instant.
 """
 from __future__ import annotations
 
+import inspect
 import json
 from enum import Enum
 from pathlib import Path
@@ -17,8 +18,15 @@ from dfgen.backends import BackendName as Backend
 from dfgen.console import progress_bar, quiet_hf
 from dfgen.errors import UserError, cli_errors
 from dfgen.repair import RepairConfig as _Repair  # light modules: the configs are the one source of defaults
-from dfgen.repairers import REPAIRERS
+from dfgen.repairers import RepairerName
 from dfgen.sample import SampleConfig as _Sample
+from dfgen.mask import MaskConfig as _Mask
+from dfgen.synth.grid import GridTask as _Task
+from dfgen.synth.grid import write_synth as _write_synth
+from dfgen.tiny import build_tiny as _build_tiny
+
+_TINY = inspect.signature(_build_tiny).parameters  # `dfgen tiny`'s defaults are build_tiny's
+_SYNTH = inspect.signature(_write_synth).parameters  # `dfgen synth`'s: write_synth's and GridTask's
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
                   help="Differential Feedback data generation: sample GRPO groups, repair failures, "
@@ -38,24 +46,22 @@ class Split(str, Enum):
 def synth(
     out: Path = typer.Option(..., help="Output folder for the prompt shards."),
     n: int = typer.Option(..., help="Number of problems."),
-    seed: int = typer.Option(0, help="Chooses which problems of the split are drawn."),
-    split: Split = typer.Option(Split.train, help="train, val and test never share a problem."),
-    grid: int = typer.Option(3, help="Cells per side (2-4): 56-112 px images, one image token per cell."),
-    min_reads: int = typer.Option(2, help="Fewest colours read per question (one step each)."),
-    max_reads: int = typer.Option(3, help="Most colours read per question."),
-    colors: int = typer.Option(4, help="Palette size (2-5)."),
-    max_count: int = typer.Option(3, help="Most cells of one colour."),
-    ops: str = typer.Option("+", help="Operators to draw from: '+', '+-', '+-*' ('*' is times; operators fold left to right)."),
+    seed: int = typer.Option(_SYNTH["seed"].default, help="Chooses which problems of the split are drawn."),
+    split: Split = typer.Option(_SYNTH["split"].default, help="train, val and test never share a problem."),
+    grid: int = typer.Option(_Task.grid, help="Cells per side (2-4): 56-112 px images, one image token per cell."),
+    min_reads: int = typer.Option(_Task.min_reads, help="Fewest colours read per question (one step each)."),
+    max_reads: int = typer.Option(_Task.max_reads, help="Most colours read per question."),
+    colors: int = typer.Option(_Task.colors, help="Palette size (2-5)."),
+    max_count: int = typer.Option(_Task.max_count, help="Most cells of one colour."),
+    ops: str = typer.Option(_Task.ops, help="Operators to draw from: '+', '+-', '+-*' ('*' is times; operators fold left to right)."),
 ):
     """Synthetic visual-reasoning prompts (count colours on a grid, then add them up).
 
     Example: dfgen synth --out runs/train --n 1000 --seed 0 --split train
     """
-    from dfgen.synth.grid import GridTask, write_synth
-
-    task = GridTask(grid=grid, min_reads=min_reads, max_reads=max_reads, colors=colors,
+    task = _Task(grid=grid, min_reads=min_reads, max_reads=max_reads, colors=colors,
                     max_count=max_count, ops=ops)
-    write_synth(out, n, seed, split.value, task)
+    _write_synth(out, n, seed, split.value, task)
     typer.echo(f"wrote {n} {split.value} problems to {out}")
 
 
@@ -63,20 +69,19 @@ def synth(
 @cli_errors
 def tiny(
     out: Path = typer.Option(..., help="Output folder (a standard Hugging Face model folder)."),
-    seed: int = typer.Option(0, help="Weight initialisation and tokenizer corpus seed."),
-    hidden: int = typer.Option(128, help="Hidden size (128 gives ~0.8M parameters; 256 with --layers 4 ~5M)."),
-    layers: int = typer.Option(2, help="Decoder layers."),
+    seed: int = typer.Option(_TINY["seed"].default, help="Weight initialisation and tokenizer corpus seed."),
+    hidden: int = typer.Option(_TINY["hidden"].default, help="Hidden size (128 gives ~0.8M parameters; 256 with "
+                               "--layers 4 ~5M)."),
+    layers: int = typer.Option(_TINY["layers"].default, help="Decoder layers."),
 ):
     """Build the tiny Qwen2-VL policy offline (tokenizer, processor, random weights).
 
     Example: dfgen tiny --out runs/tiny
     """
     quiet_hf()
-    from dfgen.policy import build_tiny
-
     if hidden % 64 or hidden <= 0 or layers <= 0:
         raise UserError("--hidden must be a positive multiple of 64 and --layers positive")
-    p = build_tiny(out, seed=seed, hidden=hidden, layers=layers)
+    p = _build_tiny(out, seed=seed, hidden=hidden, layers=layers)
     typer.echo(f"built tiny policy in {p}")
 
 
@@ -106,7 +111,7 @@ def sample(
     prompts: Path = typer.Option(..., help="Prompt set: parquet folder/file or jsonl (prompt records)."),
     model: Path = typer.Option(..., help="Policy folder (Hugging Face format)."),
     out: Path = typer.Option(..., help="Output folder for rollout shards."),
-    backend: Backend = typer.Option(Backend.hf, help="Generation engine."),
+    backend: Backend = typer.Option(_Sample.backend, help="Generation engine."),
     group_size: int = typer.Option(_Sample.group_size, help="Rollouts per prompt (G)."),
     temperature: float = typer.Option(_Sample.temperature, help="Sampling temperature (0 = greedy)."),
     top_p: float = typer.Option(_Sample.top_p, help="Nucleus sampling mass."),
@@ -153,7 +158,7 @@ def sample(
                   if st["skipped_prompts"] else ""))
 
 
-Repairer = Enum("Repairer", {k: k for k in REPAIRERS}, type=str)  # the option type, from the registry
+Repairer = RepairerName  # the option type, from the registry
 
 
 class Level(str, Enum):
@@ -201,9 +206,9 @@ def _stage_progress(desc: str):
 def repair(
     rollouts: Path = typer.Option(..., help="Sample shards (dfgen sample output)."),
     out: Path = typer.Option(..., help="Output folder for repair shards."),
-    repairer: Repairer = typer.Option(Repairer.oracle, help="oracle (synthetic), sibling, or model."),
+    repairer: Repairer = typer.Option(_Repair.repairer, help="oracle (synthetic), sibling, or model."),
     repair_model: Path = typer.Option(None, help="Repair model folder (model repairer; default: the policy)."),
-    backend: Backend = typer.Option(Backend.hf, help="Engine for the model repairer."),
+    backend: Backend = typer.Option(_Repair.backend, help="Engine for the model repairer."),
     model: Path = typer.Option(None, help="Sampling policy (default: the one recorded in the shards)."),
     max_edit_ratio: float = typer.Option(_Repair.max_edit_ratio, help="Reject repairs editing more than this fraction of tokens."),
     template: Path = typer.Option(_Repair.template, help="Prompt template for the model repairer."),
@@ -240,7 +245,7 @@ def repair(
 def mask(
     repairs: Path = typer.Option(..., help="Repair shards (dfgen repair output)."),
     out: Path = typer.Option(..., help="Output folder for DF shards (with masks)."),
-    level: Level = typer.Option(Level.token, help="Granularity of mask_bad/mask_repaired and root_bad/root_repaired "
+    level: Level = typer.Option(_Mask.level, help="Granularity of mask_bad/mask_repaired and root_bad/root_repaired "
                                                      "(step: whole Step k: segments)."),
     tokenizer: Path = typer.Option(None, help="Policy folder whose tokenizer made the ids (default: from shards)."),
 ):

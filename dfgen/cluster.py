@@ -34,6 +34,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+from dfgen.backends import BACKENDS, EngineOptions
 from dfgen.errors import UserError, one_line
 
 MAX_RETRIES = 3  # retries of a task whose process died; stage errors are never retried
@@ -114,7 +115,7 @@ def sample_on_ray(cfg, address: str, progress=None) -> list[dict]:
     cfg.validate()
     ray = connect(address)
     records, _ = load_prompts(cfg.prompts, limit=cfg.limit)
-    gpus = cfg.tensor_parallel_size if cfg.backend == "vllm" else 0
+    gpus = BACKENDS[cfg.backend].gpus(cfg.engine_options())
     args = [(replace(cfg, worker_index=i),) for i in range(cfg.num_workers)]
     return _run(ray, _sample_task, args, Path(cfg.out), len(records), progress, {"num_cpus": 1, "num_gpus": gpus})
 
@@ -127,7 +128,7 @@ def repair_on_ray(cfg, address: str, progress=None) -> list[dict]:
     ray = connect(address)
     ss = open_shards(cfg.rollouts, stage="sample")
     workers = sorted({shard_position(f)[0] for f in ss.files})
-    gpus = 1 if cfg.repairer == "model" and cfg.backend == "vllm" else 0
+    gpus = BACKENDS[cfg.backend].gpus(EngineOptions()) if cfg.repairer == "model" else 0
     return _run(ray, _repair_task, [(cfg, w) for w in workers], Path(cfg.out), ss.num_rows(), progress,
                 {"num_cpus": 1, "num_gpus": gpus})
 

@@ -1,10 +1,5 @@
-"""Policies: build the tiny offline Qwen2-VL, load any HF VLM folder, render prompts, score tokens.
-
-``build_tiny(out)`` makes, fully offline in about a second, a ~1M-parameter Qwen2-VL policy:
-a byte-level BPE tokenizer trained on the synthetic corpus (every digit its own token, so a
-wrong number is one masked token), a Qwen-style chat template, a Qwen2-VL image processor
-sized for 56-112 px images (4-16 image tokens, one per 28-px cell), and random weights. It is
-saved as a standard HF folder that ``transformers`` and vLLM load.
+"""Policy I/O: load any HF VLM folder, render prompts, score tokens, fingerprint, save processors.
+(The tiny offline policy is built by ``dfgen.tiny``; images are checked by ``dfgen.images``.)
 
 ``load_policy(path)`` returns ``(model, processor)`` for any HF image-text-to-text folder (the
 tiny one, Qwen2-VL, Qwen2.5-VL, ...). Without torchvision (our CPU environment) the Qwen2-VL
@@ -17,96 +12,19 @@ and the PIL image processor with ``video_processor=None``. Weights load as safet
 tensor is extended, so the dict stays opaque to callers); ``token_logprobs`` scores the
 completion tokens by teacher forcing under the same suppression mask and temperature used for
 sampling, so behaviour and current logprobs agree.
-
-Run: ``dfgen tiny --out runs/tiny``.
 """
 from __future__ import annotations
 
 import hashlib
-import io
 import json
-import os
 from contextlib import contextmanager
 from pathlib import Path
 
 from dfgen.errors import UserError
-
-SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
-           "<|image_pad|>", "<|video_pad|>"]
-CHAT_TEMPLATE = (
-    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
-    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
-    "{% for c in message['content'] %}{% if c['type'] == 'image' %}"
-    "<|vision_start|><|image_pad|><|vision_end|>{% elif c['type'] == 'text' %}{{ c['text'] }}"
-    "{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
-MIN_PIXELS, MAX_PIXELS = 56 * 56, 112 * 112
+from dfgen.tiny import CHAT_TEMPLATE, MAX_PIXELS, MIN_PIXELS  # the tiny policy's processor settings
 
 
-# ----------------------------------------------------------------------------- tiny model
-def build_tokenizer(texts: list[str], vocab_size: int = 1024):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tk = Tokenizer(models.BPE())
-    tk.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)])
-    tk.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tk.train_from_iterator(texts, trainer)
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                  additional_special_tokens=SPECIAL[1:])
-    tok.chat_template = CHAT_TEMPLATE
-    tok.padding_side = "left"
-    return tok
-
-
-def build_tiny(out: Path, seed: int = 0, hidden: int = 128, layers: int = 2, heads: int = 4,
-               vision_depth: int = 2) -> Path:
-    """Build and save the tiny policy. ``hidden=256, layers=4`` gives the ~5M variant."""
-    import torch
-    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLImageProcessorPil
-
-    from dfgen.synth.grid import corpus_texts
-
-    out = Path(out)
-    torch.manual_seed(seed)
-    tok = build_tokenizer(corpus_texts(seed=seed))
-    ids = {t: tok.convert_tokens_to_ids(t) for t in SPECIAL}
-    head_dim = hidden // heads
-    vocab = (len(tok) + 63) // 64 * 64
-    cfg = Qwen2VLConfig(
-        text_config=dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=4 * hidden,
-                         num_hidden_layers=layers, num_attention_heads=heads,
-                         num_key_value_heads=max(1, heads // 2), max_position_embeddings=1024,
-                         # mrope_section must sum to head_dim/2 (the default assumes head_dim 128)
-                         rope_parameters={"rope_type": "default", "rope_theta": 1e4,
-                                          "mrope_section": [head_dim // 8, 3 * head_dim // 16,
-                                                            3 * head_dim // 16]},
-                         bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
-                         pad_token_id=ids["<|endoftext|>"]),
-        vision_config=dict(depth=vision_depth, embed_dim=64, hidden_size=hidden, num_heads=4, mlp_ratio=2,
-                           patch_size=14, spatial_merge_size=2, temporal_patch_size=2),
-        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
-        tie_word_embeddings=True,
-    )
-    model = Qwen2VLForConditionalGeneration(cfg)
-    model.generation_config.eos_token_id = ids["<|im_end|>"]
-    model.generation_config.pad_token_id = ids["<|endoftext|>"]
-    image_processor = Qwen2VLImageProcessorPil(min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS)
-    tmp = out.with_name(out.name + ".tmp")
-    _rmtree(tmp)
-    tmp.mkdir(parents=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    save_processor_files(tmp, tok, image_processor)
-    _rmtree(out)
-    os.replace(tmp, out)
-    return out
-
-
+# ----------------------------------------------------------------------------- saving
 def save_processor_files(d: Path, tokenizer, image_processor) -> None:
     """Write what ``AutoProcessor`` needs, without instantiating a video processor (torchvision)."""
     d = Path(d)
@@ -121,13 +39,6 @@ def save_processor_files(d: Path, tokenizer, image_processor) -> None:
            "image_mean": [0.48145466, 0.4578275, 0.40821073],
            "image_std": [0.26862954, 0.26130258, 0.27577711]}
     (d / "video_preprocessor_config.json").write_text(json.dumps(vid, indent=2))
-
-
-def _rmtree(p: Path) -> None:
-    import shutil
-
-    if p.exists():
-        shutil.rmtree(p)
 
 
 # ----------------------------------------------------------------------------- loading
@@ -263,42 +174,6 @@ def suppress_ids(tokenizer) -> list[int]:
             ids.add(int(tid))
     ids.discard(tokenizer.eos_token_id)
     return sorted(ids)
-
-
-def decode_image(data: bytes, max_pixels: int = 50_000_000):
-    """Bytes -> RGB PIL image, refusing decompression bombs and undecodable data (UserError)."""
-    from PIL import Image
-
-    if not data:
-        raise UserError("empty image")
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            w, h = im.size
-            if w * h > max_pixels:
-                raise UserError(f"image too large ({w}x{h} pixels; limit {max_pixels})")
-            if w == 0 or h == 0:
-                raise UserError("zero-sized image")
-            return _to_rgb(im)
-    except UserError:
-        raise
-    except Image.DecompressionBombError:  # PIL's own guard fires at open for > ~179M pixels
-        raise UserError(f"image too large (a decompression bomb; limit {max_pixels} pixels)") from None
-    except Exception as e:  # PIL raises many types for corrupt data
-        raise UserError(f"undecodable image ({type(e).__name__})") from None
-
-
-def _to_rgb(im):
-    """Any PIL mode -> RGB. 16-bit greyscale (``I;16*``, or ``I`` holding 16-bit values) is
-    scaled to 8 bits; PIL's own conversion would clip everything above 255 to white."""
-    if im.mode.startswith("I;16") or im.mode == "I":
-        import numpy as np
-        from PIL import Image
-
-        a = np.asarray(im).astype(np.int64)
-        if im.mode.startswith("I;16") or a.max(initial=0) > 255:
-            a = a * 255 // 65535
-        im = Image.fromarray(np.clip(a, 0, 255).astype(np.uint8))  # mode L
-    return im.convert("RGB")
 
 
 def context_length(model_dir: Path) -> int | None:

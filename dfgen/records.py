@@ -46,7 +46,7 @@ def resolve_inside(root: Path, rel: str) -> Path:
 
 def normalize(rec: dict, root: Path) -> dict:
     """Fill defaults, load ``image_path`` into ``image`` bytes, check the image decodes."""
-    from dfgen.policy import decode_image
+    from dfgen.images import decode_image
 
     out = {f.name: rec.get(f.name) for f in PROMPT_SCHEMA}
     for k in REQUIRED:

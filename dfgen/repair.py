@@ -66,16 +66,15 @@ def _template(cfg: RepairConfig) -> str:
 
 
 def _model_env(cfg: RepairConfig, scorer, model_dir: Path, device: str):
-    """The model repairer's generator (the scorer itself when the policy repairs on hf), template and
-    context, refusing a token budget that leaves no room for a repair prompt."""
-    from dfgen.backends import get_backend
+    """The model repairer's generator (the scorer itself when the policy repairs on an in-process
+    engine), template and context, refusing a token budget that leaves no room for a repair prompt."""
+    from dfgen.backends import EngineOptions, get_backend, get_spec
     from dfgen.policy import context_length
     from dfgen.repairers import RepairEnv
 
     template = _template(cfg)
-    gen = scorer if cfg.repair_model is None and cfg.backend == "hf" else \
-        get_backend(cfg.backend, cfg.repair_model or model_dir, batch_size=cfg.batch_size,
-                    **({"device": device} if cfg.backend == "hf" else {}))
+    gen = scorer if cfg.repair_model is None and get_spec(cfg.backend).in_process else \
+        get_backend(cfg.backend, cfg.repair_model or model_dir, EngineOptions(batch_size=cfg.batch_size, device=device))
     # the repair prompt holds the failed solution, so it is longer than the sampling prompt: one that
     # would not fit the repair model's positions is rejected per rollout, never generated into garbage
     ctx = min((n for n in (context_length(cfg.repair_model or model_dir), getattr(gen, "max_model_len", None))
@@ -92,9 +91,9 @@ def _repair_rows(rows: list[dict], cfg: RepairConfig, env, scorer, temperature: 
     ratio within the bound), and score the kept ones under the sampling policy; rows are updated in place."""
     from rapidfuzz.distance import Levenshtein
 
-    from dfgen.answers import score
+    from dfgen.benchmarks import reward as score
     from dfgen.backends import Prompt
-    from dfgen.policy import decode_image
+    from dfgen.images import decode_image
     from dfgen.repairers import REPAIRERS
 
     tok = scorer.tokenizer

@@ -50,13 +50,13 @@ class SampleConfig:
     dtype: str = "auto"  # vllm only: "auto" = the checkpoint's dtype
     device: str = "auto"  # hf only: auto | cpu | cuda | cuda:N (auto: cuda when available)
 
-    def engine_kwargs(self) -> dict:
-        if self.backend != "vllm":
-            from dfgen.policy import resolve_device
+    def engine_options(self):
+        """The engine settings; the backend takes the ones it uses (``dfgen.backends.BackendSpec``)."""
+        from dfgen.backends import EngineOptions
 
-            return {"device": resolve_device(self.device)}
-        return {"tensor_parallel_size": self.tensor_parallel_size, "max_model_len": self.max_model_len,
-                "gpu_memory_utilization": self.gpu_memory_utilization, "dtype": self.dtype}
+        return EngineOptions(batch_size=self.batch_size, device=self.device, seed=self.seed,
+                             tensor_parallel_size=self.tensor_parallel_size, max_model_len=self.max_model_len,
+                             gpu_memory_utilization=self.gpu_memory_utilization, dtype=self.dtype)
 
     def validate(self) -> None:
         from dfgen.policy import check_device
@@ -106,9 +106,10 @@ def rollout_row(s, reward: float, pred, seed: int) -> dict:
 def _sample_chunk(chunk: list[dict], backend, cfg: SampleConfig, scfg, ctx, stats: dict, skipped: list,
                   progress=None) -> list[dict]:
     """One chunk of prompt records -> its group rows (a prompt beyond the context is counted in ``skipped``)."""
-    from dfgen.answers import score
+    from dfgen.benchmarks import reward as score
     from dfgen.backends import Prompt
-    from dfgen.policy import decode_image, prompt_lengths
+    from dfgen.images import decode_image
+    from dfgen.policy import prompt_lengths
     from dfgen.seeds import sample_seed
 
     prompts = [Prompt(r["question"], decode_image(r["image"]) if r["image"] is not None else None) for r in chunk]
@@ -147,23 +148,22 @@ def _sample_chunk(chunk: list[dict], backend, cfg: SampleConfig, scfg, ctx, stat
 
 
 def run_sample(cfg: SampleConfig, progress=None) -> dict:
-    from dfgen.backends import SamplingConfig, get_backend
+    from dfgen.backends import SamplingConfig, get_backend, get_spec
     from dfgen.policy import check_policy_dir, context_length, model_fingerprint, tokenizer_fingerprint
     from dfgen.records import load_prompts
     from dfgen.stage import Unit, run_stage
 
     cfg.validate()
     check_policy_dir(cfg.model)
-    ctx = context_length(cfg.model)  # prompt + completion must fit the positions the model knows
-    if cfg.backend == "vllm":
-        ctx = min(ctx or cfg.max_model_len, cfg.max_model_len)
+    # prompt + completion must fit the positions the model knows (and the engine's own cap)
+    ctx = get_spec(cfg.backend).context(context_length(cfg.model), cfg.engine_options())
     if ctx and cfg.max_new_tokens and cfg.max_new_tokens >= ctx:
         raise UserError(f"--max-new-tokens {cfg.max_new_tokens} leaves no room for a prompt in the model's "
                         f"{ctx}-token context")
     records, skipped = load_prompts(cfg.prompts, limit=cfg.limit)
     mine = records[cfg.worker_index:: cfg.num_workers]
     chunks = [mine[k: k + cfg.chunk_size] for k in range(0, len(mine), cfg.chunk_size)]
-    backend = get_backend(cfg.backend, cfg.model, batch_size=cfg.batch_size, **cfg.engine_kwargs())
+    backend = get_backend(cfg.backend, cfg.model, cfg.engine_options())
     if cfg.max_new_tokens is None:  # from all records, so every worker of a run resolves the same budget
         from dfgen.synth.grid import token_budget
 

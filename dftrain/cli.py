@@ -13,36 +13,51 @@ import typer
 
 from dfgen.console import quiet_hf
 from dfgen.errors import UserError, cli_errors
+from dfgen.repairers import RepairerName
 from dftrain.fit import FitConfig as _Fit  # light modules: the configs are the one source of defaults
 from dftrain.loop import LoopConfig as _Loop
+from dftrain.settings import AdvScale, AggMode, MarkedMode, MassMode, ObjectiveName, PolicyLossName
 from dftrain.sft import SFTConfig as _SFT
 
-# options `fit` and `loop` share: one help text each, defaults from the config dataclasses
-Objective = Annotated[str, typer.Option(help="df-grpo (masked) or grpo (plain baseline).")]
+# options `fit` and `loop` share (dftrain.settings.TrainSettings): one help text each; defaults from the dataclasses
+Objective = Annotated[ObjectiveName, typer.Option(help="df-grpo (masked) or grpo (plain baseline).")]
 GroupsPerStep = Annotated[int, typer.Option(help="Prompt groups per optimizer step.")]
 UpdatesPerBatch = Annotated[int, typer.Option(help="Optimizer updates on each batch (PPO epochs).")]
 Lr = Annotated[float, typer.Option(help="Learning rate (AdamW, constant; carried across a loop's rounds); "
                                          "chosen on val, docs/RESULTS.md.")]
 Kappa = Annotated[float, typer.Option(help="DF weight of unmarked tokens of a repaired failed rollout.")]
-Marked = Annotated[str, typer.Option(help="Which tokens DF marks: root (first edit), root+prop, edit (all edits).")]
-Mass = Annotated[str, typer.Option(help="keep or redistribute the failed rollout's blame.")]
+Marked = Annotated[MarkedMode, typer.Option(help="Which tokens DF marks: root (first edit), root+prop, edit (all edits).")]
+Mass = Annotated[MassMode, typer.Option(help="keep or redistribute the failed rollout's blame.")]
 Delta = Annotated[float, typer.Option(help="root+prop: weight of later edited tokens.")]
 RepairedWeight = Annotated[float, typer.Option(help="Advantage of repaired samples (0 = off).")]
 KappaRep = Annotated[float, typer.Option(help="Weight of unedited tokens of repaired samples.")]
 FailAdvantage = Annotated[float, typer.Option(help=(
     "A > 0: in a group whose rollouts all failed (GRPO's advantage 0), advantage -A on the root-cause token "
     "of each rollout with a verified repair (0 = off)."))]
-PolicyLoss = Annotated[str, typer.Option(help=(
+PolicyLoss = Annotated[PolicyLossName, typer.Option(help=(
     "The surrogate (dftrain.loss.POLICY_LOSSES); DF weights enter each as per-token advantages. "
     "ppo: PPO clipped ratio, as GRPO (TRL loss_type grpo/bnpo/dapo); "
     "gspo: sequence-level ratio, GSPO-token (Zheng et al. 2025, TRL importance_sampling_level=sequence); "
     "sapo: soft sigmoid gate instead of the clip (Gao et al. 2025, TRL loss_type sapo); "
     "cispo: clipped, detached IS weight times log-prob (MiniMax-M1 2025, TRL loss_type cispo)."))]
+ClipLow = Annotated[float, typer.Option(help="Lower clip epsilon of the ratio.")]
 ClipHigh = Annotated[float, typer.Option(help="Upper clip epsilon; > 0.2 is DAPO's clip-higher (0.28 there). "
                                               "cispo: the IS weight cap minus 1 (TRL's epsilon_high 5.0 = 4.0 here).")]
 DualClip = Annotated[float, typer.Option(help="ppo/gspo dual clip C > 1 + clip-high: negative-advantage tokens "
                                               "stop pushing past ratio C (verl clip_ratio_c, TRL delta). "
                                               "Unset = off.")]
+AdvScale_ = Annotated[AdvScale, typer.Option(help="group (GRPO), batch (std over the step's batch, TRL "
+                                                  "scale_rewards=batch) or none (Dr. GRPO).")]
+Agg = Annotated[AggMode, typer.Option(help="Loss aggregation (denominators count completion tokens, never weights).")]
+Beta = Annotated[float, typer.Option(help="k3 KL coefficient to the initial policy (0 = no reference).")]
+RepInDenominator = Annotated[bool, typer.Option(help="Repaired rows count in the aggregation's denominator.")]
+DedupRepaired = Annotated[bool, typer.Option(help="One copy of each distinct repaired trajectory per group.")]
+
+
+def _config(cls, options: dict, **overrides):
+    """A config dataclass from a command's options (Enum choices as their strings)."""
+    return cls(**{k: getattr(v, "value", v) for k, v in options.items()} | overrides)
+
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
                   help="Differential Feedback training: warm start, masked GRPO, evaluation.\n\n"
@@ -117,48 +132,51 @@ def fit(
     groups_per_step: GroupsPerStep = _Fit.groups_per_step,
     grad_accum: int = typer.Option(_Fit.grad_accum, help="Batches of groups accumulated per optimizer step."),
     updates_per_batch: UpdatesPerBatch = _Fit.updates_per_batch,
-    micro_batch: int = typer.Option(_Fit.micro_batch, help="Sequences per forward/backward pass (memory only: the step's loss and gradient are the same at every size)."),
+    micro_batch: int = typer.Option(_Fit.micro_batch, help="Sequences per forward/backward pass (memory only: "
+                                    "the step's loss and gradient are the same at every size)."),
     lr: Lr = _Fit.lr,
+    weight_decay: float = typer.Option(_Fit.weight_decay, help="AdamW weight decay."),
+    max_grad_norm: float = typer.Option(_Fit.max_grad_norm, help="Gradient clipping norm."),
     kappa: Kappa = _Fit.kappa,
     marked: Marked = _Fit.marked,
     delta: Delta = _Fit.delta,
     mass: Mass = _Fit.mass,
     repaired_weight: RepairedWeight = _Fit.repaired_weight,
-    policy_loss: PolicyLoss = _Fit.policy_loss,
-    clip_high: ClipHigh = _Fit.clip_high,
-    dual_clip: DualClip = _Fit.dual_clip,
     kappa_rep: KappaRep = _Fit.kappa_rep,
     fail_advantage: FailAdvantage = _Fit.fail_advantage,
-    beta: float = typer.Option(0.0, help="k3 KL coefficient to the initial policy (0 = no reference)."),
-    adv_scale: str = typer.Option("group", help="group (GRPO), batch (std over the step's batch, TRL scale_rewards=batch) or none (Dr. GRPO)."),
-    agg: str = typer.Option("token-mean", help="Loss aggregation."),
+    rep_in_denominator: RepInDenominator = _Fit.rep_in_denominator,
+    dedup_repaired: DedupRepaired = _Fit.dedup_repaired,
+    policy_loss: PolicyLoss = _Fit.policy_loss,
+    clip_low: ClipLow = _Fit.clip_low,
+    clip_high: ClipHigh = _Fit.clip_high,
+    dual_clip: DualClip = _Fit.dual_clip,
+    beta: Beta = _Fit.beta,
+    adv_scale: AdvScale_ = _Fit.adv_scale,
+    agg: Agg = _Fit.agg,
+    buffer_size: int = typer.Option(_Fit.buffer_size, help="Shuffle buffer (groups)."),
     freeze_vision: bool = typer.Option(_Fit.freeze_vision, help="Keep the vision tower fixed, as dftrain sft does "
                                        "(training it in RL broke the tiny policy's perception; docs/RESULTS.md)."),
-    lora_rank: int = typer.Option(0, help="LoRA rank (0 = full fine-tuning)."),
-    gradient_checkpointing: bool = typer.Option(False, help="Trade compute for memory."),
-    dtype: str = typer.Option("float32", help="float32 or bfloat16."),
-    save_every: int = typer.Option(0, help="Checkpoint every N steps (0 = at the end)."),
-    resume: bool = typer.Option(False, help="Continue from the latest checkpoint in --out."),
-    optimizer_from: Path = typer.Option(None, help="A previous fit's output: continue its AdamW state "
-                                                   "(rounds of sample -> fit as one optimisation)."),
+    lora_rank: int = typer.Option(_Fit.lora_rank, help="LoRA rank (0 = full fine-tuning)."),
+    lora_alpha: int = typer.Option(_Fit.lora_alpha, help="LoRA alpha."),
+    gradient_checkpointing: bool = typer.Option(_Fit.gradient_checkpointing, help="Trade compute for memory."),
+    dtype: str = typer.Option(_Fit.dtype, help="float32 or bfloat16."),
+    save_every: int = typer.Option(_Fit.save_every, help="Checkpoint every N steps (0 = at the end)."),
+    resume: bool = typer.Option(_Fit.resume, help="Continue from the latest checkpoint in --out."),
+    optimizer_from: Path = typer.Option(_Fit.optimizer_from, help="A previous fit's output: continue its AdamW "
+                                        "state (rounds of sample -> fit as one optimisation)."),
     seed: int = typer.Option(_Fit.seed, help="Data order and RNG seed."),
+    log_every: int = typer.Option(_Fit.log_every, help="Print every N steps (metrics.jsonl has every step)."),
+    threads: int = typer.Option(_Fit.threads, help="torch CPU threads (0 = torch's default)."),
 ):
     """Train the policy on DF shards with the masked GRPO objective (or plain GRPO).
 
     Example: dftrain fit --data runs/r0/df --model runs/sft --out runs/r1 --steps 20
     """
+    cfg = _config(_Fit, dict(locals()))
     quiet_hf()
-    from dftrain.fit import FitConfig, run_fit
-
-    cfg = FitConfig(data=data, model=model, out=out, objective=objective, steps=steps,
-                    groups_per_step=groups_per_step, grad_accum=grad_accum, updates_per_batch=updates_per_batch,
-                    micro_batch=micro_batch, lr=lr, kappa=kappa, marked=marked, delta=delta, mass=mass,
-                    repaired_weight=repaired_weight, policy_loss=policy_loss, clip_high=clip_high,
-                    dual_clip=dual_clip, kappa_rep=kappa_rep, fail_advantage=fail_advantage, beta=beta, adv_scale=adv_scale, agg=agg,
-                    freeze_vision=freeze_vision, lora_rank=lora_rank, gradient_checkpointing=gradient_checkpointing,
-                    dtype=dtype,
-                    save_every=save_every, resume=resume, optimizer_from=optimizer_from, seed=seed)
     from rich.console import Console
+
+    from dftrain.fit import run_fit
 
     con = Console(stderr=True)
     res = run_fit(cfg, log=lambda m: con.print(m, highlight=False))
@@ -170,14 +188,21 @@ def fit(
 def loop(
     model: Path = typer.Option(..., help="Starting policy (e.g. dftrain sft output)."),
     out: Path = typer.Option(..., help="Output folder: round_RRR/{prompts,sample,repair,df,fit}, loop.json."),
-    rounds: int = typer.Option(3, help="Rounds of sample -> [repair -> mask] -> fit."),
+    rounds: int = typer.Option(_Loop.rounds, help="Rounds of sample -> [repair -> mask] -> fit."),
     objective: Objective = _Loop.objective,
-    prompts: Path = typer.Option(None, help="Prompt set to draw each round's prompts from "
-                                            "(default: fresh synthetic train problems every round)."),
-    prompts_per_round: int = typer.Option(64, help="Prompts sampled per round."),
-    task: str = typer.Option("{}", help="Synthetic task knobs as JSON (dfgen synth's options), e.g. "
-                                        "'{\"min_reads\": 3, \"max_reads\": 4}'; ignored with --prompts."),
+    prompts: Path = typer.Option(_Loop.prompts, help="Prompt set to draw each round's prompts from "
+                                                     "(default: fresh synthetic train problems every round)."),
+    prompts_per_round: int = typer.Option(_Loop.prompts_per_round, help="Prompts sampled per round."),
+    task: str = typer.Option(json.dumps(_Loop.__dataclass_fields__["task"].default_factory()),
+                             help="Synthetic task knobs as JSON (dfgen synth's options), e.g. "
+                                  "'{\"min_reads\": 3, \"max_reads\": 4}'; ignored with --prompts."),
     group_size: int = typer.Option(_Loop.group_size, help="Rollouts per prompt."),
+    temperature: float = typer.Option(_Loop.temperature, help="Sampling temperature."),
+    max_new_tokens: int = typer.Option(_Loop.max_new_tokens, help="Most tokens per rollout (default: fits "
+                                       "the round's reference solutions, as dfgen sample)."),
+    repairer: RepairerName = typer.Option(_Loop.repairer, help="oracle, sibling or model."),
+    repair_model: Path = typer.Option(_Loop.repair_model, help="--repairer model: the repair model's checkpoint "
+                                                              "(default: each round's sampling policy)."),
     fit_steps: int = typer.Option(_Loop.fit_steps, help="Optimizer steps per round."),
     groups_per_step: GroupsPerStep = _Loop.groups_per_step,
     updates_per_batch: UpdatesPerBatch = _Loop.updates_per_batch,
@@ -189,41 +214,38 @@ def loop(
     repaired_weight: RepairedWeight = _Loop.repaired_weight,
     kappa_rep: KappaRep = _Loop.kappa_rep,
     fail_advantage: FailAdvantage = _Loop.fail_advantage,
+    rep_in_denominator: RepInDenominator = _Loop.rep_in_denominator,
+    dedup_repaired: DedupRepaired = _Loop.dedup_repaired,
     policy_loss: PolicyLoss = _Loop.policy_loss,
+    clip_low: ClipLow = _Loop.clip_low,
     clip_high: ClipHigh = _Loop.clip_high,
     dual_clip: DualClip = _Loop.dual_clip,
-    repairer: str = typer.Option("oracle", help="oracle, sibling or model."),
-    repair_model: Path = typer.Option(None, help="--repairer model: the repair model's checkpoint "
-                                                 "(default: each round's sampling policy)."),
-    carry_optimizer: bool = typer.Option(True, help="Continue AdamW state across rounds."),
+    beta: Beta = _Loop.beta,
+    adv_scale: AdvScale_ = _Loop.adv_scale,
+    agg: Agg = _Loop.agg,
+    carry_optimizer: bool = typer.Option(_Loop.carry_optimizer, help="Continue AdamW state across rounds."),
     eval: list[Path] = typer.Option([], help="Prompt set(s) to score by greedy accuracy (repeatable)."),
-    eval_n: int = typer.Option(500, help="Problems scored per eval set."),
-    eval_every: int = typer.Option(1, help="Evaluate every N rounds (and after the last)."),
+    eval_n: int = typer.Option(_Loop.eval_n, help="Problems scored per eval set."),
+    eval_every: int = typer.Option(_Loop.eval_every, help="Evaluate every N rounds (and after the last)."),
     seed: int = typer.Option(_Loop.seed, help="Prompt, sampling and data-order seed."),
 ):
     """R rounds of the decoupled pipeline; each round's checkpoint samples the next (resumable).
 
     Example: dftrain loop --model runs/sft --out runs/loop --rounds 4 --eval runs/test
     """
-    quiet_hf()
-    from rich.console import Console
-
-    from dftrain.loop import LoopConfig, run_loop
-
+    options = dict(locals())
     try:
         task_knobs = json.loads(task)
     except json.JSONDecodeError as e:
         raise UserError(f"--task is not JSON ({e.msg}): {task!r}") from None
     if not isinstance(task_knobs, dict):
         raise UserError(f"--task must be a JSON object, got {task!r}")
-    cfg = LoopConfig(model=model, out=out, rounds=rounds, objective=objective, prompts=prompts,
-                     prompts_per_round=prompts_per_round, task=task_knobs, group_size=group_size, fit_steps=fit_steps,
-                     groups_per_step=groups_per_step, updates_per_batch=updates_per_batch, lr=lr, kappa=kappa,
-                     marked=marked, delta=delta, mass=mass, repaired_weight=repaired_weight, kappa_rep=kappa_rep,
-                     fail_advantage=fail_advantage, policy_loss=policy_loss,
-                     clip_high=clip_high, dual_clip=dual_clip, repairer=repairer, repair_model=repair_model,
-                     carry_optimizer=carry_optimizer, eval=[str(e) for e in eval], eval_n=eval_n,
-                     eval_every=eval_every, seed=seed)
+    cfg = _config(_Loop, options, task=task_knobs, eval=[str(e) for e in eval])
+    quiet_hf()
+    from rich.console import Console
+
+    from dftrain.loop import run_loop
+
     con = Console(stderr=True)
     res = run_loop(cfg, log=lambda m: con.print(m, highlight=False))
     typer.echo(f"{len(res['rounds'])} rounds in {res['seconds']:.0f}s; final model {res['final_model']}")
@@ -231,27 +253,28 @@ def loop(
 
 from dfgen.backends import BackendName as _EvalBackend  # noqa: E402 - the eval command's option types
 from dftrain.evaluate import BENCH_NAMES as _BENCH_NAMES, Bench as _Bench  # noqa: E402 - light module (no torch at import)
+from dftrain.evaluate import EvalConfig as _Eval  # noqa: E402
 
 
 @app.command("eval")
 @cli_errors
 def eval_(
     model: Path = typer.Option(None, help="Policy folder to evaluate (not needed with --predictions)."),
-    bench: _Bench = typer.Option(_Bench.synth, help=f"Benchmark: {', '.join(_BENCH_NAMES)}."),
+    bench: _Bench = typer.Option(_Eval.bench, help=f"Benchmark: {', '.join(_BENCH_NAMES)}."),
     data: Path = typer.Option(None, help="Benchmark records: dfgen synth output, or the benchmark's "
                                          "json/jsonl/parquet/folder (images next to it)."),
-    backend: _EvalBackend = typer.Option(_EvalBackend.hf, help="Generation engine."),
+    backend: _EvalBackend = typer.Option(_Eval.backend, help="Generation engine."),
     limit: int = typer.Option(None, help="Evaluate only the first N usable records."),
-    out: Path = typer.Option(Path("results.json"), help="Summary JSON; per-item records go next to it "
+    out: Path = typer.Option(_Eval.out, help="Summary JSON; per-item records go next to it "
                                                         "as <stem>.items.jsonl."),
-    samples: int = typer.Option(1, help="Samples per record: pass@k (1 = greedy)."),
+    samples: int = typer.Option(_Eval.samples, help="Samples per record: pass@k (1 = greedy)."),
     temperature: float = typer.Option(None, help="Sampling temperature (default 0 = greedy for 1 sample, "
                                                  "1.0 for pass@k)."),
     max_new_tokens: int = typer.Option(None, help="Most tokens per answer (default: synth fits every "
                                                  "reference solution, at least 64; 512 otherwise)."),
-    seed: int = typer.Option(0, help="Base seed; sample k of record id uses hash(seed, id, k)."),
-    batch_size: int = typer.Option(64, help="Records per generate call."),
-    device: str = typer.Option("auto", help="hf backend device: auto, cpu, cuda, cuda:N."),
+    seed: int = typer.Option(_Eval.seed, help="Base seed; sample k of record id uses hash(seed, id, k)."),
+    batch_size: int = typer.Option(_Eval.batch_size, help="Records per generate call."),
+    device: str = typer.Option(_Eval.device, help="hf backend device: auto, cpu, cuda, cuda:N."),
     predictions: Path = typer.Option(None, help="Score existing answers instead of generating: JSONL with an "
                                                 "id and a response per line (needs --data, no --model)."),
     prediction_field: str = typer.Option(None, help="Field of --predictions holding the answer text "

@@ -90,7 +90,7 @@ class GroupStream:
     def take(self, n: int) -> list[dict]:
         groups = [next(self._it) for _ in range(n)]
         if self.decode:
-            from dfgen.policy import decode_image
+            from dfgen.images import decode_image
 
             for g in groups:
                 g["_image"] = decode_image(g["image"]) if g.get("image") is not None else None

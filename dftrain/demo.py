@@ -30,12 +30,12 @@ from pathlib import Path
 START = Path(__file__).resolve().parents[1] / "data" / "policies" / "regime_start"
 TASK = {"ops": "+-*", "min_reads": 3, "max_reads": 4}  # the task the start is in the regime on
 STUDY = Path(__file__).resolve().parents[1] / "docs" / "study19" / "times34"  # the paired study from START
-DEFAULT_VARIANT = "rep+allfail"  # the study's name for the fit/loop defaults (bench/options_screen.py)
+DEFAULT_VARIANT = "rep+allfail"  # the study's name for the fit/loop defaults (studies/options_screen.py)
 
 
 def build_start(out: Path, quick: bool, seed: int, say) -> Path:
     """The shipped start's recipe: tiny policy, default-task SFT, then 500 steps on the times task."""
-    from dfgen.policy import build_tiny
+    from dfgen.tiny import build_tiny
     from dfgen.synth.grid import GridTask, write_synth
     from dftrain.sft import SFTConfig, run_sft
 

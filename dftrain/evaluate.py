@@ -31,13 +31,9 @@ from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 
-from dfgen.benchmarks import BENCHMARKS
-from dfgen.synth import bench as _synth
+from dfgen.benchmarks import BENCHMARKS  # the one registry (the synthetic task is one of its benchmarks)
 
-# every benchmark eval scores, by name: modules with load / score / summarize / ID_KEY (the id column of
-# raw records, which a predictions file may use instead of ``id``); the synthetic task is one of them
-EVAL_BENCHMARKS = {"synth": _synth, **BENCHMARKS}
-BENCH_NAMES = tuple(EVAL_BENCHMARKS)
+BENCH_NAMES = tuple(BENCHMARKS)
 ITEM_KEYS = ("id", "status", "category", "answer", "response", "extraction", "prediction", "correct",
              "error", "samples", "n_correct")
 SUMMARY_KEYS = ("bench", "mode", "n", "n_correct", "accuracy", "n_errored", "accuracy_scored", "n_skipped",
@@ -46,7 +42,7 @@ SUMMARY_KEYS = ("bench", "mode", "n", "n_correct", "accuracy", "n_errored", "acc
 MAX_REPORTED = 20  # skipped / unknown ids listed in the summary (all are counted)
 
 
-Bench = Enum("Bench", {k: k for k in EVAL_BENCHMARKS}, type=str)  # the CLI option type, from the registry
+Bench = Enum("Bench", {k: k for k in BENCHMARKS}, type=str)  # the CLI option type, from the registry
 
 
 def load_bench(bench: str, data: Path, limit: int | None = None, require_image: bool = True):
@@ -57,9 +53,9 @@ def load_bench(bench: str, data: Path, limit: int | None = None, require_image: 
     data = Path(data)
     if not data.exists():
         raise UserError(f"data not found: {data}")
-    if bench not in EVAL_BENCHMARKS:
+    if bench not in BENCHMARKS:
         raise UserError(f"unknown benchmark {bench!r} ({', '.join(BENCH_NAMES)})")
-    mod = EVAL_BENCHMARKS[bench]
+    mod = BENCHMARKS[bench]
     try:
         return mod.load(data, limit=limit, require_image=require_image)
     except ValueError as e:  # unsupported format, DatasetDict folder, unreadable JSON file
@@ -67,7 +63,7 @@ def load_bench(bench: str, data: Path, limit: int | None = None, require_image: 
 
 
 def score_record(bench: str, rec: dict, text: str) -> dict:
-    return EVAL_BENCHMARKS[bench].score(rec, text)
+    return BENCHMARKS[bench].score(rec, text)
 
 
 def _one_line(e) -> str:
@@ -112,7 +108,7 @@ def run_eval(backend, records: list[dict], bench: str = "synth", max_new_tokens:
     ``errored`` result (never correct) instead of stopping the run; a failing batch is retried
     one record at a time so that one bad record does not take its batch down."""
     from dfgen.backends import Prompt, SamplingConfig
-    from dfgen.policy import decode_image
+    from dfgen.images import decode_image
     from dfgen.seeds import sample_seed
 
     cfg = SamplingConfig(temperature=temperature, max_new_tokens=max_new_tokens)
@@ -233,7 +229,7 @@ def _prediction_rows(path: Path):
 
 
 def _pred_id(row: dict, bench: str):
-    for key in ("id", EVAL_BENCHMARKS[bench].ID_KEY):
+    for key in ("id", BENCHMARKS[bench].ID_KEY):
         v = row.get(key)
         if v is None or (isinstance(v, str) and not v.strip()):
             continue
@@ -279,7 +275,7 @@ def _read_predictions(bench: str, path: Path, ids: set, known_skipped: set, fiel
     line for a known record; the rest is counted in ``rep``. Refuses a file with nothing to score."""
     from dfgen.errors import UserError
 
-    id_key = EVAL_BENCHMARKS[bench].ID_KEY
+    id_key = BENCHMARKS[bench].ID_KEY
     got: dict[str, object] = {}
     keys: set = set()  # text fields of rows without the prediction field, named if nothing can be scored
     for where, row in _prediction_rows(path):
@@ -343,7 +339,7 @@ def summarize_bench(bench: str, results: list[dict], skipped: list | None = None
     n = len(results)
     n_correct = sum(r.get("correct") is True and r.get("status") != "errored" for r in results)
     n_err = sum(r.get("status") == "errored" for r in results)
-    details = EVAL_BENCHMARKS[bench].summarize(results, skipped)
+    details = BENCHMARKS[bench].summarize(results, skipped)
     per = {c: {"n": b["n_total"], "n_correct": b["n_correct"], "accuracy": b["accuracy"]}
            for c, b in details.get("by_category", {}).items()}
     k = max((r.get("samples") or 0 for r in results), default=0)
@@ -416,8 +412,10 @@ class EvalConfig:
             self.max_new_tokens = 512
         if (self.max_new_tokens is not None and self.max_new_tokens <= 0) or self.batch_size <= 0:
             raise UserError("--max-new-tokens and --batch-size must be positive")
-        if self.backend not in ("hf", "vllm"):
-            raise UserError(f"unknown backend {self.backend!r} (hf or vllm)")
+        from dfgen.backends import BACKENDS
+
+        if self.backend not in BACKENDS:
+            raise UserError(f"unknown backend {self.backend!r} ({' or '.join(BACKENDS)})")
         from dfgen.policy import check_device
 
         check_device(self.device)
@@ -492,17 +490,11 @@ def _log_prediction_report(rep: dict, log) -> None:
 
 def _generate(cfg: EvalConfig, records: list[dict], progress) -> list[dict]:
     """Answers of ``cfg.model`` for every record, scored; refuses when generation failed for all."""
-    from dfgen.backends import get_backend
+    from dfgen.backends import EngineOptions, get_backend
     from dfgen.errors import UserError
 
-    kw: dict = {"batch_size": cfg.batch_size}
-    if cfg.backend == "hf":
-        from dfgen.policy import resolve_device
-
-        kw["device"] = resolve_device(cfg.device)
-    else:
-        kw["seed"] = cfg.seed
-    backend = get_backend(cfg.backend, cfg.model, **kw)
+    backend = get_backend(cfg.backend, cfg.model, EngineOptions(batch_size=cfg.batch_size, device=cfg.device,
+                                                                seed=cfg.seed))
     if cfg.max_new_tokens is None:
         from dfgen.synth.grid import token_budget
 

@@ -47,35 +47,23 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dfgen.errors import UserError
-from dftrain.settings import DFWeights
+from dftrain.settings import TrainSettings
 
 
 @dataclass(kw_only=True)
-class FitConfig(DFWeights):
-    """``dftrain fit``'s settings; DF's token-weight settings (kappa, marked, delta, mass,
-    repaired_weight, kappa_rep, fail_advantage) are inherited from ``dftrain.settings.DFWeights``."""
+class FitConfig(TrainSettings):
+    """``dftrain fit``'s settings: what it optimises is inherited from ``dftrain.settings.TrainSettings``
+    (objective, surrogate, aggregation, lr, ...) and its ``DFWeights`` (kappa, marked, delta, mass,
+    repaired_weight, kappa_rep, fail_advantage), shared with ``dftrain loop``; the rest is fit's own."""
 
     data: Path  # DF shards (dfgen mask output); sample shards suffice for --objective grpo
     model: Path  # policy to train (HF folder); normally the checkpoint that sampled the shards
     out: Path  # output folder: final model + step_* checkpoints + metrics.jsonl
-    objective: str = "df-grpo"  # df-grpo | grpo
     steps: int = 20
-    groups_per_step: int = 8  # prompt groups per optimizer step (x group size = rollouts)
     grad_accum: int = 1  # batches of groups accumulated per optimizer step
-    updates_per_batch: int = 1  # PPO epochs over the same batch (prototype and TRL used 2)
-    micro_batch: int = 64  # sequences per forward/backward (memory knob; result unchanged)
-    lr: float = 3e-5  # chosen on val over {1e-5, 3e-5, 1e-4} for both objectives on the regime start (docs/RESULTS.md)
+    micro_batch: int = 64  # sequences per forward/backward (memory knob; result unchanged: dftrain.batch)
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
-    policy_loss: str = "ppo"  # ppo | gspo | sapo | cispo (dftrain.loss.POLICY_LOSSES)
-    clip_low: float = 0.2
-    clip_high: float = 0.2  # > clip_low: DAPO's clip-higher; cispo: the IS weight is capped at 1 + this
-    dual_clip: float | None = None  # ppo/gspo: A < 0 tokens' loss bounded at -C*A (verl clip_ratio_c; 3 there)
-    adv_scale: str = "group"  # group (GRPO) | batch (TRL scale_rewards="batch") | none (Dr. GRPO)
-    agg: str = "token-mean"  # token-mean | seq-mean-token-mean | seq-mean-token-sum | seq-mean-token-sum-norm
-    beta: float = 0.0  # k3 KL to the frozen initial policy; 0 = no reference model loaded
-    rep_in_denominator: bool = False  # repaired tokens count in the token-mean denominator
-    dedup_repaired: bool = True  # one copy of each distinct repaired trajectory per group
     buffer_size: int = 256  # shuffle buffer (groups)
     freeze_vision: bool = True  # keep the vision tower (model.model.visual) fixed, as dftrain sft does
     lora_rank: int = 0  # 0 = full fine-tuning
@@ -85,27 +73,21 @@ class FitConfig(DFWeights):
     save_every: int = 0  # checkpoint every N steps (0 = only at the end)
     resume: bool = False
     optimizer_from: Path | None = None  # previous fit's OUT (or step folder): continue its AdamW state
-    seed: int = 0
     log_every: int = 1
     threads: int = 0
 
     def validate(self):
-        from dftrain.loss import ADV_SCALES, AGG_MODES, OBJECTIVES, POLICY_LOSSES, check_surrogate
+        from dftrain.loss import check_surrogate
 
-        if self.policy_loss not in POLICY_LOSSES:
-            raise UserError(f"--policy-loss must be one of {', '.join(POLICY_LOSSES)}, got {self.policy_loss!r}")
+        msg = self.check_training()
+        if msg:
+            raise UserError(msg)
         try:
             check_surrogate(self.policy_loss, self.clip_low, self.clip_high, self.dual_clip)
         except ValueError as e:
             raise UserError(f"--policy-loss {self.policy_loss}: {e}".replace("dual_clip", "--dual-clip")
                             .replace("clip_high", "--clip-high").replace("clip_low", "--clip-low")) from None
-
-        checks = [(self.objective in OBJECTIVES, f"--objective must be one of {', '.join(OBJECTIVES)}"),
-                  (self.steps > 0 and self.groups_per_step > 0 and self.micro_batch > 0, "sizes must be positive"),
-                  (self.grad_accum > 0 and self.updates_per_batch > 0, "sizes must be positive"),
-                  (self.lr > 0, "--lr must be positive"), (self.agg in AGG_MODES, f"--agg must be one of {AGG_MODES}"),
-                  (self.check_weights() is None, self.check_weights()),
-                  (self.adv_scale in ADV_SCALES, f"--adv-scale must be one of {', '.join(ADV_SCALES)}"),
+        checks = [(self.steps > 0 and self.micro_batch > 0 and self.grad_accum > 0, "sizes must be positive"),
                   (self.dtype in ("float32", "bfloat16"), "--dtype must be float32 or bfloat16")]
         for ok, msg in checks:
             if not ok:

@@ -32,22 +32,20 @@ from pathlib import Path
 from dfgen.errors import UserError
 from dfgen.repair import RepairConfig as _Repair
 from dfgen.sample import SampleConfig as _Sample
-from dftrain.fit import FitConfig as _Fit
-from dftrain.settings import DFWeights
+from dftrain.settings import TrainSettings
 
 
 @dataclass(kw_only=True)
-class LoopConfig(DFWeights):
-    """The loop's own settings, then those it hands to each stage. DF's weight settings are
-    ``dftrain.settings.DFWeights``'s fields (inherited, as ``FitConfig``'s), handed to every round's fit.
-    A setting that is also a ``SampleConfig``/``RepairConfig``/``FitConfig`` field takes that class's
-    default (one source), except ``updates_per_batch``: 2 here (two PPO epochs per round, as every
-    study loop ran), 1 in a single ``dftrain fit``."""
+class LoopConfig(TrainSettings):
+    """The loop's own settings, then those it hands to each stage. What every round's fit optimises is
+    inherited from ``dftrain.settings.TrainSettings`` (as ``FitConfig``'s) and handed to it whole
+    (round r's fit seed is ``seed * 1000 + r``). A sample or repair setting takes ``SampleConfig``'s or
+    ``RepairConfig``'s default (one source). ``updates_per_batch`` is 2 here (two PPO epochs per round,
+    as every study loop ran), 1 in a single ``dftrain fit``."""
 
     model: Path  # starting policy (e.g. dftrain sft output)
     out: Path
     rounds: int = 3
-    objective: str = _Fit.objective  # df-grpo | grpo
     prompts: Path | None = None  # prompt set to draw rounds from; None = fresh synthetic problems
     prompts_per_round: int = 64
     task: dict = field(default_factory=dict)  # GridTask knobs for synthetic prompts
@@ -60,32 +58,22 @@ class LoopConfig(DFWeights):
     repair_model: Path | None = _Repair.repair_model  # --repairer model: its checkpoint (default: the round's policy)
     # fit
     fit_steps: int = 8  # fit_steps * groups_per_step = prompts_per_round uses each group once
-    groups_per_step: int = _Fit.groups_per_step
     updates_per_batch: int = 2
-    lr: float = _Fit.lr
-    policy_loss: str = _Fit.policy_loss
-    clip_high: float = _Fit.clip_high
-    dual_clip: float | None = _Fit.dual_clip
     carry_optimizer: bool = True
     # evaluation
     eval: list = field(default_factory=list)  # prompt sets scored by greedy accuracy
     eval_n: int = 500
     eval_every: int = 1
-    seed: int = _Fit.seed
 
     def validate(self):
         if self.rounds <= 0 or self.prompts_per_round <= 0 or self.fit_steps <= 0 or self.group_size < 2:
             raise UserError("--rounds, --prompts-per-round and --fit-steps must be positive, --group-size >= 2")
-        from dftrain.loss import OBJECTIVES
-
-        if self.objective not in OBJECTIVES:
-            raise UserError(f"--objective must be one of {', '.join(OBJECTIVES)}")
         if self.eval_every <= 0 or self.eval_n <= 0:
             raise UserError("--eval-every and --eval-n must be positive")
         from dftrain.fit import FitConfig
 
         # the objective's settings are checked by the trainer's own rules before round 0 samples anything
-        FitConfig(data=Path("."), model=Path("."), out=Path("."), **_fit_settings(self)).validate()
+        FitConfig(data=Path("."), model=Path("."), out=Path("."), **self.train_settings()).validate()
         from dataclasses import fields
 
         from dfgen.synth.grid import GridTask
@@ -98,15 +86,6 @@ class LoopConfig(DFWeights):
             GridTask(**self.task).validate()
         except (TypeError, ValueError) as e:
             raise UserError(f"--task: {e}") from None
-
-
-# what a round's fit takes from the loop: DF's weights and these
-FIT_SETTINGS = ("objective", "groups_per_step", "updates_per_batch", "lr", "policy_loss", "clip_high", "dual_clip",
-                "seed")
-
-
-def _fit_settings(cfg: LoopConfig) -> dict:
-    return {k: getattr(cfg, k) for k in (*DFWeights.__dataclass_fields__, *FIT_SETTINGS)}
 
 
 def _jsonable(cfg: LoopConfig) -> dict:
@@ -140,8 +119,11 @@ def _round_prompts(cfg: LoopConfig, r: int, dst: Path):
 
 
 # what a loop ran with before the field existed (a loop.json written then lacks the key)
-BEFORE_FIELD = {"kappa_rep": 0.0, "fail_advantage": 0.0, "repair_model": None,
-                "delta": 0.5}  # delta: fit's default, which every round used before the loop passed it
+BEFORE_FIELD = {"kappa_rep": 0.0, "fail_advantage": 0.0, "repair_model": None, "marked": "edit", "repairer": "oracle",
+                "policy_loss": "ppo", "clip_high": 0.2, "dual_clip": None,
+                # fit's defaults, which every round used before the loop passed these on
+                "delta": 0.5, "clip_low": 0.2, "adv_scale": "group", "agg": "token-mean", "beta": 0.0,
+                "rep_in_denominator": False, "dedup_repaired": True}
 
 
 def _check_resumable(cfg: LoopConfig, state_f: Path, out: Path) -> None:
@@ -187,7 +169,7 @@ def _fit_round(cfg: LoopConfig, rd: Path, data: Path, policy: Path, prev_fit, r:
         shutil.rmtree(rd / "fit")
     if done_info(rd / "fit") is None:
         res = run_fit(FitConfig(data=data, model=policy, out=rd / "fit", steps=cfg.fit_steps,
-                                **(_fit_settings(cfg) | {"seed": cfg.seed * 1000 + r}),
+                                **(cfg.train_settings() | {"seed": cfg.seed * 1000 + r}),
                                 optimizer_from=prev_fit if cfg.carry_optimizer else None), log=lambda m: None)
         rec["fit_loss_mean"] = sum(res["losses"]) / len(res["losses"])
     rec["seconds"]["fit"] = round(time.time() - t2, 2)

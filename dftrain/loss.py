@@ -63,7 +63,7 @@ verl's "low_var_kl" also clamps k3 to [-10, 10]; k3 >= 0 and reaches 10 only whe
 gradient stays); like verl we clamp ref - logp to [-20, 20] so exp never overflows on padding.
 Golden numbers: data/golden/grpo_peer_numbers.json (verl and TRL, "ppo"), and
 data/golden/trl_policy_losses.json (TRL 1.16's own `_compute_loss` for every surrogate above, loss and
-gradient, DF off and on; made by `bench/golden_trl_losses.py`).
+gradient, DF off and on; made by `data/golden/golden_trl_losses.py`).
 
 How DF departs from GRPO (token weights, `df_token_weights`)
 ------------------------------------------------------------
@@ -126,9 +126,14 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-ADV_SCALES = ("group", "batch", "none")
-AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
-from dftrain.settings import MARKED_MODES, MASS_MODES  # noqa: E402  (declared with DF's settings)
+from dftrain.settings import (  # noqa: E402  (the choices are declared with the settings, torch-free)
+    ADV_SCALES,
+    AGG_MODES,
+    MARKED_MODES,
+    MASS_MODES,
+    OBJECTIVE_NAMES,
+    POLICY_LOSS_NAMES,
+)
 SAPO_TAU = (1.0, 1.05)  # (tau_pos, tau_neg): the SAPO paper's and TRL's defaults
 LOG_RATIO_CLAMP = 20.0  # as verl: exp(20) is finite, so padding never produces inf * 0 = NaN
 
@@ -227,6 +232,9 @@ POLICY_LOSSES: dict = {}
 
 
 def register_policy_loss(name: str):
+    if name not in POLICY_LOSS_NAMES:  # the CLI's choices (dftrain.settings) must name every registered loss
+        raise ValueError(f"policy loss {name!r}: declare it in dftrain.settings.POLICY_LOSS_NAMES")
+
     def deco(fn):
         POLICY_LOSSES[name] = fn
         return fn
@@ -534,6 +542,9 @@ OBJECTIVES: dict[str, Objective] = {}
 
 
 def register_objective(name: str, *, stages: tuple[str, ...], token_weights: bool, help: str):
+    if name not in OBJECTIVE_NAMES:  # the CLI's choices (dftrain.settings) must name every registered objective
+        raise ValueError(f"objective {name!r}: declare it in dftrain.settings.OBJECTIVE_NAMES")
+
     def deco(fn):
         OBJECTIVES[name] = Objective(fn, tuple(stages), token_weights, help)
         return fn

@@ -1,18 +1,41 @@
-"""DF's settings, declared once: ``DFWeights``.
+"""The trainer's settings, declared once: ``DFWeights`` and ``TrainSettings``.
 
-``dftrain fit`` (``FitConfig``) and ``dftrain loop`` (``LoopConfig``) inherit these fields, so their
-defaults, CLI options and ``config.json`` keys are these; the TRL and verl integrations and the
-studies take their defaults from here. What each does to the objective: ``dftrain/loss.py``'s
-docstring (``df_token_weights``, ``repaired_term``) and ``dftrain/fit.py``'s.
+``DFWeights`` holds how DF weighs tokens (what ``dftrain.loss.batch_token_weights`` reads);
+``TrainSettings`` adds what a fit optimises (objective, surrogate, aggregation, ...). ``dftrain fit``
+(``FitConfig``) and ``dftrain loop`` (``LoopConfig``, which hands them to every round's fit) both
+inherit ``TrainSettings``, so their defaults, CLI options and ``config.json`` keys are these fields;
+the TRL and verl integrations and the studies take their defaults from ``DFWeights``. What each
+setting does to the objective: ``dftrain/loss.py``'s docstring and ``dftrain/fit.py``'s.
 
-No torch here: the CLIs read these defaults for ``--help``.
+The choices of the str settings are declared here too, as the CLI's ``Enum`` types (``ObjectiveName``,
+``PolicyLossName``, ...). The objective and policy-loss names are the keys of ``dftrain.loss``'s
+registries, which refuse a name not declared here (so ``--help`` never imports torch, and the two
+cannot drift apart).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from enum import Enum
 
+OBJECTIVE_NAMES = ("df-grpo", "grpo")  # dftrain.loss.OBJECTIVES
+POLICY_LOSS_NAMES = ("ppo", "gspo", "sapo", "cispo")  # dftrain.loss.POLICY_LOSSES
+ADV_SCALES = ("group", "batch", "none")
+AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
 MARKED_MODES = ("edit", "root", "root+prop")
 MASS_MODES = ("keep", "redistribute")
+
+
+def _choices(name: str, values: tuple[str, ...]):
+    """The CLI option type of a choice: an Enum whose members are the strings themselves."""
+    return Enum(name, {v: v for v in values}, type=str)
+
+
+ObjectiveName = _choices("ObjectiveName", OBJECTIVE_NAMES)
+PolicyLossName = _choices("PolicyLossName", POLICY_LOSS_NAMES)
+AdvScale = _choices("AdvScale", ADV_SCALES)
+AggMode = _choices("AggMode", AGG_MODES)
+MarkedMode = _choices("MarkedMode", MARKED_MODES)
+MassMode = _choices("MassMode", MASS_MODES)
 
 
 @dataclass(kw_only=True)
@@ -42,4 +65,40 @@ class DFWeights:
 
     def df_weights(self) -> "DFWeights":
         """These settings alone (e.g. from a FitConfig), for the integrations and studies."""
-        return DFWeights(**{f: getattr(self, f) for f in DFWeights.__dataclass_fields__})
+        return DFWeights(**{f.name: getattr(self, f.name) for f in fields(DFWeights)})
+
+
+@dataclass(kw_only=True)
+class TrainSettings(DFWeights):
+    """What a fit optimises, shared by ``dftrain fit`` and ``dftrain loop``."""
+
+    objective: str = "df-grpo"  # df-grpo | grpo (dftrain.loss.OBJECTIVES)
+    groups_per_step: int = 8  # prompt groups per optimizer step (x group size = rollouts)
+    updates_per_batch: int = 1  # PPO epochs over the same batch (prototype and TRL used 2)
+    lr: float = 3e-5  # chosen on val over {1e-5, 3e-5, 1e-4} for both objectives on the regime start (docs/RESULTS.md)
+    policy_loss: str = "ppo"  # ppo | gspo | sapo | cispo (dftrain.loss.POLICY_LOSSES)
+    clip_low: float = 0.2
+    clip_high: float = 0.2  # > clip_low: DAPO's clip-higher; cispo: the IS weight is capped at 1 + this
+    dual_clip: float | None = None  # ppo/gspo: A < 0 tokens' loss bounded at -C*A (verl clip_ratio_c; 3 there)
+    adv_scale: str = "group"  # group (GRPO) | batch (TRL scale_rewards="batch") | none (Dr. GRPO)
+    agg: str = "token-mean"  # token-mean | seq-mean-token-mean | seq-mean-token-sum | seq-mean-token-sum-norm
+    beta: float = 0.0  # k3 KL to the frozen initial policy; 0 = no reference model loaded
+    rep_in_denominator: bool = False  # repaired rows count in the aggregation's denominator
+    dedup_repaired: bool = True  # one copy of each distinct repaired trajectory per group
+    seed: int = 0
+
+    def check_training(self) -> str | None:
+        """The first thing wrong with these settings (one line naming the option); None if fine."""
+        checks = [(self.objective in OBJECTIVE_NAMES, f"--objective must be one of {', '.join(OBJECTIVE_NAMES)}"),
+                  (self.policy_loss in POLICY_LOSS_NAMES,
+                   f"--policy-loss must be one of {', '.join(POLICY_LOSS_NAMES)}, got {self.policy_loss!r}"),
+                  (self.groups_per_step > 0 and self.updates_per_batch > 0, "sizes must be positive"),
+                  (self.lr > 0, "--lr must be positive"),
+                  (self.adv_scale in ADV_SCALES, f"--adv-scale must be one of {', '.join(ADV_SCALES)}"),
+                  (self.agg in AGG_MODES, f"--agg must be one of {', '.join(AGG_MODES)}"),
+                  (self.beta >= 0, "--beta must be >= 0")]
+        return next((msg for ok, msg in checks if not ok), None) or self.check_weights()
+
+    def train_settings(self) -> dict:
+        """These settings as keyword arguments (the loop hands them to each round's FitConfig)."""
+        return {f.name: getattr(self, f.name) for f in fields(TrainSettings)}

@@ -57,7 +57,7 @@ def target_text(rec: dict) -> str:
 
     if rec.get("solution"):
         sol = json.loads(rec["solution"])
-        if isinstance(sol.get("text"), str):  # a target given verbatim (e.g. a repair, bench/repair_model.py)
+        if isinstance(sol.get("text"), str):  # a target given verbatim (e.g. a repair, studies/repair_model.py)
             return sol["text"]
         if "steps" in sol:
             return solution_text(sol["steps"], sol["answer"])
@@ -155,7 +155,8 @@ def _heldout(model, processor, cfg: SFTConfig) -> dict:
 def run_sft(cfg: SFTConfig, progress=None) -> dict:
     import torch
 
-    from dfgen.policy import decode_image, load_policy, resolve_device
+    from dfgen.images import decode_image
+    from dfgen.policy import load_policy, resolve_device
     from dfgen.records import load_prompts
 
     if cfg.threads:

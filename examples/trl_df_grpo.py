@@ -12,7 +12,8 @@ import json
 from datasets import Dataset
 from trl import GRPOConfig
 
-from dfgen.policy import decode_image, load_policy, save_processor_files
+from dfgen.images import decode_image
+from dfgen.policy import load_policy, save_processor_files
 from dfgen.records import load_prompts
 from dftrain.integrations import answer_reward as reward  # the exact-answer reward of the prompt records
 from dftrain.integrations.trl import DFConfig, DFGRPOTrainer  # DF: instead of `from trl import GRPOTrainer`

@@ -81,7 +81,7 @@ def main():
 
     args.out.mkdir(parents=True, exist_ok=True)
     conf0 = json.loads((ARM / "s0" / "loop.json").read_text())["config"]
-    sets = {"val": args.out / "val", "test": args.out / "test"}  # as bench/experiment.py made them
+    sets = {"val": args.out / "val", "test": args.out / "test"}  # as studies/experiment.py made them
     if not sets["val"].exists():
         write_synth(sets["test"], 1000, seed=0, split="test", task=GridTask(**conf0["task"]))
         write_synth(sets["val"], 500, seed=0, split="val", task=GridTask(**conf0["task"]))

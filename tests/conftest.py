@@ -29,7 +29,7 @@ def run_cli(*args, check=True, env=None, timeout=600):
 def tiny_model(tmp_path_factory) -> Path:
     import torch
 
-    from dfgen.policy import build_tiny
+    from dfgen.tiny import build_tiny
 
     torch.set_num_threads(2)
     return build_tiny(tmp_path_factory.mktemp("models") / "tiny", seed=0)
@@ -64,3 +64,16 @@ def sft_model(tmp_path_factory, tiny_model, train_prompts) -> Path:
     run_sft(SFTConfig(data=train_prompts, model=tiny_model, out=out, steps=150, batch_size=16, lr=3e-3,
                       vision_lr_scale=1.0))
     return out
+
+
+def misread_pair(tok, problem):
+    """A synthetic problem's canonical solution and the same solution with its first read wrong:
+    (good ids, bad ids, their alignment), each ending with EOS; the bad one's root is the misread digit."""
+    from dfgen.align import align
+    from dfgen.synth.grid import solution_text
+
+    good = solution_text(problem.steps, problem.answer)
+    v = problem.steps[0]["value"]
+    bad = good.replace(f"= {v}\n", f"= {(v + 1) % 10}\n", 1)
+    ids_good, ids_bad = (tok(t, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for t in (good, bad))
+    return ids_good, ids_bad, align(ids_bad, ids_good)

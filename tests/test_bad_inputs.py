@@ -344,13 +344,13 @@ def test_16_bit_images_keep_their_contrast():
     """16-bit greyscale is scaled to 8 bits (PIL's own conversion would clip it to white)."""
     import numpy as np
 
-    from dfgen.policy import decode_image
+    from dfgen.images import decode_image
 
     a = np.asarray(decode_image(_png16()))
     assert a.shape == (56, 56, 3) and a.min() == 0 and a.max() == 62700 * 255 // 65535 and (a == 255).mean() == 0
 
 
-BENCH = Path(__file__).resolve().parent.parent / "bench"
+ROOT_DIR = Path(__file__).resolve().parent.parent  # studies/ is run as a package from the checkout
 
 
 @pytest.mark.parametrize("script,args,match", [
@@ -362,10 +362,11 @@ BENCH = Path(__file__).resolve().parent.parent / "bench"
     ("root_probe.py", ["--shards", "/nonexistent", "a=b"], "no parquet shards"),
     ("error_profile.py", ["/nonexistent", "--data", "x"], "not a policy folder"),
 ])
-def test_bench_scripts_refuse_bad_arguments_in_one_line_before_any_work(script, args, match, tmp_path):
-    p = subprocess.run([sys.executable, str(BENCH / script), "--out", str(tmp_path / "o"), *args]
-                       if script == "experiment.py" else [sys.executable, str(BENCH / script), *args],
-                       capture_output=True, text=True, env=ENV, timeout=120, cwd=tmp_path)
+def test_study_scripts_refuse_bad_arguments_in_one_line_before_any_work(script, args, match, tmp_path):
+    cmd = [sys.executable, "-m", f"studies.{script[:-3]}", *(["--out", str(tmp_path / "o")] if script == "experiment.py" else []),
+           *args]
+    env = {**ENV, "PYTHONPATH": str(ROOT_DIR) + os.pathsep + ENV.get("PYTHONPATH", "")}
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120, cwd=tmp_path)
     assert p.returncode == 2 and match in p.stderr, p.stderr
     assert "Traceback" not in p.stderr and p.stderr.strip().splitlines()[-1].startswith(f"{script}: error:")
     assert not (tmp_path / "o").exists()  # nothing written

@@ -8,6 +8,7 @@ import torch
 from dftrain.batch import Batch, TrainRow
 from dftrain.fit import FitConfig
 from dftrain.loss import AGG_MODES, LOSSES, METRIC_REDUCE, POLICY_LOSSES
+from tests.conftest import misread_pair
 
 SIZES = (1, 2, 3, None)  # None: the whole step in one micro-batch
 
@@ -108,9 +109,9 @@ def test_split_keeps_shard_names_and_trims_padding():
 
 def test_a_model_step_has_the_same_loss_and_gradient_at_every_micro_batch_size(sft_model):
     """End to end through the policy: prompts and images rendered per micro-batch, padding trimmed."""
-    from dfgen.align import align
-    from dfgen.policy import decode_image, load_policy
-    from dfgen.synth.grid import make_problems, solution_text
+    from dfgen.images import decode_image
+    from dfgen.policy import load_policy
+    from dfgen.synth.grid import make_problems
     from dftrain.batch import build_rows
     from dftrain.fit import micro_loss
 
@@ -118,11 +119,7 @@ def test_a_model_step_has_the_same_loss_and_gradient_at_every_micro_batch_size(s
     tok = proc.tokenizer
     groups = []
     for n, p in enumerate(make_problems(2, seed=5)):
-        good = solution_text(p.steps, p.answer)
-        v = p.steps[0]["value"]
-        bad = good.replace(f"= {v}\n", f"= {(v + 1) % 10}\n", 1)
-        ids_good, ids_bad = (tok(t, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for t in (good, bad))
-        a = align(ids_bad, ids_good)
+        ids_good, ids_bad, a = misread_pair(tok, p)
         fail = {"token_ids": ids_bad, "logprobs": [-1.0] * len(ids_bad), "reward": 0.0, "repair_status": "ok",
                 "mask_bad": a.mask_bad, "root_bad": a.root_bad, "repaired_ids": ids_good,
                 "repaired_logprobs": [-0.5] * len(ids_good), "mask_repaired": a.mask_repaired}

@@ -6,7 +6,7 @@ import pytest
 from tests.conftest import run_cli
 
 COMMANDS = {"dfgen": ["synth", "tiny", "sample", "repair", "mask", "stats", "show"],
-            "dftrain": ["sft", "fit", "eval"]}
+            "dftrain": ["sft", "fit", "loop", "eval"]}
 
 
 @pytest.mark.parametrize("prog,cmd", [(p, c) for p, cs in COMMANDS.items() for c in cs])
@@ -74,7 +74,8 @@ def test_objective_backend_and_eval_registries_are_the_cli_choices():
     benchmark eval scores (the synthetic task included): each registry name is a documented choice of
     the commands that take it, and their configs accept it."""
     from dfgen.backends import BACKENDS
-    from dftrain.evaluate import EVAL_BENCHMARKS, EvalConfig
+    from dfgen.benchmarks import BENCHMARKS as EVAL_BENCHMARKS
+    from dftrain.evaluate import EvalConfig
     from dftrain.fit import FitConfig
     from dftrain.loop import LoopConfig
     from dftrain.loss import ADV_SCALES, LOSSES, OBJECTIVES
@@ -97,39 +98,64 @@ def test_objective_backend_and_eval_registries_are_the_cli_choices():
         EvalConfig(bench=name, data=".", predictions=Path(".")).validate()
 
 
-@pytest.mark.parametrize("prog,cmd", [("dfgen", "sample"), ("dfgen", "repair"), ("dfgen", "mask"), ("dftrain", "fit"),
-                                      ("dftrain", "loop"), ("dftrain", "sft")])
-def test_cli_defaults_are_the_config_dataclass_defaults(prog, cmd):
-    """One source of defaults: every option named as a field of the stage's config dataclass has
-    that field's default (a required field is a required option)."""
+def _default_sources() -> dict:
+    """Each command's one source of defaults: {option name: (has a default, the default)}."""
     import dataclasses
-    import importlib
-
-    import typer
+    import inspect
 
     from dfgen.mask import MaskConfig
     from dfgen.repair import RepairConfig
     from dfgen.sample import SampleConfig
+    from dfgen.synth.grid import GridTask, write_synth
+    from dfgen.tiny import build_tiny
+    from dftrain.evaluate import EvalConfig
     from dftrain.fit import FitConfig
     from dftrain.loop import LoopConfig
     from dftrain.sft import SFTConfig
 
-    cls = {"sample": SampleConfig, "repair": RepairConfig, "mask": MaskConfig, "fit": FitConfig, "loop": LoopConfig,
-           "sft": SFTConfig}[cmd]
-    fields = {f.name: f for f in dataclasses.fields(cls)}
+    def of_class(cls):
+        out = {}
+        for f in dataclasses.fields(cls):
+            missing = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+            out[f.name] = (not missing, None if missing else
+                           f.default if f.default is not dataclasses.MISSING else f.default_factory())
+        return out
+
+    def of_function(fn):
+        return {n: (p.default is not inspect.Parameter.empty, None if p.default is inspect.Parameter.empty else p.default)
+                for n, p in inspect.signature(fn).parameters.items()}
+
+    return {"sample": of_class(SampleConfig), "repair": of_class(RepairConfig), "mask": of_class(MaskConfig),
+            "fit": of_class(FitConfig), "loop": of_class(LoopConfig), "sft": of_class(SFTConfig),
+            "eval": of_class(EvalConfig), "synth": of_class(GridTask) | of_function(write_synth),
+            "tiny": of_function(build_tiny)}
+
+
+@pytest.mark.parametrize("prog,cmd", [("dfgen", "sample"), ("dfgen", "repair"), ("dfgen", "mask"), ("dftrain", "fit"),
+                                      ("dftrain", "loop"), ("dftrain", "sft"), ("dftrain", "eval"),
+                                      ("dfgen", "synth"), ("dfgen", "tiny")])
+def test_cli_defaults_are_the_config_dataclass_defaults(prog, cmd):
+    """One source of defaults: every option named as a field of the stage's config dataclass (or
+    parameter of the function it calls) has that default (a required one is a required option)."""
+    import importlib
+
+    import typer
+
+    fields = _default_sources()[cmd]
     options = typer.main.get_command(importlib.import_module(f"{prog}.cli").app).commands[cmd].params
     checked = 0
     for p in options:
-        f = fields.get(p.name)
-        if f is None:
+        if p.name not in fields:
             continue
-        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+        has_default, want = fields[p.name]
+        if not has_default:
             assert p.required, (cmd, p.name)
             continue
-        want = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         have = getattr(p.default, "value", p.default)
         if cmd == "loop" and p.name == "task":
             have = json.loads(have)  # a JSON option
+        if isinstance(want, Path):
+            have = Path(have)
         assert have == want or (want is None and have in (None, [], ())) or (want == [] and have in (None, ())), \
             (cmd, p.name, have, want)
         checked += 1
@@ -157,17 +183,10 @@ def test_loop_takes_the_stage_configs_defaults():
 
 def test_the_fit_defaults_are_the_study_variant_the_demo_cites():
     """dftrain fit's DF defaults are the options of the variant the study chose on val
-    (bench/options_screen.py), and the committed study holds that variant's 8-seed result."""
-    import importlib.util
-    from pathlib import Path
-
+    (studies/options_screen.py), and the committed study holds that variant's 8-seed result."""
     from dftrain.demo import DEFAULT_VARIANT, STUDY
     from dftrain.fit import FitConfig
-
-    f = Path(__file__).resolve().parents[1] / "bench" / "options_screen.py"
-    spec = importlib.util.spec_from_file_location("options_screen", f)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    from studies import options_screen as mod
     for k, v in mod.VARIANTS[DEFAULT_VARIANT].items():
         assert getattr(FitConfig, k) == v, k
     for k in ("marked", "kappa", "mass"):  # the rest as the study's DF arm ran it
@@ -178,9 +197,9 @@ def test_the_fit_defaults_are_the_study_variant_the_demo_cites():
 
 
 def test_df_settings_are_declared_once_and_reach_every_consumer():
-    """DFWeights is the one declaration: fit and loop inherit it (every field an option of both
-    commands, with its default), the loop hands every field to its rounds' fit, and the TRL, verl and
-    shard-export integrations default to it."""
+    """TrainSettings (with DFWeights) is the one declaration: fit and loop inherit it (every field an
+    option of both commands, with its default), the loop hands every field to its rounds' fit, and the
+    TRL, verl and shard-export integrations default to DFWeights."""
     import dataclasses
     import importlib
     import inspect
@@ -189,20 +208,34 @@ def test_df_settings_are_declared_once_and_reach_every_consumer():
 
     from dftrain.fit import FitConfig
     from dftrain.integrations import shard_advantages
-    from dftrain.loop import LoopConfig, _fit_settings
-    from dftrain.settings import DFWeights
+    from dftrain.loop import LoopConfig
+    from dftrain.settings import DFWeights, TrainSettings
 
-    names = [f.name for f in dataclasses.fields(DFWeights)]
-    assert issubclass(FitConfig, DFWeights) and issubclass(LoopConfig, DFWeights)
+    names = [f.name for f in dataclasses.fields(TrainSettings)]
+    assert issubclass(FitConfig, TrainSettings) and issubclass(LoopConfig, TrainSettings)
     cmds = typer.main.get_command(importlib.import_module("dftrain.cli").app).commands
-    for cmd in ("fit", "loop"):
+    for cmd, cls in (("fit", FitConfig), ("loop", LoopConfig)):
         params = {p.name: p for p in cmds[cmd].params}
         for n in names:
-            assert n in params and params[n].default == getattr(DFWeights, n), (cmd, n)
-    odd = LoopConfig(model=".", out=".", **{n: (0.3 if isinstance(getattr(DFWeights, n), float) else getattr(DFWeights, n))
-                                            for n in names})
-    handed = _fit_settings(odd)
-    assert all(handed[n] == getattr(odd, n) for n in names)
+            assert n in params and getattr(params[n].default, "value", params[n].default) == getattr(cls, n), (cmd, n)
+    odd = LoopConfig(model=".", out=".", kappa=0.3, delta=0.2, kappa_rep=0.4, fail_advantage=0.5, clip_low=0.1,
+                     agg="seq-mean-token-sum", beta=0.01, rep_in_denominator=True, dedup_repaired=False)
+    handed = odd.train_settings()
+    assert handed.keys() == set(names) and all(handed[n] == getattr(odd, n) for n in names)
+    FitConfig(data=".", model=".", out=".", **handed).validate()
     for n, p in inspect.signature(shard_advantages).parameters.items():
-        if n in names:
+        if n in [f.name for f in dataclasses.fields(DFWeights)]:
             assert p.default == getattr(DFWeights, n), n
+
+
+def test_choice_enums_are_the_registries_keys():
+    """The CLI's choice types (dftrain.settings, torch-free) name exactly what the registries hold."""
+    from dfgen.repairers import REPAIRERS, RepairerName
+    from dftrain.loss import OBJECTIVES, POLICY_LOSSES
+    from dftrain.settings import ObjectiveName, PolicyLossName
+
+    assert [e.value for e in ObjectiveName] == list(OBJECTIVES)
+    assert [e.value for e in PolicyLossName] == list(POLICY_LOSSES)
+    assert [e.value for e in RepairerName] == list(REPAIRERS)
+    r = run_cli("dftrain", "loop", "--model", ".", "--out", ".", "--repairer", "nope", check=False)
+    assert r.returncode != 0 and "nope" in r.stderr and "Traceback" not in r.stderr

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from dfgen.errors import UserError
-from tests.conftest import run_cli
+from tests.conftest import misread_pair, run_cli
 
 
 @pytest.fixture(scope="module")
@@ -129,7 +129,8 @@ def test_a_df_step_lowers_the_wrong_token_more_than_the_others_and_grpo_spreads_
     from dfgen.align import align
     from dfgen.backends import Prompt
     from dfgen.backends.hf import HFBackend
-    from dfgen.policy import decode_image, load_policy
+    from dfgen.images import decode_image
+    from dfgen.policy import load_policy
     from dfgen.synth.grid import make_problems, solution_text
     from dftrain.batch import Batch, build_rows
     from dftrain.fit import FitConfig, micro_loss
@@ -177,11 +178,11 @@ def test_a_df_step_lowers_the_wrong_token_more_than_the_others_and_grpo_spreads_
 def test_fail_advantage_puts_a_negative_advantage_on_the_root_token_of_all_fail_groups_only(sft_model):
     """--fail-advantage A: a group whose rollouts all failed (GRPO advantage 0) gives its repaired
     rollouts advantage -A on the root-cause token alone; mixed groups and A = 0 are untouched."""
-    from dfgen.align import align
     from dfgen.backends import Prompt
     from dfgen.backends.hf import HFBackend
-    from dfgen.policy import decode_image, load_policy
-    from dfgen.synth.grid import make_problems, solution_text
+    from dfgen.images import decode_image
+    from dfgen.policy import load_policy
+    from dfgen.synth.grid import make_problems
     from dftrain.batch import Batch, build_rows
     from dftrain.fit import FitConfig, micro_loss
     from dftrain.loss import batch_token_weights
@@ -191,11 +192,7 @@ def test_fail_advantage_puts_a_negative_advantage_on_the_root_token_of_all_fail_
     be = HFBackend(None, model=model, processor=proc)
     groups = []
     for n, p in enumerate(make_problems(2, seed=5)):
-        good = solution_text(p.steps, p.answer)
-        v = p.steps[0]["value"]
-        bad = good.replace(f"= {v}\n", f"= {(v + 1) % 10}\n", 1)
-        ids_good, ids_bad = (tok(t, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for t in (good, bad))
-        a = align(ids_bad, ids_good)
+        ids_good, ids_bad, a = misread_pair(tok, p)
         img = decode_image(p.render())
         lp_good, lp_bad = be.score([Prompt(p.question(), img)] * 2, [ids_good, ids_bad])  # on-policy: ratio 1
         repaired = {"token_ids": ids_bad, "logprobs": lp_bad, "reward": 0.0, "repair_status": "ok",
@@ -248,7 +245,7 @@ def test_fit_refuses_bad_data_clearly(case, df_shards, sft_model, tmp_path):
         (model / "model.safetensors").write_bytes(b"not a safetensors file")
         data, match = df_shards / "s", "no masks"
     elif case == "other_tokenizer":
-        from dfgen.policy import build_tiny
+        from dfgen.tiny import build_tiny
 
         model, match = build_tiny(tmp_path / "other", seed=9), "another tokenizer"
     else:

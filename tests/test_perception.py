@@ -167,7 +167,8 @@ def test_sft_cli_defaults_are_the_config_defaults():
 
 
 def test_encoded_batches_equal_the_processor_batches(train_prompts, tiny_model):
-    from dfgen.policy import decode_image, load_policy, prompt_inputs
+    from dfgen.images import decode_image
+    from dfgen.policy import load_policy, prompt_inputs
     from dfgen.records import load_prompts
     from dftrain.sft import collate_prompts, encode_examples, sft_loss, target_text
 

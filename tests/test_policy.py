@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from dfgen.errors import UserError
-from dfgen.policy import (completion_inputs, decode_image, load_policy, model_fingerprint, prompt_inputs,
-                          suppress_ids, token_logprobs, tokenizer_fingerprint)
+from dfgen.images import decode_image
+from dfgen.policy import completion_inputs, load_policy, model_fingerprint, prompt_inputs, suppress_ids, token_logprobs, tokenizer_fingerprint
 from dfgen.synth.grid import make_problems
 
 
@@ -27,7 +27,8 @@ import os, sys
 os.environ['HF_HUB_OFFLINE'] = '1'
 sys.modules['torchvision'] = None  # as on a machine without torchvision
 from transformers import AutoModelForImageTextToText
-from dfgen.policy import load_processor, prompt_inputs, decode_image
+from dfgen.images import decode_image
+from dfgen.policy import load_processor, prompt_inputs
 from dfgen.synth.grid import make_problems
 m = AutoModelForImageTextToText.from_pretrained({str(tiny_model)!r})
 proc = load_processor({str(tiny_model)!r})
@@ -60,7 +61,7 @@ def test_teacher_forced_logprobs_match_a_plain_forward_pass(tiny_model):
 
 
 def test_fingerprints_identify_tokenizer_and_weights(tiny_model, tmp_path):
-    from dfgen.policy import build_tiny
+    from dfgen.tiny import build_tiny
 
     other = build_tiny(tmp_path / "other", seed=1)
     _, p1 = load_policy(tiny_model)

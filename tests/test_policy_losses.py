@@ -60,7 +60,7 @@ def test_goldens_cover_every_surrogate_and_every_option_bites():
 
 def test_golden_script_reproduces_the_committed_numbers(tmp_path):
     out = tmp_path / "g.json"
-    p = subprocess.run([sys.executable, str(ROOT / "bench" / "golden_trl_losses.py"), "--out", str(out)],
+    p = subprocess.run([sys.executable, str(ROOT / "data" / "golden" / "golden_trl_losses.py"), "--out", str(out)],
                        capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-2000:]
     new = json.loads(out.read_text())

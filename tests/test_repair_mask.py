@@ -86,7 +86,7 @@ def test_oracle_repairs_almost_all_step_format_failures_and_every_kept_repair_ve
 def test_repaired_logprobs_are_the_sampling_policys_teacher_forced_logprobs(pipeline, sft_model):
     from dfgen.backends import Prompt
     from dfgen.backends.hf import HFBackend
-    from dfgen.policy import decode_image
+    from dfgen.images import decode_image
 
     d, _, _ = pipeline
     ok = _flat(d / "r").filter(pl.col("repair_status") == "ok").head(6)
@@ -204,7 +204,8 @@ def test_model_repairer_generates_for_the_prompts_that_fit_and_rejects_only_the_
     """A template sized so that some failures' repair prompts fit the context and some do not: each
     rollout gets the status of its own prompt (the generated outputs are not shifted by the rejects)."""
     from dfgen.backends import Prompt
-    from dfgen.policy import context_length, decode_image, load_policy, prompt_lengths
+    from dfgen.images import decode_image
+    from dfgen.policy import context_length, load_policy, prompt_lengths
     from dfgen.repair import RepairConfig, run_repair
 
     d, _, _ = pipeline
@@ -262,7 +263,7 @@ def test_no_failed_rollouts_gives_an_empty_but_valid_output(tmp_path, pipeline):
 
 def test_mask_refuses_another_tokenizer_and_corrupt_shards(pipeline, tmp_path):
     from dfgen.mask import MaskConfig, run_mask
-    from dfgen.policy import build_tiny
+    from dfgen.tiny import build_tiny
     from tests.conftest import run_cli
 
     d, _, _ = pipeline

@@ -1,4 +1,4 @@
-"""The repository carries its own fixtures: no test, example, notebook, bench script or package
+"""The repository carries its own fixtures: no test, example, notebook, bench or study script or package
 module names a path outside the checkout (a stray team folder beside a clone must not be what
 makes a test pass), and every file the tests read from ``data/`` is there."""
 from __future__ import annotations
@@ -7,7 +7,7 @@ import re
 
 from tests.conftest import DATA, ROOT
 
-SCANNED = ["tests", "examples", "notebooks", "bench", "dfgen", "dftrain", "scripts", "Makefile", ".ci"]
+SCANNED = ["tests", "examples", "notebooks", "bench", "studies", "dfgen", "dftrain", "scripts", "Makefile", ".ci"]
 # A relative path that climbs out of the repository, or the team's fixture folder by name.
 TEAM = "sha" + "red"  # the team's fixture folder, spelled so that this file does not name it
 ESCAPE = re.compile(r"""(?:["'\s=(]|^)\.\./|parents\[\d+\]\.parent|ROOT\.parent|\b""" + TEAM + r"""/(?:data|golden)\b""")

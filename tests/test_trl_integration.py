@@ -20,7 +20,7 @@ G, PROMPTS = 4, 4
 def dataset(train_prompts):
     from datasets import Dataset
 
-    from dfgen.policy import decode_image
+    from dfgen.images import decode_image
     from dfgen.records import load_prompts
 
     recs, _ = load_prompts(train_prompts, limit=16)

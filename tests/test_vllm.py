@@ -48,7 +48,7 @@ def hf(sft_ckpt):
 @pytest.fixture(scope="session")
 def prompts():
     from dfgen.backends import Prompt
-    from dfgen.policy import decode_image
+    from dfgen.images import decode_image
     from dfgen.synth.grid import make_problems
 
     probs = list(make_problems(3, seed=7, split="train"))

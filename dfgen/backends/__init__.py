@@ -45,20 +45,78 @@ class Backend(Protocol):
     def score(self, prompts: list[Prompt], completions: list[list[int]], temperature: float = 1.0) -> list[list[float]]: ...
 
 
-# the registry: name -> (module, class); one place that names the engines (CLI choices come from it)
-BACKENDS = {"hf": ("dfgen.backends.hf", "HFBackend"), "vllm": ("dfgen.backends.vllm", "VLLMBackend")}
-_NEEDS = {"vllm": "vLLM installed (make setup-vllm)"}  # engines that are an optional install
+@dataclass(frozen=True)
+class EngineOptions:
+    """What a command knows about the engine it asks for; each backend takes the fields it uses
+    (``BackendSpec.takes``), so no caller switches on the engine's name."""
+
+    batch_size: int = 64
+    device: str = "auto"  # in-process engines (hf): auto | cpu | cuda | cuda:N
+    seed: int = 0  # engine seed (vllm); every sample also carries its own
+    tensor_parallel_size: int = 1  # vllm
+    max_model_len: int = 1024  # vllm: prompt + completion tokens
+    gpu_memory_utilization: float = 0.9  # vllm
+    dtype: str = "auto"  # vllm: "auto" = the checkpoint's dtype
+
+
+@dataclass(frozen=True)
+class BackendSpec:
+    """A registered engine, named without importing it (vLLM is an optional install)."""
+
+    module: str
+    cls: str
+    takes: tuple[str, ...]  # the EngineOptions fields its constructor takes
+    needs: str | None = None  # an optional install, named in the error when it is missing
+    in_process: bool = False  # runs the policy in this process on --device (repair reuses its scorer model)
+    caps_context: bool = False  # max_model_len bounds prompt + completion, below the model's own context
+
+    def gpus(self, opts: EngineOptions) -> int:
+        """GPUs one worker of this engine reserves on a Ray cluster (in-process engines: none)."""
+        return opts.tensor_parallel_size if "tensor_parallel_size" in self.takes else 0
+
+    def context(self, model_ctx: int | None, opts: EngineOptions) -> int | None:
+        """Tokens a prompt plus its completion may use."""
+        return min(model_ctx or opts.max_model_len, opts.max_model_len) if self.caps_context else model_ctx
+
+
+# the registry: one place that names the engines (the CLI's choices come from it)
+BACKENDS: dict[str, BackendSpec] = {}
+
+
+def register_backend(name: str, spec: BackendSpec) -> None:
+    BACKENDS[name] = spec
+
+
+register_backend("hf", BackendSpec("dfgen.backends.hf", "HFBackend", takes=("batch_size", "device"), in_process=True))
+register_backend("vllm", BackendSpec("dfgen.backends.vllm", "VLLMBackend", needs="vLLM installed (make setup-vllm)",
+                                     takes=("batch_size", "seed", "tensor_parallel_size", "max_model_len",
+                                            "gpu_memory_utilization", "dtype"), caps_context=True))
 BackendName = Enum("BackendName", {k: k for k in BACKENDS}, type=str)  # the CLI option type
 
 
-def get_backend(name: str, model_dir, **kwargs) -> Backend:
+def get_spec(name: str) -> BackendSpec:
+    """The registered engine ``name``; a one-line UserError for an unknown one or a missing install."""
     import importlib.util
 
     from dfgen.errors import UserError
 
     if name not in BACKENDS:
         raise UserError(f"unknown backend {name!r} ({' or '.join(BACKENDS)})")
-    if name in _NEEDS and importlib.util.find_spec(name) is None:  # before anything loads (engines import lazily)
-        raise UserError(f"the {name} backend needs {_NEEDS[name]}; this environment has no {name} module")
-    module, cls = BACKENDS[name]
-    return getattr(importlib.import_module(module), cls)(model_dir, **kwargs)
+    spec = BACKENDS[name]
+    if spec.needs and importlib.util.find_spec(name) is None:  # before anything loads (engines import lazily)
+        raise UserError(f"the {name} backend needs {spec.needs}; this environment has no {name} module")
+    return spec
+
+
+def get_backend(name: str, model_dir, opts: EngineOptions | None = None, **kwargs) -> Backend:
+    """Engine ``name`` on ``model_dir`` with the options it takes from ``opts``; ``kwargs`` go to its
+    constructor as they are (e.g. an in-memory ``model=``)."""
+    import importlib
+
+    spec = get_spec(name)
+    kw = {k: getattr(opts, k) for k in spec.takes} if opts is not None else {}
+    if "device" in kw:
+        from dfgen.policy import resolve_device
+
+        kw["device"] = resolve_device(kw["device"])
+    return getattr(importlib.import_module(spec.module), spec.cls)(model_dir, **(kw | kwargs))

@@ -34,12 +34,10 @@ import base64
 import binascii
 import csv
 import importlib
-import io
 import json
 import math
 import re
 import sys
-import warnings
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any, Iterable, Iterator
 
@@ -73,10 +71,8 @@ RECORD_KEYS = (
     "meta",
 )
 
-# Decompression-bomb guard: refuse images above this many pixels (Pillow's own default
-# warning threshold is ~89 Mpx) and files above this many bytes.
-MAX_IMAGE_PIXELS = 50_000_000
-MAX_IMAGE_BYTES = 256 * 1024 * 1024
+# the image guard's limits (dfgen.images, shared with every stage); the adapters' image-path checks use them
+from dfgen.images import MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS  # noqa: E402
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".gif", ".bmp", ".webp", ".tif", ".tiff")
 
@@ -323,28 +319,14 @@ def run_loader(path: Path, limit: int | None, convert, id_key: str) -> tuple[lis
 
 
 def verify_image_bytes(data: bytes) -> tuple[int, int]:
-    """Check that ``data`` is a decodable image of sane size; returns (width, height)."""
-    from PIL import Image  # lazy
+    """Check that ``data`` is a decodable image of sane size (``dfgen.images``, the one guard);
+    returns (width, height), or raises SkipRecord with the guard's reason."""
+    from dfgen.images import BadImage, check_image
 
-    if len(data) > MAX_IMAGE_BYTES:
-        raise SkipRecord(f"image file too large ({len(data)} bytes)")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as im:
-                width, height = im.size
-                if width * height > MAX_IMAGE_PIXELS:
-                    raise SkipRecord(
-                        f"image too large ({width}x{height} > {MAX_IMAGE_PIXELS} pixels)"
-                    )
-                im.verify()
-    except SkipRecord:
-        raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise SkipRecord(f"image refused (decompression bomb guard): {shorten(exc, 100)}") from exc
-    except Exception as exc:  # noqa: BLE001 - PIL raises many exception types
-        raise SkipRecord(f"undecodable image: {type(exc).__name__}: {shorten(exc, 100)}") from exc
-    return width, height
+        return check_image(data)
+    except BadImage as exc:
+        raise SkipRecord(str(exc)) from None
 
 
 class _NotFound(Exception):
@@ -518,14 +500,13 @@ def accuracy_summary(
 # --------------------------------------------------------------------------------------
 # registry
 
-BENCHMARK_NAMES = ("mathvista", "mmstar", "tabmwp")
-
-
-def _load_registry() -> dict:
-    return {name: importlib.import_module(f"{__name__}.{name}") for name in BENCHMARK_NAMES}
-
-
-BENCHMARKS: dict = _load_registry()
+# The one benchmark registry: name -> module with load / score / summarize / ID_KEY (the id column of raw
+# records, which a predictions file may use instead of ``id``). ``synth`` is the synthetic task
+# (dfgen.synth.bench); the others are the public benchmarks' adapters. ``dftrain eval --bench`` takes its keys.
+_MODULES = {"synth": "dfgen.synth.bench", "mathvista": f"{__name__}.mathvista", "mmstar": f"{__name__}.mmstar",
+            "tabmwp": f"{__name__}.tabmwp"}
+BENCHMARKS: dict = {name: importlib.import_module(path) for name, path in _MODULES.items()}
+BENCHMARK_NAMES = tuple(n for n in BENCHMARKS if n != "synth")  # the public benchmarks' adapters
 
 
 def get_benchmark(name: str):
@@ -534,3 +515,16 @@ def get_benchmark(name: str):
     if key not in BENCHMARKS:
         raise KeyError(f"unknown benchmark {name!r}; known: {', '.join(sorted(BENCHMARKS))}")
     return BENCHMARKS[key]
+
+
+def reward(record: dict, text: str) -> tuple[str | None, float]:
+    """(extracted prediction, reward in {0, 1}) of a response to a prompt record: the scorer of the
+    benchmark its ``source`` names (official extraction rules), else the exact answer match of
+    ``dfgen.answers.score`` (synthetic and users' own records). A scorer's own error surfaces."""
+    from dfgen.answers import score
+
+    key = str(record.get("source") or "").strip().lower()
+    if key in BENCHMARKS and key != "synth":
+        res = BENCHMARKS[key].score(record, text)
+        return res.get("prediction"), float(bool(res.get("correct")))
+    return score(record, text)

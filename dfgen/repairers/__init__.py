@@ -48,3 +48,7 @@ def register_repairer(name: str):
 
 
 from dfgen.repairers import oracle, sibling, model  # noqa: E402,F401 - each registers itself, in this order
+
+from enum import Enum  # noqa: E402
+
+RepairerName = Enum("RepairerName", {k: k for k in REPAIRERS}, type=str)  # the CLI option type, from the registry

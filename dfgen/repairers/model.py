@@ -11,7 +11,8 @@ from dfgen.repairers import Proposal, register_repairer
 @register_repairer("model")
 def propose(jobs: list, env) -> list[Proposal]:
     from dfgen.backends import Prompt, SamplingConfig
-    from dfgen.policy import decode_image, prompt_lengths
+    from dfgen.images import decode_image
+    from dfgen.policy import prompt_lengths
 
     if not jobs:
         return []

@@ -1,6 +1,6 @@
 """The synthetic task as a benchmark: the same interface as the adapters in ``dfgen.benchmarks``
 (``load``, ``score``, ``summarize``, ``ID_KEY``), so ``dftrain eval --bench synth`` goes through
-the one registry (``dftrain.evaluate.EVAL_BENCHMARKS``).
+the one registry (``dfgen.benchmarks.BENCHMARKS``).
 
 Records are prompt sets written by ``dfgen synth`` (parquet or jsonl); answers are exact
 (``dfgen.answers``: the last ``Answer:`` line).

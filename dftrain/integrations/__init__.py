@@ -14,10 +14,10 @@ TRL_NON_DATA_KEYS = ("prompts", "completion_ids", "trainer_state", "log_extra", 
 
 
 def answer_reward(completions, **cols) -> list[float]:
-    """A TRL reward function: the exact-answer reward of prompt records (``dfgen.answers.score``,
-    as ``dfgen sample`` scores rollouts), read from the dataset's columns (answer, answer_type,
-    source); a completion is a chat message list or a string."""
-    from dfgen.answers import score
+    """A TRL reward function: the reward of prompt records (``dfgen.benchmarks.reward``, as
+    ``dfgen sample`` scores rollouts: the benchmark's scorer, or the exact answer), read from the
+    dataset's columns (answer, answer_type, source); a completion is a chat message list or a string."""
+    from dfgen.benchmarks import reward as score
 
     keys = [k for k in cols if k not in TRL_NON_DATA_KEYS]
     return [score({k: cols[k][i] for k in keys}, c[0]["content"] if isinstance(c, list) else c)[1]

@@ -1,6 +1,6 @@
 """Re-screen DF's weight options on a finished study setting (issue 19, part 2).
 
-Reads a ``bench/experiment.py`` folder (``--setting``: its SFT start, val/test sets, loop settings,
+Reads a ``studies/experiment.py`` folder (``--setting``: its SFT start, val/test sets, loop settings,
 and the GRPO and DF-GRPO arms at their val-chosen lr) and runs DF-GRPO *variants* that differ from
 the study's DF arm in one option each, on the same seeds, so every variant is paired with the same
 GRPO runs:
@@ -19,7 +19,7 @@ against the study's token-matched GRPO (``grpo-tok``, comparison (b)) where the 
 each variant's mask statistics and repair-token cost. Runs live in ``SETTING/options/VARIANT/lrLR/sS``
 (resumable: finished runs are skipped); results in ``SETTING/options/options.json``.
 
-Run: ``python bench/options_screen.py --setting runs/study19/times34 --seeds 3``
+Run: ``python -m studies.options_screen --setting runs/study19/times34 --seeds 3``
 then ``--seeds 8 --variants BEST`` for the one or two best on val.
 """
 from __future__ import annotations
@@ -30,8 +30,8 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from experiment import final_of, item_stats, load_runs, mechanism, paired, run_job, test_items  # noqa: E402
+from dftrain.loop import BEFORE_FIELD
+from studies.experiment import final_of, item_stats, load_runs, loop_base, mechanism, paired, run_job, test_items
 
 VARIANTS = {
     "root": {},
@@ -50,7 +50,7 @@ OWN_LR = ("redistribute",)
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--setting", type=Path, required=True, help="a finished bench/experiment.py --out folder")
+    ap.add_argument("--setting", type=Path, required=True, help="a finished studies/experiment.py --out folder")
     ap.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated, from: " + ", ".join(VARIANTS))
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--repair-model", type=Path, default=None, help="the model variant's repair checkpoint")
@@ -59,7 +59,7 @@ def main():
     args = ap.parse_args()
     res_f = args.setting / "results.json"
     if not res_f.is_file():
-        ap.error(f"--setting {args.setting}: no results.json (run bench/experiment.py there first)")
+        ap.error(f"--setting {args.setting}: no results.json (run studies/experiment.py there first)")
     variants = [v for v in args.variants.split(",") if v]
     bad = [v for v in variants if v not in VARIANTS]
     if bad:
@@ -67,16 +67,9 @@ def main():
     if "model" in variants and args.repair_model is not None and not (args.repair_model / "config.json").is_file():
         ap.error(f"--repair-model {args.repair_model} is not a policy folder")
     study = json.loads(res_f.read_text())
-    conf, chosen = study["config"], study["summary"]["lr_chosen_on_val"]
+    conf, chosen = BEFORE_FIELD | study["config"], study["summary"]["lr_chosen_on_val"]  # a missing key: its value then
     seeds = list(range(args.seeds))
-    task = json.loads(conf["task"])
-    base = dict(model=conf["sft"], rounds=conf["rounds"], prompts_per_round=conf["prompts_per_round"],
-                group_size=conf["group_size"], fit_steps=conf["fit_steps"], kappa=conf["kappa"], marked=conf["marked"],
-                mass=conf["mass"], repaired_weight=conf["repaired_weight"], repairer=conf["repairer"], task=task,
-                fail_advantage=conf.get("fail_advantage", 0.0), kappa_rep=conf.get("kappa_rep", 0.0),
-                eval_every=conf["eval_every"], policy_loss=conf["policy_loss"], clip_high=conf["clip_high"],
-                dual_clip=conf["dual_clip"], eval=[str(args.setting / "val"), str(args.setting / "test")],
-                eval_n=conf["eval_n"], threads=args.threads, objective="df-grpo")
+    base = loop_base(conf, conf["sft"], args.setting, args.threads) | {"objective": "df-grpo"}
     lrs = [float(x) for x in conf["lrs"].split(",")]
     opt_dir = args.setting / "options"
 
@@ -99,7 +92,7 @@ def main():
             if finished(Path(sp["out"])) or args.summarize_only:
                 continue
             if sp["name"].startswith("root/"):
-                sys.exit(f"options_screen.py: error: the study's DF run {sp['out']} is missing; rerun bench/experiment.py")
+                sys.exit(f"options_screen.py: error: the study's DF run {sp['out']} is missing; rerun studies/experiment.py")
             r = run_job(dict(sp))
             print(f"  {r['name']}: {r['seconds']}s", flush=True)
 

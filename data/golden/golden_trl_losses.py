@@ -19,7 +19,7 @@ as a leaf tensor. The loss and its gradient with respect to those log-probabilit
 ``tests/test_loss.py`` checks ``dftrain.loss`` against the JSON to 1e-5, and reruns this script
 (TRL is installed by ``make setup``) to check that it reproduces the committed numbers.
 
-Run: ``python bench/golden_trl_losses.py --out data/golden/trl_policy_losses.json``
+Run: ``python data/golden/golden_trl_losses.py --out data/golden/trl_policy_losses.json``
 """
 from __future__ import annotations
 

@@ -1,10 +1,10 @@
 """The paired DF - GRPO difference by where the SFT start's first error falls (the hypothesis curve).
 
-Reads ``bench/experiment.py`` results (``summary.a_df_minus_grpo_by_sft_prefix``: test problems
+Reads ``studies/experiment.py`` results (``summary.a_df_minus_grpo_by_sft_prefix``: test problems
 bucketed by the share f of canonical lines the start got right before its first error) for one or
 more settings and draws mean and 95% interval per bucket, one line per setting.
 
-Run: ``python bench/plot_by_prefix.py --out docs/study19/by_prefix.png
+Run: ``python -m studies.plot_by_prefix --out docs/study19/by_prefix.png
 A=docs/study19/times34/results.json B=docs/study19/times23/results.json``
 """
 from __future__ import annotations
@@ -28,7 +28,7 @@ def main():
             s = json.loads(Path(path).read_text())["summary"]
             s["a_df_minus_grpo_by_sft_prefix"], s["bucket_sizes"]
         except (OSError, ValueError, KeyError, TypeError) as e:
-            ap.error(f"{spec!r}: not NAME=results.json of bench/experiment.py with per-prefix results ({e!r})")
+            ap.error(f"{spec!r}: not NAME=results.json of studies/experiment.py with per-prefix results ({e!r})")
         loaded.append((name, s))
     import matplotlib
 

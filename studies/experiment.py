@@ -25,7 +25,7 @@ negative-gradient mass DF keeps). Per-problem results come from each evaluated r
 ``--jobs K`` runs K loops side by side (``--threads`` torch threads each); runs cut short are
 summarized over the evaluations all of them reached (``--summarize-only`` re-reads a folder).
 
-Run (2-core CPU, hours): ``python bench/experiment.py --out runs/exp2``
+Run (2-core CPU, hours): ``python -m studies.experiment --out runs/exp2``
 """
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-from dftrain.settings import MARKED_MODES, MASS_MODES, DFWeights
+from dftrain.settings import MARKED_MODES, MASS_MODES, POLICY_LOSS_NAMES
 
 T975 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26, 10: 2.23,
         11: 2.20, 12: 2.18, 13: 2.16, 14: 2.14, 15: 2.13}
@@ -161,12 +161,32 @@ def prefix_bucket(row: dict) -> str:
     return "f<0.5" if f < 0.5 else "0.5-0.75" if f < 0.75 else "0.75-1" if f < 1 else "f=1"
 
 
-# settings every run in one --out must share (the rest, e.g. --seeds or --jobs, may change on a rerun)
-SAME_SETTINGS = ("marked", "kappa", "mass", "repaired_weight", "fail_advantage", "kappa_rep", "repairer", "task", "rounds", "prompts_per_round",
-                 "group_size", "fit_steps", "eval_every", "sft", "policy_loss", "clip_high", "dual_clip")
+# The loop settings the study exposes: each an option of LoopConfig's type and default, except where the
+# study's own default differs (STUDY_DEFAULTS: how the committed studies ran, the mask alone, 10 rounds,
+# evaluated every 2 on 1,000 test problems). Every run in one --out must share them (bar eval_n).
+LOOP_OPTIONS = ("rounds", "prompts_per_round", "group_size", "fit_steps", "kappa", "marked", "mass", "repaired_weight",
+                "fail_advantage", "kappa_rep", "policy_loss", "clip_high", "dual_clip", "repairer", "eval_every",
+                "eval_n")
+STUDY_DEFAULTS = {"rounds": 10, "repaired_weight": 0.0, "fail_advantage": 0.0, "eval_every": 2, "eval_n": 1000}
+CHOICES = {"marked": MARKED_MODES, "mass": MASS_MODES, "policy_loss": POLICY_LOSS_NAMES,
+           "repairer": ("oracle", "sibling")}  # the model repairer needs a checkpoint this grid does not take
+SAME_SETTINGS = tuple(k for k in LOOP_OPTIONS if k != "eval_n") + ("task", "sft")
 
 
-def main():
+def loop_base(conf: dict, sft, setting: Path, threads: int) -> dict:
+    """The LoopConfig fields every run of a study shares, from its config (``results.json``'s, or the
+    parsed options): the loop options, the start, the task and the val/test sets."""
+    return {k: conf[k] for k in LOOP_OPTIONS} | dict(
+        model=str(sft), task=json.loads(conf["task"]) if isinstance(conf["task"], str) else conf["task"],
+        eval=[str(setting / "val"), str(setting / "test")], threads=threads)
+
+
+def parse(argv=None) -> argparse.Namespace:
+    """The study's options; bad ones are argparse's one-line error (exit 2), before any work."""
+    from dataclasses import fields
+
+    from dftrain.loop import LoopConfig
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, default=Path("runs/exp2"))
     ap.add_argument("--seeds", type=int, default=5)
@@ -174,24 +194,13 @@ def main():
                     help="run the lr grid on the first K seeds only, the rest at each arm's chosen lr (default: all)")
     ap.add_argument("--first-seed", type=int, default=0, help="seeds first-seed .. first-seed+seeds-1")
     ap.add_argument("--lrs", default="3e-5,1e-4", help="comma-separated lr grid; chosen per arm on val")
-    ap.add_argument("--rounds", type=int, default=10)
-    ap.add_argument("--prompts-per-round", type=int, default=64)
-    ap.add_argument("--group-size", type=int, default=8)
-    ap.add_argument("--fit-steps", type=int, default=8)
-    ap.add_argument("--kappa", type=float, default=DFWeights.kappa)
-    ap.add_argument("--marked", default=DFWeights.marked, choices=MARKED_MODES)
-    ap.add_argument("--mass", default=DFWeights.mass, choices=MASS_MODES)
-    ap.add_argument("--repaired-weight", type=float, default=0.0)
-    ap.add_argument("--fail-advantage", type=float, default=0.0)
-    ap.add_argument("--kappa-rep", type=float, default=0.0)
-    ap.add_argument("--policy-loss", default="ppo", help="the surrogate of both arms (dftrain.loss.POLICY_LOSSES)")
-    ap.add_argument("--clip-high", type=float, default=0.2)
-    ap.add_argument("--dual-clip", type=float, default=None)
-    ap.add_argument("--repairer", default="oracle", choices=["oracle", "sibling"], help="oracle or sibling (a correct rollout of the same group)")
+    defaults = {f.name: f.default for f in fields(LoopConfig)} | STUDY_DEFAULTS
+    for k in LOOP_OPTIONS:  # LoopConfig's settings, with its types and defaults (the study's where it differs)
+        d = defaults[k]
+        ap.add_argument("--" + k.replace("_", "-"), type=float if d is None else type(d), default=d,
+                        choices=CHOICES.get(k), help=f"dftrain loop --{k.replace('_', '-')} (default {d})")
     ap.add_argument("--task", default="{}", help="GridTask knobs as JSON, e.g. '{\"min_reads\": 3}'")
-    ap.add_argument("--eval-n", type=int, default=1000)
     ap.add_argument("--val-n", type=int, default=500)
-    ap.add_argument("--eval-every", type=int, default=2)
     ap.add_argument("--avg-last", type=int, default=3)
     ap.add_argument("--sft", type=Path, default=None, help="start from this SFT checkpoint (default: train one)")
     ap.add_argument("--sft-steps", type=int, default=600)
@@ -202,52 +211,48 @@ def main():
     ap.add_argument("--summarize-only", action="store_true", help="summarize the runs already in --out")
     ap.add_argument("--jobs", type=int, default=1)
     ap.add_argument("--threads", type=int, default=2)
-    args = ap.parse_args()
-    # bad arguments: argparse's one-line error (exit 2) before any work, never a traceback
+    args = ap.parse_args(argv)
     if args.sft is not None and not (args.sft / "config.json").is_file():
         ap.error(f"--sft {args.sft} is not a policy folder (no config.json)")
     try:
         from dfgen.synth.grid import GridTask
 
-        task_knobs = json.loads(args.task)
-        GridTask(**task_knobs).validate()
+        GridTask(**json.loads(args.task)).validate()
     except (ValueError, TypeError) as e:
         ap.error(f"--task {args.task!r}: {e}")
     if args.screen_seeds is not None and not 1 <= args.screen_seeds <= args.seeds:
         ap.error("--screen-seeds must be between 1 and --seeds")
     if min(args.seeds, args.rounds, args.eval_every, args.avg_last, args.jobs, args.eval_n, args.val_n) < 1:
         ap.error("--seeds, --rounds, --eval-every, --avg-last, --jobs, --eval-n and --val-n must be positive")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import torch
+    return args
 
-    torch.set_num_threads(args.threads if args.jobs == 1 else min(8, os.cpu_count() or 2))
-    from dfgen.policy import build_tiny, load_policy
-    from dfgen.synth.grid import GridTask, write_synth
+
+def setup(args) -> tuple[Path, dict]:
+    """The val/test sets, the SFT start (trained unless --sft) and its accuracy; the study's
+    results.json, refusing one made with other settings. Returns (sft folder, results)."""
+    from dfgen.policy import load_policy
     from dfgen.shards import write_jsonl_atomic
+    from dfgen.synth.grid import GridTask, write_synth
+    from dfgen.tiny import build_tiny
     from dftrain.evaluate import greedy_profile
+    from dftrain.loop import BEFORE_FIELD
     from dftrain.sft import SFTConfig, run_sft
 
-    out = args.out
+    out, task = args.out, GridTask(**json.loads(args.task))
     out.mkdir(parents=True, exist_ok=True)
-    task = task_knobs
-    t_all = time.time()
     sft = args.sft or out / "sft"
     if not (out / "val").exists():
-        write_synth(out / "test", args.eval_n, seed=0, split="test", task=GridTask(**task))
-        write_synth(out / "val", args.val_n, seed=0, split="val", task=GridTask(**task))
+        write_synth(out / "test", args.eval_n, seed=0, split="test", task=task)
+        write_synth(out / "val", args.val_n, seed=0, split="val", task=task)
     if not (sft / "config.json").exists():
-        write_synth(out / "train", 4000, seed=0, split="train", task=GridTask(**task))
+        write_synth(out / "train", 4000, seed=0, split="train", task=task)
         build_tiny(out / "tiny", hidden=args.hidden, layers=args.layers)
-        run_sft(SFTConfig(data=out / "train", model=out / "tiny", out=sft, steps=args.sft_steps,
-                          device=args.sft_device))
-    results_f = out / "results.json"
-    results = json.loads(results_f.read_text()) if results_f.exists() else {}
+        run_sft(SFTConfig(data=out / "train", model=out / "tiny", out=sft, steps=args.sft_steps, device=args.sft_device))
+    results = json.loads((out / "results.json").read_text()) if (out / "results.json").exists() else {}
     if "config" in results:  # finished runs are reused: they must be runs of these settings
-        have, want = results["config"], vars(args) | {"sft": str(sft)}
-        older = {"marked": "edit", "repairer": "oracle", "policy_loss": "ppo", "clip_high": 0.2,  # before the key existed
-                 "fail_advantage": 0.0, "kappa_rep": 0.0}
+        have, want = BEFORE_FIELD | results["config"], vars(args) | {"sft": str(sft)}  # a missing key: its value then
         norm = lambda k, v: json.loads(v) if k == "task" else str(v) if k == "sft" else v  # noqa: E731
-        diff = [k for k in SAME_SETTINGS if norm(k, have.get(k) or older.get(k, have.get(k))) != norm(k, want[k])]
+        diff = [k for k in SAME_SETTINGS if norm(k, have.get(k)) != norm(k, want[k])]
         if diff:
             sys.exit(f"experiment.py: error: {out} holds runs with other settings "
                      f"({', '.join(f'--{k.replace(chr(95), chr(45))} {have.get(k)}' for k in diff)}); "
@@ -260,65 +265,93 @@ def main():
         results["sft_accuracy"] = {"test": prof["accuracy"],
                                    "val": greedy_profile(m, p, out / "val", limit=args.val_n)["accuracy"]}
         results["sft_profile"] = {"test": prof}
-        results_f.write_text(json.dumps(results, indent=2))
+        _save(out, results)
     print(f"SFT start: {results['sft_accuracy']}", flush=True)
-    base = dict(model=str(sft), rounds=args.rounds, prompts_per_round=args.prompts_per_round,
-                group_size=args.group_size, fit_steps=args.fit_steps, kappa=args.kappa, marked=args.marked,
-                mass=args.mass, repaired_weight=args.repaired_weight, fail_advantage=args.fail_advantage,
-                kappa_rep=args.kappa_rep, repairer=args.repairer, task=task, eval_every=args.eval_every,
-                policy_loss=args.policy_loss, clip_high=args.clip_high, dual_clip=args.dual_clip,
-                eval=[str(out / "val"), str(out / "test")], eval_n=args.eval_n, threads=args.threads)
-    lrs = [float(x) for x in args.lrs.split(",")]
-    arms = ["grpo", "df-grpo"] + (["grpo-tok"] if args.token_matched else [])
-    # (b): GRPO gets extra prompts per round so its sampled tokens match DF's sampled + repaired tokens,
-    # at the ratio DF's own screen runs used over all their rounds (folders made before this keep the
-    # ratio a one-round probe measured: round 0 has the most failures, so it over-matched by ~10%)
-    ratio = results.get("token_ratio")
-    seeds = list(range(args.first_seed, args.first_seed + args.seeds))
-    screen = seeds[:args.screen_seeds or args.seeds]
+    return sft, results
 
-    def spec(arm, lr, s):
-        name = f"{arm}/lr{lr:g}/s{s}"
-        sp = base | dict(name=name, out=str(out / name), objective="grpo" if arm == "grpo-tok" else arm, lr=lr, seed=s)
+
+def _save(out: Path, results: dict) -> None:
+    (out / "results.json").write_text(json.dumps(results, indent=2, default=str))
+
+
+class Grid:
+    """The study's runs: arms x lrs x seeds, each a LoopConfig (``spec``), run resumably (``run``)."""
+
+    def __init__(self, args, sft: Path, results: dict):
+        self.args, self.out, self.results = args, args.out, results
+        self.base = loop_base(vars(args), sft, args.out, args.threads)
+        self.lrs = [float(x) for x in args.lrs.split(",")]
+        self.arms = ["grpo", "df-grpo"] + (["grpo-tok"] if args.token_matched else [])
+        self.seeds = list(range(args.first_seed, args.first_seed + args.seeds))
+        self.screen = self.seeds[:args.screen_seeds or args.seeds]
+
+    def spec(self, arm: str, lr: float, seed: int) -> dict:
+        """One run's LoopConfig fields (+ its name and threads). (b): GRPO-tok gets extra prompts and steps per
+        round so its sampled tokens match DF's sampled + repaired tokens, at the ratio DF's own screen runs used
+        over all their rounds (folders made before this keep the ratio a one-round probe measured: round 0
+        has the most failures, so it over-matched by ~10%)."""
+        a, name = self.args, f"{arm}/lr{lr:g}/s{seed}"
+        sp = self.base | dict(name=name, out=str(self.out / name), objective="grpo" if arm == "grpo-tok" else arm,
+                              lr=lr, seed=seed)
         if arm == "grpo-tok":  # same groups per step, more prompts and steps per round
-            n = int(round(args.prompts_per_round * ratio / args.group_size)) * args.group_size
-            sp |= dict(prompts_per_round=n, fit_steps=max(1, n * args.fit_steps // args.prompts_per_round))
+            n = int(round(a.prompts_per_round * self.results["token_ratio"] / a.group_size)) * a.group_size
+            sp |= dict(prompts_per_round=n, fit_steps=max(1, n * a.fit_steps // a.prompts_per_round))
         return sp
 
-    def run_all(specs):
-        pending = [s for s in specs if not (Path(s["out"]) / f"round_{args.rounds - 1:03d}" / "round.json").exists()]
-        if pending and not args.summarize_only:
-            print(f"{len(pending)} runs to do, {args.jobs} at a time", flush=True)
-            import multiprocessing
+    def run(self, specs: list[dict]) -> None:
+        """The unfinished runs of ``specs``, --jobs at a time (spawned processes)."""
+        pending = [s for s in specs if not (Path(s["out"]) / f"round_{self.args.rounds - 1:03d}" / "round.json").exists()]
+        if not pending or self.args.summarize_only:
+            return
+        print(f"{len(pending)} runs to do, {self.args.jobs} at a time", flush=True)
+        import multiprocessing
 
-            # spawn, not fork: the parent has run torch (the SFT accuracy), and a forked child of a process
-            # whose OpenMP pool is up hangs on its first parallel op (seen: the first sampling call, in a futex)
-            with ProcessPoolExecutor(max_workers=args.jobs, mp_context=multiprocessing.get_context("spawn")) as ex:
-                for r in ex.map(run_job, [dict(s) for s in pending]):
-                    print(f"  {r['name']}: {r['seconds']}s", flush=True)
+        # spawn, not fork: the parent has run torch (the SFT accuracy), and a forked child of a process
+        # whose OpenMP pool is up hangs on its first parallel op (seen: the first sampling call, in a futex)
+        with ProcessPoolExecutor(max_workers=self.args.jobs, mp_context=multiprocessing.get_context("spawn")) as ex:
+            for r in ex.map(run_job, [dict(s) for s in pending]):
+                print(f"  {r['name']}: {r['seconds']}s", flush=True)
 
-    # (1) the screen: every lr on the screen seeds (GRPO-tok after DF, whose tokens it matches);
-    # (2) the other seeds at each arm's val choice
-    run_all([spec(a, lr, s) for a in arms if a != "grpo-tok" for lr in lrs for s in screen])
-    if args.token_matched and ratio is None:
-        df_lr = choose_lr(out, ["df-grpo"], lrs, screen, args)["df-grpo"]
-        rounds = [r for v in load_runs(out, [f"df-grpo/lr{df_lr}/s{s}" for s in screen]).values() for r in v]
+    def token_ratio(self) -> None:
+        """DF's (sampled + repaired) / sampled tokens over its screen runs at its val-chosen lr, once."""
+        if "token_ratio" in self.results:
+            return
+        df_lr = choose_lr(self.out, ["df-grpo"], self.lrs, self.screen, self.args)["df-grpo"]
+        rounds = [r for v in load_runs(self.out, [f"df-grpo/lr{df_lr}/s{s}" for s in self.screen]).values() for r in v]
         if not rounds:
-            sys.exit(f"experiment.py: error: no finished DF screen run in {out} to match GRPO-tok's tokens to")
+            sys.exit(f"experiment.py: error: no finished DF screen run in {self.out} to match GRPO-tok's tokens to")
         gen = sum(r["generated_tokens"] for r in rounds)
-        ratio = results["token_ratio"] = (gen + sum(r.get("repair", {}).get("repaired_tokens", 0) for r in rounds)) / gen
-        results["token_ratio_from"] = f"df-grpo/lr{df_lr} on the screen seeds, all rounds"
-        results_f.write_text(json.dumps(results, indent=2))
-    run_all([spec("grpo-tok", lr, s) for lr in lrs for s in screen] if args.token_matched else [])
-    chosen = choose_lr(out, arms, lrs, screen, args)
-    specs = [spec(a, lr, s) for a in arms for lr in lrs for s in screen] + \
-        [spec(a, float(chosen[a]), s) for s in seeds if s not in screen for a in arms]  # seed-major: pairs finish together
-    run_all(specs[len(arms) * len(lrs) * len(screen):])
-    results |= summarize_grid(out, arms, lrs, screen, seeds, args, results["sft_accuracy"])
+        self.results["token_ratio"] = (gen + sum(r.get("repair", {}).get("repaired_tokens", 0) for r in rounds)) / gen
+        self.results["token_ratio_from"] = f"df-grpo/lr{df_lr} on the screen seeds, all rounds"
+        _save(self.out, self.results)
+
+
+def run_grid(grid: Grid) -> None:
+    """(1) the screen: every lr on the screen seeds (GRPO-tok after DF, whose tokens it matches);
+    (2) the other seeds at each arm's val choice, seed-major so that pairs finish together."""
+    grid.run([grid.spec(a, lr, s) for a in grid.arms if a != "grpo-tok" for lr in grid.lrs for s in grid.screen])
+    if "grpo-tok" in grid.arms:
+        grid.token_ratio()
+        grid.run([grid.spec("grpo-tok", lr, s) for lr in grid.lrs for s in grid.screen])
+    chosen = choose_lr(grid.out, grid.arms, grid.lrs, grid.screen, grid.args)
+    grid.run([grid.spec(a, float(chosen[a]), s) for s in grid.seeds if s not in grid.screen for a in grid.arms])
+
+
+def main(argv=None):
+    args = parse(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import torch
+
+    torch.set_num_threads(args.threads if args.jobs == 1 else min(8, os.cpu_count() or 2))
+    t_all = time.time()
+    sft, results = setup(args)
+    grid = Grid(args, sft, results)
+    run_grid(grid)
+    results |= summarize_grid(args.out, grid.arms, grid.lrs, grid.screen, grid.seeds, args, results["sft_accuracy"])
     results["seconds"] = round(time.time() - t_all, 1)
-    results_f.write_text(json.dumps(results, indent=2))
+    _save(args.out, results)
     print(json.dumps(results["summary"], indent=2))
-    plot(out, results, arms, args)
+    plot(args.out, results, grid.arms, args)
 
 
 def load_runs(out: Path, names) -> dict:

@@ -15,11 +15,11 @@ model is built here, from data the oracle never sees at run time:
    of ``dfgen repair --repairer model`` with that model against the oracle's, the share of the
    model's verified repairs equal to the oracle's, and the edit ratio of each (``OUT/check.json``).
 
-The study then runs ``bench/options_screen.py --variants model --repair-model OUT/model``: the
+The study then runs ``studies/options_screen.py --variants model --repair-model OUT/model``: the
 same loop with this model repairing every round's failures and the verifier keeping only repairs
 whose answer is right and whose edit ratio is under the bound (the oracle plays no part there).
 
-Run: ``python bench/repair_model.py --setting runs/study19/times34 --out runs/study19/repairer``
+Run: ``python -m studies.repair_model --setting runs/study19/times34 --out runs/study19/repairer``
 """
 from __future__ import annotations
 
@@ -65,7 +65,7 @@ def summary(rep_dir: Path) -> dict:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--setting", type=Path, required=True, help="a bench/experiment.py folder (its SFT start and task)")
+    ap.add_argument("--setting", type=Path, required=True, help="a studies/experiment.py folder (its SFT start and task)")
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--prompts", type=int, default=1500)
     ap.add_argument("--check-prompts", type=int, default=200)

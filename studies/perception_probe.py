@@ -21,8 +21,8 @@ must see": ``presence`` (1 read, at most one cell per colour), ``count`` (1 read
 Resumable: each finished probe is a line in ``OUT/probes.jsonl``; a rerun skips it (``--force``
 reruns). One heavy job at a time on 2 cores.
 
-Run: ``python bench/perception_probe.py --out runs/probe``
-     ``python bench/perception_probe.py --out runs/probe_lr3 --probes count --sft '{"lr": 3e-3}'``
+Run: ``python -m studies.perception_probe --out runs/probe``
+     ``python -m studies.perception_probe --out runs/probe_lr3 --probes count --sft '{"lr": 3e-3}'``
 """
 from __future__ import annotations
 
@@ -60,7 +60,8 @@ def majority(val_dir: Path) -> float:
 
 
 def run_probe(name: str, task_kw: dict, args) -> dict:
-    from dfgen.policy import build_tiny, load_policy
+    from dfgen.policy import load_policy
+    from dfgen.tiny import build_tiny
     from dfgen.synth.grid import GridTask, write_synth
     from dftrain.perception import feature_probe, read_dependence
     from dftrain.sft import SFTConfig, run_sft
@@ -125,7 +126,7 @@ def main(argv=None) -> int:
     bad = set(args.sft) - fields
     if bad:
         ap.error(f"unknown --sft keys {sorted(bad)}; choose from {sorted(fields)}")
-    from dfgen.policy import build_tiny
+    from dfgen.tiny import build_tiny
 
     bad = set(args.model) - (set(inspect.signature(build_tiny).parameters) - {"out", "seed"})
     if bad:

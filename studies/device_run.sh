@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # One scaled-up run of the experiment on a lent GPU machine (16 CPU cores + 1 GPU), ~9 minutes.
 #   1. SFT candidates on the GPU (the tiny 0.77M and the ~5M policy, long schedules), each
-#      scored on the val split with bench/error_profile.py (val only: test is never looked at);
-#   2. bench/experiment.py from the best candidate: the arms x lr x seed grid as CPU processes
+#      scored on the val split with studies/error_profile.py (val only: test is never looked at);
+#   2. studies/experiment.py from the best candidate: the arms x lr x seed grid as CPU processes
 #      (1 thread each), cut at a time limit, summarized over the evaluations all runs reached.
 # Needs the rapidfuzz wheel in .whl/ (see docs/RESULTS.md); results land in $OUT.
-# Usage (device tool): bash bench/device_run.sh  [EXPERIMENT_SECONDS]
+# Usage (device tool): bash studies/device_run.sh  [EXPERIMENT_SECONDS]
 set -u
 START=$(date +%s)
 PY=${PY:-python3}
@@ -45,15 +45,15 @@ with ProcessPoolExecutor(3) as ex:
     for name, loss, sec in ex.map(sft, specs):
         print(f"{name}: final loss {loss} in {sec}s", flush=True)
 EOF
-$PY bench/error_profile.py runs/dev/sft_h* --data runs/dev/val --n 500 2>&1 | grep '^{' | tee $OUT/profiles.jsonl
+$PY -m studies.error_profile runs/dev/sft_h* --data runs/dev/val --n 500 2>&1 | grep '^{' | tee $OUT/profiles.jsonl
 BEST=$($PY -c "
 import json; rows=[json.loads(l) for l in open('$OUT/profiles.jsonl')]
 print(max(rows, key=lambda r: r['accuracy'] - r['lucky'])['model'])")
 T=$(( T - ($(date +%s) - START) ))
 echo "experiment starts from $BEST, ${T}s left for it" | tee -a $OUT/sft.log
-CUDA_VISIBLE_DEVICES= timeout $T $PY bench/experiment.py --out $E/exp --sft $BEST --jobs $JOBS --threads 1 \
+CUDA_VISIBLE_DEVICES= timeout $T $PY -m studies.experiment --out $E/exp --sft $BEST --jobs $JOBS --threads 1 \
   --seeds 4 --lrs 3e-5,1e-4 --rounds 10 --eval-every 2 --avg-last 2 --eval-n 1000 --val-n 500 ${EXTRA:-} > $OUT/experiment.log 2>&1
-CUDA_VISIBLE_DEVICES= $PY bench/experiment.py --out $E/exp --sft $BEST --seeds 4 --lrs 3e-5,1e-4 --rounds 10 \
+CUDA_VISIBLE_DEVICES= $PY -m studies.experiment --out $E/exp --sft $BEST --seeds 4 --lrs 3e-5,1e-4 --rounds 10 \
   --eval-every 2 --avg-last 2 --eval-n 1000 --val-n 500 ${EXTRA:-} --summarize-only >> $OUT/experiment.log 2>&1
 cp $E/exp/results.json $E/exp/curves.png $OUT/ 2>/dev/null
 tar czf $OUT/runs.tgz $(find $E -name loop.json -o -name log.txt -o -name sft_metrics.json -o -name round.json) 2>/dev/null

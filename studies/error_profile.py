@@ -16,7 +16,7 @@ Also reported: accuracy, ``read_acc`` (the share of read steps that are right), 
 cannot tell them apart). DF's premise is that failed rollouts hold correct steps before the
 error; this profile says how often that is true for a given checkpoint.
 
-Run: ``python bench/error_profile.py runs/sft --data runs/val --n 500``
+Run: ``python -m studies.error_profile runs/sft --data runs/val --n 500``
 """
 from __future__ import annotations
 

@@ -15,7 +15,7 @@ one context. Teacher-force the bad rollout under each policy and report, average
 Sampling suppression is applied as in the sampler. A rollout whose prefix differs from its repair
 before t (cannot happen for an oracle repair) is counted in ``skipped``.
 
-Run: ``python bench/root_probe.py --shards runs/probe/df sft=runs/sft2000 grpo=.../fit df=.../fit``
+Run: ``python -m studies.root_probe --shards runs/probe/df sft=runs/sft2000 grpo=.../fit df=.../fit``
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ from pathlib import Path
 def root_items(shards: Path) -> tuple[list[dict], int]:
     import polars as pl
 
-    from dfgen.policy import decode_image
+    from dfgen.images import decode_image
     from dfgen.shards import open_shards
 
     items, skipped = [], 0
