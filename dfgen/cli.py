@@ -16,7 +16,7 @@ import typer
 
 from dfgen.backends import BackendName as Backend
 from dfgen.console import progress_bar, quiet_hf
-from dfgen.errors import UserError, cli_errors
+from dfgen.errors import UserError, cli_errors, run_app
 from dfgen.repair import RepairConfig as _Repair  # light modules: the configs are the one source of defaults
 from dfgen.repairers import RepairerName
 from dfgen.sample import SampleConfig as _Sample
@@ -308,7 +308,7 @@ def stats(
 
 
 def main():
-    app()
+    run_app(app)
 
 
 if __name__ == "__main__":

@@ -99,3 +99,27 @@ def cli_errors(fn):
             sys.exit(1)
 
     return wrapper
+
+
+def run_app(app) -> None:
+    """Run a typer app as a command line: a bad option (an unknown choice, a missing or mistyped
+    value, an unknown command) is one ``error:`` line on stderr and exit 2, as every other bad
+    input, instead of a usage block."""
+    import typer
+    from typer.exceptions import TyperException  # typer's own click errors (usage, bad parameter) derive from it
+
+    try:
+        code = app(standalone_mode=False)
+    except TyperException as e:
+        ctx = getattr(e, "ctx", None)
+        if type(e).__name__ == "NoArgsIsHelpError" and ctx is not None:  # a bare command: its help
+            print(ctx.get_help(), file=sys.stderr)
+            sys.exit(2)
+        msg = " ".join((e.format_message() if hasattr(e, "format_message") else str(e)).split())
+        hint = f" (see {ctx.command_path} --help)" if ctx is not None else ""
+        print(f"error: {msg}{hint}", file=sys.stderr)
+        sys.exit(2)
+    except typer.Abort:
+        print("error: interrupted", file=sys.stderr)
+        sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)

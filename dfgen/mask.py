@@ -56,8 +56,8 @@ def run_mask(cfg: MaskConfig, progress=None) -> dict:
     from transformers import AutoTokenizer
 
     from dfgen.policy import tokenizer_fingerprint
-    from dfgen.shards import ShardSet, open_shards, shard_position
-    from dfgen.stage import Unit, run_stage
+    from dfgen.shards import open_shards
+    from dfgen.stage import rewrite_plan, run_stage
 
     if cfg.level not in ("token", "step"):
         raise UserError(f"--level must be token or step, got {cfg.level!r}")
@@ -70,11 +70,8 @@ def run_mask(cfg: MaskConfig, progress=None) -> dict:
     if ss.meta.get("tokenizer_fingerprint") not in (None, fp):
         raise UserError(f"{cfg.repairs} was tokenized by another tokenizer than {tdir}'s; pass the policy "
                         f"that sampled these shards")
-    out = Path(cfg.out)
-    if out.resolve() == Path(cfg.repairs).resolve():
-        raise UserError("--out must differ from --repairs (inputs are never overwritten)")
-    meta = {**{k: v for k, v in ss.meta.items() if k not in ("stage", "schema_version", "package_version")},
-            "mask": {"level": cfg.level, "root_level": cfg.level, "tokenizer": str(tdir)}}
+    meta, units = rewrite_plan(ss, Path(cfg.out), cfg.repairs, "--repairs",
+                               {"mask": {"level": cfg.level, "root_level": cfg.level, "tokenizer": str(tdir)}})
 
     def differs(have: dict) -> str | None:
         hm = have.get("mask", {})  # root_level: absent before root masks followed --level (they were token-level)
@@ -104,5 +101,4 @@ def run_mask(cfg: MaskConfig, progress=None) -> dict:
         st["mask_density"] = st["marked"] / st["tokens"] if st["tokens"] else 0.0
 
     st = {"masked": 0, "tokens": 0, "marked": 0}
-    units = [Unit(*shard_position(f), lambda f=f: list(ShardSet([f], ss.meta).iter_rows())) for f in ss.files]
-    return run_stage(out, "mask", meta, units, mask_shard, differs=differs, config=cfg, stats=st, summarize=summarize)
+    return run_stage(Path(cfg.out), "mask", meta, units, mask_shard, differs=differs, config=cfg, stats=st, summarize=summarize)

@@ -134,8 +134,8 @@ def run_repair(cfg: RepairConfig, progress=None, only_worker: int | None = None)
     when given: one Ray task's share, ``dfgen.cluster``)."""
     from dfgen.backends import get_backend
     from dfgen.policy import model_fingerprint, resolve_device
-    from dfgen.shards import ShardSet, open_shards, shard_position
-    from dfgen.stage import Unit, run_stage
+    from dfgen.shards import open_shards, shard_position
+    from dfgen.stage import rewrite_plan, run_stage
 
     cfg.validate()
     ss = open_shards(cfg.rollouts, stage="sample")
@@ -150,13 +150,10 @@ def run_repair(cfg: RepairConfig, progress=None, only_worker: int | None = None)
     scorer = get_backend("hf", model_dir, batch_size=cfg.batch_size, device=device)
     temperature = float(ss.meta.get("sampling", {}).get("temperature", 1.0)) or 1.0
     env = _model_env(cfg, scorer, model_dir, device) if cfg.repairer == "model" else None
-    meta = {**{k: v for k, v in ss.meta.items() if k not in ("stage", "schema_version", "package_version")},
-            "repair": {"repairer": cfg.repairer, "max_edit_ratio": cfg.max_edit_ratio,
-                       "repair_model": str(cfg.repair_model) if cfg.repair_model else None}}
-    out = Path(cfg.out)
-    if out.resolve() == Path(cfg.rollouts).resolve():
-        raise UserError("--out must differ from --rollouts (inputs are never overwritten)")
     files = [f for f in ss.files if only_worker is None or shard_position(f)[0] == only_worker]
+    meta, units = rewrite_plan(ss, Path(cfg.out), cfg.rollouts, "--rollouts", {"repair": {
+        "repairer": cfg.repairer, "max_edit_ratio": cfg.max_edit_ratio,
+        "repair_model": str(cfg.repair_model) if cfg.repair_model else None}}, files)
 
     def differs(have: dict) -> str | None:
         same = have.get("stage") == "repair" and have.get("repair") == meta["repair"] and \
@@ -173,6 +170,5 @@ def run_repair(cfg: RepairConfig, progress=None, only_worker: int | None = None)
         st["repaired_per_s"] = round(st["failed"] / st["seconds"], 1) if st["seconds"] > 0 else 0.0
 
     st = {"failed": 0, "ok": 0, "repaired_tokens": 0, "reasons": {}, "repaired_per_s": 0.0}
-    units = [Unit(*shard_position(f), lambda f=f: list(ShardSet([f], ss.meta).iter_rows())) for f in files]
-    return run_stage(out, "repair", meta, units, repair_shard, differs=differs, config=cfg, stats=st,
+    return run_stage(Path(cfg.out), "repair", meta, units, repair_shard, differs=differs, config=cfg, stats=st,
                      workers=[shard_position(f)[0] for f in files], summarize=summarize)

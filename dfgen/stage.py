@@ -13,6 +13,10 @@ transform, the same way for all three:
 * shard naming, atomic writes and manifests (``dfgen.shards.ShardWriter``);
 * the end: ``config.json``, then the done marker of every worker it wrote (``mark_done``), last.
   The marker is cleared first, so a folder being written again never looks finished.
+
+``rewrite_plan`` is what the stages that rewrite another stage's shards row by row (repair, mask)
+share: the output folder checked against the input, the input's provenance carried on, and one unit
+per input shard with its worker and chunk numbers.
 """
 from __future__ import annotations
 
@@ -27,6 +31,22 @@ class Unit:
     worker: int
     chunk: int
     load: Callable[[], list]  # the unit's input (read only when the unit is not already done)
+
+
+def rewrite_plan(ss, out: Path, inp: Path, flag: str, stage_meta: dict, files=None) -> tuple[dict, list[Unit]]:
+    """(metadata, units) of a stage that rewrites the shard set ``ss`` (read from ``inp``, the stage's
+    ``flag`` option) into ``out``: ``out`` must differ from ``inp`` (inputs are never overwritten);
+    the metadata is the input's provenance (model, tokenizer, sampling, earlier stages) plus
+    ``stage_meta``; one unit per input shard of ``files`` (default: all), same worker and chunk."""
+    from dfgen.errors import UserError
+    from dfgen.shards import ShardSet, shard_position
+
+    if Path(out).resolve() == Path(inp).resolve():
+        raise UserError(f"--out must differ from {flag} (inputs are never overwritten)")
+    meta = {k: v for k, v in ss.meta.items() if k not in ("stage", "schema_version", "package_version")} | stage_meta
+    units = [Unit(*shard_position(f), lambda f=f: list(ShardSet([f], ss.meta).iter_rows()))
+             for f in (ss.files if files is None else files)]
+    return meta, units
 
 
 def run_stage(out: Path, stage: str, meta: dict, units: list[Unit], transform: Callable[[list], list], *,

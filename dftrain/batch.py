@@ -22,7 +22,7 @@ completion tokens (token-mean), its sequences (seq-mean-*), or sequences x its l
 number (``norm``, a ``dftrain.loss.StepNorm``) once over *all* the step's rows; ``Batch.split(n)``
 cuts the rows into micro-batches that carry the same ``norm``. Each micro-batch's loss is therefore
 its exact share of the step's loss, the shares sum to it, and so do their gradients and metrics
-(``dftrain.loss.METRIC_REDUCE``): ``--micro-batch`` changes memory, never the objective.
+(``dftrain.loss.reduce_metrics``): ``--micro-batch`` changes memory, never the objective.
 (``tests/test_batch.py`` checks this for every aggregation, policy loss, KL on and off, with and
 without repaired rows, at micro-batch sizes 1, 2, 3 and whole.)
 

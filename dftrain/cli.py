@@ -12,11 +12,11 @@ from typing import Annotated
 import typer
 
 from dfgen.console import quiet_hf
-from dfgen.errors import UserError, cli_errors
+from dfgen.errors import UserError, cli_errors, run_app
 from dfgen.repairers import RepairerName
 from dftrain.fit import FitConfig as _Fit  # light modules: the configs are the one source of defaults
 from dftrain.loop import LoopConfig as _Loop
-from dftrain.settings import AdvScale, AggMode, MarkedMode, MassMode, ObjectiveName, PolicyLossName
+from dftrain.settings import AdvScale, AggMode, DTypeName, MarkedMode, MassMode, ObjectiveName, PolicyLossName
 from dftrain.sft import SFTConfig as _SFT
 
 # options `fit` and `loop` share (dftrain.settings.TrainSettings): one help text each; defaults from the dataclasses
@@ -52,6 +52,16 @@ Agg = Annotated[AggMode, typer.Option(help="Loss aggregation (denominators count
 Beta = Annotated[float, typer.Option(help="k3 KL coefficient to the initial policy (0 = no reference).")]
 RepInDenominator = Annotated[bool, typer.Option(help="Repaired rows count in the aggregation's denominator.")]
 DedupRepaired = Annotated[bool, typer.Option(help="One copy of each distinct repaired trajectory per group.")]
+
+
+def _json_object(text: str, flag: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{flag} is not JSON ({e.msg}): {text!r}") from None
+    if not isinstance(value, dict):
+        raise UserError(f"{flag} must be a JSON object, got {text!r}")
+    return value
 
 
 def _config(cls, options: dict, **overrides):
@@ -159,7 +169,7 @@ def fit(
     lora_rank: int = typer.Option(_Fit.lora_rank, help="LoRA rank (0 = full fine-tuning)."),
     lora_alpha: int = typer.Option(_Fit.lora_alpha, help="LoRA alpha."),
     gradient_checkpointing: bool = typer.Option(_Fit.gradient_checkpointing, help="Trade compute for memory."),
-    dtype: str = typer.Option(_Fit.dtype, help="float32 or bfloat16."),
+    dtype: DTypeName = typer.Option(_Fit.dtype, help="float32, or bfloat16 on a GPU."),
     save_every: int = typer.Option(_Fit.save_every, help="Checkpoint every N steps (0 = at the end)."),
     resume: bool = typer.Option(_Fit.resume, help="Continue from the latest checkpoint in --out."),
     optimizer_from: Path = typer.Option(_Fit.optimizer_from, help="A previous fit's output: continue its AdamW "
@@ -233,14 +243,7 @@ def loop(
 
     Example: dftrain loop --model runs/sft --out runs/loop --rounds 4 --eval runs/test
     """
-    options = dict(locals())
-    try:
-        task_knobs = json.loads(task)
-    except json.JSONDecodeError as e:
-        raise UserError(f"--task is not JSON ({e.msg}): {task!r}") from None
-    if not isinstance(task_knobs, dict):
-        raise UserError(f"--task must be a JSON object, got {task!r}")
-    cfg = _config(_Loop, options, task=task_knobs, eval=[str(e) for e in eval])
+    cfg = _config(_Loop, dict(locals()), task=_json_object(task, "--task"), eval=[str(e) for e in eval])
     quiet_hf()
     from rich.console import Console
 
@@ -318,7 +321,7 @@ def eval_(
 
 
 def main():
-    app()
+    run_app(app)
 
 
 if __name__ == "__main__":

@@ -47,7 +47,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dfgen.errors import UserError
-from dftrain.settings import TrainSettings
+from dftrain.settings import DTYPES, TrainSettings
 
 
 @dataclass(kw_only=True)
@@ -88,7 +88,7 @@ class FitConfig(TrainSettings):
             raise UserError(f"--policy-loss {self.policy_loss}: {e}".replace("dual_clip", "--dual-clip")
                             .replace("clip_high", "--clip-high").replace("clip_low", "--clip-low")) from None
         checks = [(self.steps > 0 and self.micro_batch > 0 and self.grad_accum > 0, "sizes must be positive"),
-                  (self.dtype in ("float32", "bfloat16"), "--dtype must be float32 or bfloat16")]
+                  (self.dtype in DTYPES, f"--dtype must be one of {', '.join(DTYPES)}")]
         for ok, msg in checks:
             if not ok:
                 raise UserError(msg)
@@ -130,37 +130,30 @@ def micro_loss(model, batch, cfg: FitConfig, processor, suppress, temperature, r
     return LOSSES[cfg.objective](lp, batch, cfg)
 
 
-def _reduce(into: dict, met: dict) -> None:
-    """Combine one micro-batch's metrics (each its share of the step's) into the step's."""
-    from dftrain.loss import METRIC_REDUCE
-
-    for name, v in met.items():
-        v = float(v)
-        into[name] = METRIC_REDUCE.get(name, float.__add__)(into[name], v) if name in into else v
-
-
 def train_step(ddp, params, opt, processor, batch, cfg: FitConfig, suppress, temperature, ref_model=None) -> dict:
     """One optimizer step (``--updates-per-batch`` updates) over a step's ``Batch``: split into
     micro-batches that carry the step's denominators, so the summed losses and gradients are the
     whole batch's. Returns the step's loss, grad norm, completion tokens and loss metrics."""
     import torch
 
+    from dftrain.loss import reduce_metrics
+
     micro = [mb.to(params[0].device) for mb in batch.split(cfg.micro_batch)]
     metrics: dict = {}
     for _upd in range(cfg.updates_per_batch):
         opt.zero_grad(set_to_none=True)
-        step_loss, upd = 0.0, {}
+        upd: dict = {}
         for mb in micro:
             loss, met = micro_loss(ddp, mb, cfg, processor, suppress, temperature, ref_model)
             loss.backward()
-            step_loss += float(loss.detach())
-            _reduce(upd, met)
+            reduce_metrics(upd, {"loss": loss, **met})  # stays on the device: one sync per update, below
             if cfg.updates_per_batch == 1:
                 mb.inputs = None  # one update: nothing reuses them, free the memory now
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
         opt.step()
+        step_loss = float(upd.pop("loss"))  # the loss of the step's last update, as logged before
         for name, v in upd.items():  # the step's metrics: the mean over its updates
-            metrics[name] = metrics.get(name, 0.0) + v / cfg.updates_per_batch
+            metrics[name] = metrics.get(name, 0.0) + float(v) / cfg.updates_per_batch
     return {"loss": step_loss, "grad_norm": grad_norm, "metrics": metrics,
             "tokens": int(batch.completion_mask.sum()) * cfg.updates_per_batch}  # tokens trained through
 
@@ -388,13 +381,27 @@ def _ddp_audit(model, seen_ids: list, cfg: FitConfig, n_groups: int, out: Path, 
             if cfg.steps * cfg.groups_per_step * world <= n_groups else None})
 
 
+def _next_batch(stream, cfg: FitConfig, processor, seen_ids: list, check: bool):
+    """The next step's Batch: ``grad_accum`` takes of ``groups_per_step`` groups (advantages per take,
+    as adv_scale batch defines them); the first take of a run checks the shards' prompt rendering."""
+    from dftrain.batch import Batch, build_rows
+
+    rows = []
+    for k in range(cfg.grad_accum):
+        groups = stream.take(cfg.groups_per_step)
+        if check and k == 0:
+            _check_prompt_render(processor, groups[0])
+        seen_ids.extend(g["id"] for g in groups)
+        rows.extend(build_rows(groups, cfg))
+    return Batch.from_rows(rows, cfg)
+
+
 def run_fit(cfg: FitConfig, log=print) -> dict:
     """Train as configured; returns {"losses": per step, "seconds", "steps": steps run here}."""
     import torch
 
     from dfgen.policy import suppress_ids
     from dfgen.shards import clear_done, config_json, mark_done, write_json_atomic
-    from dftrain.batch import Batch, build_rows
     from dftrain.data import GroupStream
 
     cfg.validate()
@@ -426,14 +433,7 @@ def run_fit(cfg: FitConfig, log=print) -> dict:
     losses, seen_ids, t_start = [], [], time.time()
     for step in range(start, cfg.steps):
         t0 = time.time()
-        rows = []
-        for k in range(cfg.grad_accum):  # advantages per take of groups_per_step groups (adv_scale batch)
-            groups = stream.take(cfg.groups_per_step)
-            if step == start and k == 0:
-                _check_prompt_render(processor, groups[0])
-            seen_ids.extend(g["id"] for g in groups)
-            rows.extend(build_rows(groups, cfg))
-        batch = Batch.from_rows(rows, cfg)
+        batch = _next_batch(stream, cfg, processor, seen_ids, check=step == start)
         res = train_step(ddp, params, opt, processor, batch, cfg, suppress, temperature, ref_model)
         rec = _step_record(step + 1, batch, res, time.time() - t0)
         losses.append(res["loss"])

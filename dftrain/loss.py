@@ -126,13 +126,14 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from dftrain.settings import (  # noqa: E402  (the choices are declared with the settings, torch-free)
+from dftrain.settings import (  # noqa: E402  (the choices and defaults are declared with the settings, torch-free)
     ADV_SCALES,
     AGG_MODES,
     MARKED_MODES,
     MASS_MODES,
     OBJECTIVE_NAMES,
     POLICY_LOSS_NAMES,
+    DFWeights,
 )
 SAPO_TAU = (1.0, 1.05)  # (tau_pos, tau_neg): the SAPO paper's and TRL's defaults
 LOG_RATIO_CLAMP = 20.0  # as verl: exp(20) is finite, so padding never produces inf * 0 = NaN
@@ -362,20 +363,28 @@ def policy_loss(
     return loss, metrics
 
 
-# how a step's metrics combine over its micro-batches (each is already its share of the step): sum,
+# how a step's metrics combine over its micro-batches (each is already its share of the step's): summed,
 # except these
-METRIC_REDUCE = {"ratio_max": max}
+METRIC_REDUCE = {"ratio_max": torch.maximum}
+
+
+def reduce_metrics(into: dict, metrics: dict) -> None:
+    """Add one micro-batch's metrics (0-d tensors, each its share of the step's) into ``into``, on
+    device: no host sync per micro-batch."""
+    for name, v in metrics.items():
+        v = v.detach()
+        into[name] = METRIC_REDUCE.get(name, torch.add)(into[name], v) if name in into else v
 
 
 def df_token_weights(
     mask_bad: Tensor,
     completion_mask: Tensor,
     failed: Tensor,
-    kappa: float = 0.1,
+    kappa: float = DFWeights.kappa,
     root_mask: Tensor | None = None,
-    marked: str = "edit",  # the function's default needs no root_mask; trainers default to "root" (FitConfig)
-    delta: float = 0.5,
-    mass: str = "keep",
+    marked: str = "edit",  # the function's default needs no root_mask; trainers default to "root" (DFWeights)
+    delta: float = DFWeights.delta,
+    mass: str = DFWeights.mass,
 ) -> Tensor:
     """Signed DF token weights, (B, T). mask_bad, root_mask, completion_mask: (B, T) 0/1;
     failed: (B,) bool, rollout failed AND has a verified repair. See the module docstring."""

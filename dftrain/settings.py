@@ -23,6 +23,7 @@ ADV_SCALES = ("group", "batch", "none")
 AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
 MARKED_MODES = ("edit", "root", "root+prop")
 MASS_MODES = ("keep", "redistribute")
+DTYPES = ("float32", "bfloat16")  # dftrain fit --dtype (bfloat16: GPU)
 
 
 def _choices(name: str, values: tuple[str, ...]):
@@ -36,6 +37,7 @@ AdvScale = _choices("AdvScale", ADV_SCALES)
 AggMode = _choices("AggMode", AGG_MODES)
 MarkedMode = _choices("MarkedMode", MARKED_MODES)
 MassMode = _choices("MassMode", MASS_MODES)
+DTypeName = _choices("DTypeName", DTYPES)
 
 
 @dataclass(kw_only=True)

@@ -7,7 +7,7 @@ import torch
 
 from dftrain.batch import Batch, TrainRow
 from dftrain.fit import FitConfig
-from dftrain.loss import AGG_MODES, LOSSES, METRIC_REDUCE, POLICY_LOSSES
+from dftrain.loss import AGG_MODES, LOSSES, POLICY_LOSSES, reduce_metrics
 from tests.conftest import misread_pair
 
 SIZES = (1, 2, 3, None)  # None: the whole step in one micro-batch
@@ -46,11 +46,10 @@ def _step(batch: Batch, lp: torch.Tensor, cfg, size):
         B, T = mb.completion_mask.shape
         part, met = LOSSES[cfg.objective](lp[k: k + B, :T], mb, cfg)
         loss = loss + part
-        for name, v in met.items():
-            metrics[name] = METRIC_REDUCE.get(name, float.__add__)(metrics[name], float(v)) if name in metrics else float(v)
+        reduce_metrics(metrics, met)
         k += B
     (grad,) = torch.autograd.grad(loss, lp)
-    return float(loss.detach()), grad, metrics
+    return float(loss.detach()), grad, {name: float(v) for name, v in metrics.items()}
 
 
 @pytest.mark.parametrize("objective,agg,surrogate,repaired,beta",

@@ -44,6 +44,29 @@ def test_registry():
         assert module.__doc__ and "Departures" in module.__doc__
 
 
+@pytest.mark.parametrize("name,path", [
+    ("mathvista", DATA / "mathvista" / "testmini_with_images.jsonl"),
+    ("mmstar", DATA / "mmstar" / "mmstar_1500_text_with_llava_next_34b_pred.jsonl"),
+    ("tabmwp", DATA / "tabmwp" / "tabmwp_test100.jsonl"),
+    ("synth", None),
+])
+def test_every_benchmark_yields_prompt_records_of_the_one_contract(name, path, tmp_path):
+    """RECORD_KEYS is the prompt record every stage reads: each benchmark's records hold only its
+    keys, and the ones every record needs."""
+    from dfgen.benchmarks import RECORD_KEYS
+
+    if path is None:
+        from dfgen.synth.grid import write_synth
+
+        write_synth(tmp_path / "s", 3, seed=0)
+        path = tmp_path / "s"
+    records, _ = BENCHMARKS[name].load(path, limit=3, require_image=name != "mmstar")
+    assert records
+    for rec in records:
+        assert set(rec) <= set(RECORD_KEYS), set(rec) - set(RECORD_KEYS)
+        assert {"id", "question", "answer", "answer_type", "source"} <= set(rec)
+
+
 # --------------------------------------------------------------------------------------
 # MathVista: official numbers
 

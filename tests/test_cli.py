@@ -239,3 +239,16 @@ def test_choice_enums_are_the_registries_keys():
     assert [e.value for e in RepairerName] == list(REPAIRERS)
     r = run_cli("dftrain", "loop", "--model", ".", "--out", ".", "--repairer", "nope", check=False)
     assert r.returncode != 0 and "nope" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("args,match", [
+    (["dfgen", "sample", "--prompts", "x", "--model", "y", "--out", "z", "--backend", "foo"], "'foo' is not one of"),
+    (["dfgen", "sample", "--prompts", "x"], "Missing option '--model'"),
+    (["dfgen", "nope"], "No such command 'nope'"),
+    (["dfgen", "synth", "--n", "abc", "--out", "q"], "Invalid value for '--n'"),
+    (["dftrain", "loop", "--model", "x", "--out", "y", "--agg", "mean"], "'mean' is not one of"),
+])
+def test_a_bad_option_is_one_error_line_not_a_usage_block(args, match, tmp_path):
+    r = run_cli(*args, check=False, env={"PWD": str(tmp_path)})
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: ") and match in lines[0], r.stderr

@@ -100,7 +100,7 @@ def test_every_policy_loss_trains_and_equals_grpo_at_kappa_one(policy_loss, extr
     assert json.loads((tmp_path / "k" / "fit_config.json").read_text())["policy_loss"] == policy_loss
 
 
-@pytest.mark.parametrize("bad,match", [(["--policy-loss", "trpo"], "--policy-loss must be one of ppo, gspo, sapo, cispo"),
+@pytest.mark.parametrize("bad,match", [(["--policy-loss", "trpo"], "'trpo' is not one of 'ppo', 'gspo', 'sapo', 'cispo'"),
                                        (["--policy-loss", "sapo", "--dual-clip", 3], "sapo has none"),
                                        (["--dual-clip", 1.1], "--dual-clip=1.1 must exceed 1 + --clip-high")])
 def test_fit_refuses_surrogate_settings_that_do_not_go_together(bad, match, df_shards, sft_model, tmp_path):

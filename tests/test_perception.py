@@ -138,8 +138,8 @@ def test_feature_probe_reads_counts_from_the_untrained_tower(tiny_model, one_rea
     (["--n-train", "0"], "--n-train and --n-val must be positive"),
 ])
 def test_probe_script_refuses_bad_arguments(tmp_path, args, needle):
-    p = subprocess.run([sys.executable, str(ROOT / "bench" / "perception_probe.py"), "--out", str(tmp_path), *args],
-                       capture_output=True, text=True, timeout=120)
+    p = subprocess.run([sys.executable, "-m", "studies.perception_probe", "--out", str(tmp_path), *args],
+                       capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert p.returncode == 2 and needle in p.stderr and "Traceback" not in p.stderr, p.stderr
     assert not (tmp_path / "probes.jsonl").exists()
 
