@@ -17,6 +17,7 @@ import typer
 from dfgen.backends import BackendName as Backend
 from dfgen.console import progress_bar, quiet_hf
 from dfgen.errors import UserError, cli_errors, run_app
+from dfgen.repair import SEARCHES
 from dfgen.repair import RepairConfig as _Repair  # light modules: the configs are the one source of defaults
 from dfgen.repairers import RepairerName
 from dfgen.sample import SampleConfig as _Sample
@@ -115,8 +116,10 @@ def sample(
     group_size: int = typer.Option(_Sample.group_size, help="Rollouts per prompt (G)."),
     temperature: float = typer.Option(_Sample.temperature, help="Sampling temperature (0 = greedy)."),
     top_p: float = typer.Option(_Sample.top_p, help="Nucleus sampling mass."),
-    max_new_tokens: int = typer.Option(_Sample.max_new_tokens, help="Most tokens per rollout (default: long enough for every "
-                                                  "record's reference solution, at least 64)."),
+    max_new_tokens: int = typer.Option(_Sample.max_new_tokens, help="Most tokens per rollout. Default: when every "
+                                                  "record has a step solution (synthetic), long enough for the longest "
+                                                  "(>= 64); otherwise the model's generation_config max_new_tokens, "
+                                                  "else 512. A run with over 5% of rollouts cut at the limit warns."),
     seed: int = typer.Option(_Sample.seed, help="Base seed; sample k of prompt id uses hash(seed, id, k)."),
     limit: int = typer.Option(_Sample.limit, help="Use only the first N prompts."),
     batch_size: int = typer.Option(_Sample.batch_size, help="Sequences per generate call."),
@@ -156,9 +159,14 @@ def sample(
                + (f"; {st['shards_skipped']} finished shard(s) kept from an earlier run" if st["shards_skipped"] else "")
                + (f"; skipped {st['skipped_prompts']} bad prompt(s), e.g. {st['skipped'][0][0]}: {st['skipped'][0][1]}"
                   if st["skipped_prompts"] else ""))
+    from dfgen.sample import truncation_warning
+
+    if warning := truncation_warning(st, st["max_new_tokens"]):
+        typer.echo(warning, err=True)
 
 
 Repairer = RepairerName  # the option type, from the registry
+Search = Enum("Search", {k: k for k in SEARCHES}, type=str)
 
 
 class Level(str, Enum):
@@ -206,9 +214,32 @@ def _stage_progress(desc: str):
 def repair(
     rollouts: Path = typer.Option(..., help="Sample shards (dfgen sample output)."),
     out: Path = typer.Option(..., help="Output folder for repair shards."),
-    repairer: Repairer = typer.Option(_Repair.repairer, help="oracle (synthetic), sibling, or model."),
-    repair_model: Path = typer.Option(None, help="Repair model folder (model repairer; default: the policy)."),
-    backend: Backend = typer.Option(_Repair.backend, help="Engine for the model repairer."),
+    repairer: Repairer = typer.Option(_Repair.repairer, help="auto (oracle for prompts with a step solution, "
+                                      "sibling-resample for the rest: never refuses a prompt set), oracle (needs a "
+                                      "step solution: synthetic tasks), sibling (the nearest correct rollout of the "
+                                      "group), model (a repair model prompted with the failure), resample (the "
+                                      "longest line prefix from which the policy still reaches the right answer, "
+                                      "then its closest successful continuation; needs only the reward), or "
+                                      "sibling-resample (sibling where the group has a correct rollout, resample "
+                                      "elsewhere)."),
+    repair_model: Path = typer.Option(None, help="Model and resample repairers: another HF VLM folder, e.g. a "
+                                                 "larger teacher (default: the sampling policy)."),
+    backend: Backend = typer.Option(_Repair.backend, help="Engine for the model and resample repairers."),
+    search: Search = typer.Option(_Repair.search, help="resample: backward (the longest prefix first, one probe "
+                                                       "a line) or binary (OmegaPRM's first-error search, "
+                                                       "ceil(log2 lines) + 1 probes)."),
+    resample_n: int = typer.Option(_Repair.resample_n, help="resample: continuations per probe; a prefix is "
+                                                            "salvageable if one of them gets the right answer."),
+    min_wins: int = typer.Option(_Repair.min_wins, help="resample: right continuations (of --resample-n) that make "
+                                                        "a prefix salvageable; above 1 resists lucky slips."),
+    max_probes: int = typer.Option(_Repair.max_probes, help="resample: most probes per failed rollout."),
+    token_budget: int = typer.Option(_Repair.token_budget, help="resample: no probe starts once a failed rollout's "
+                                                                "continuations have generated this many tokens."),
+    temperature: float = typer.Option(_Repair.temperature, help="resample: the continuations' temperature "
+                                                                "[default: the sampling run's]."),
+    seed: int = typer.Option(_Repair.seed, help="resample: seed of the continuations."),
+    max_new_tokens: int = typer.Option(_Repair.max_new_tokens, help="model repairer: tokens of its repair "
+                                                                    "(resample continues with the sampling run's)."),
     model: Path = typer.Option(None, help="Sampling policy (default: the one recorded in the shards)."),
     max_edit_ratio: float = typer.Option(_Repair.max_edit_ratio, help="Reject repairs editing more than this fraction of tokens."),
     template: Path = typer.Option(_Repair.template, help="Prompt template for the model repairer."),
@@ -218,14 +249,17 @@ def repair(
 ):
     """Repair every failed rollout minimally, verify it, score it under the sampling policy.
 
-    Example: dfgen repair --rollouts runs/r0/sample --out runs/r0/repair --repairer oracle
+    Example: dfgen repair --rollouts runs/r0/sample --out runs/r0/repair
+
+    (auto: the oracle on synthetic prompts, sibling-resample on any other prompt set)
     """
     quiet_hf()
     from dfgen.repair import RepairConfig, run_repair
 
     cfg = RepairConfig(rollouts=rollouts, out=out, repairer=repairer.value, repair_model=repair_model,
                        backend=backend.value, model=model, max_edit_ratio=max_edit_ratio, template=template,
-                       device=device)
+                       device=device, search=search.value, resample_n=resample_n, min_wins=min_wins, max_probes=max_probes, token_budget=token_budget,
+                       temperature=temperature, seed=seed, max_new_tokens=max_new_tokens)
     if ray is not None:
         return _on_ray("repair", cfg, ray, "failed", "failed rollouts")
     prog, tick = _stage_progress("repairing shards")
@@ -233,11 +267,15 @@ def repair(
         st = run_repair(cfg, progress=tick)
     finally:
         prog.stop()
+    typer.echo(_repair_line(st, rollouts, out))
+
+
+def _repair_line(st: dict, rollouts: Path, out: Path) -> str:
     if st["failed"] == 0:
-        typer.echo(f"no failed rollouts in {rollouts}: nothing to repair; wrote the groups unchanged to {out}")
-        return
+        return f"no failed rollouts in {rollouts}: nothing to repair; wrote the groups unchanged to {out}"
     reasons = ", ".join(f"{k}: {v}" for k, v in sorted(st["reasons"].items(), key=lambda kv: -kv[1]))
-    typer.echo(f"repaired {st['ok']}/{st['failed']} failed rollouts ({reasons}); wrote {out}")
+    spent = f"; generated {st['generated_tokens']} tokens" if st.get("generated_tokens") else ""
+    return f"repaired {st['ok']}/{st['failed']} failed rollouts ({reasons}){spent}; wrote {out}"
 
 
 @app.command()

@@ -122,13 +122,14 @@ def sample_on_ray(cfg, address: str, progress=None) -> list[dict]:
 
 def repair_on_ray(cfg, address: str, progress=None) -> list[dict]:
     """``run_repair`` of each input worker's shards as one Ray task; per-worker stats."""
+    from dfgen.repair import GENERATES
     from dfgen.shards import open_shards, shard_position
 
     cfg.validate()
     ray = connect(address)
     ss = open_shards(cfg.rollouts, stage="sample")
     workers = sorted({shard_position(f)[0] for f in ss.files})
-    gpus = BACKENDS[cfg.backend].gpus(EngineOptions()) if cfg.repairer == "model" else 0
+    gpus = BACKENDS[cfg.backend].gpus(EngineOptions()) if cfg.repairer in GENERATES else 0
     return _run(ray, _repair_task, [(cfg, w) for w in workers], Path(cfg.out), ss.num_rows(), progress,
                 {"num_cpus": 1, "num_gpus": gpus})
 

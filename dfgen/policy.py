@@ -241,6 +241,19 @@ def completion_inputs(inputs, completions: list[list[int]], pad_id: int):
     return out, cmask
 
 
+def prefix_inputs(inputs, prefixes: list, pad_id: int):
+    """Left-padded prompt inputs with each row's ``prefixes[i]`` (token ids) appended right after its
+    prompt, still left-padded (generation continues from the last column of every row)."""
+    import torch
+
+    out, cmask = completion_inputs(inputs, [list(p) for p in prefixes], pad_id)
+    shift = (cmask.shape[1] - cmask.sum(-1)).tolist()  # each row's trailing padding, moved to the left
+    for k, v in out.items():
+        if hasattr(v, "shape") and v.dim() == 2 and v.shape == out["input_ids"].shape:
+            out[k] = torch.stack([torch.roll(row, s) for row, s in zip(v, shift)])
+    return type(inputs)(out)  # the processor's BatchFeature (``.to(device)``)
+
+
 def token_logprobs(model, inputs, n_completion: int, suppress: list[int] | None = None,
                    temperature: float = 1.0):
     """Logprobs (B, Tc) of the last ``n_completion`` input tokens under the model, with the

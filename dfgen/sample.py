@@ -37,7 +37,7 @@ class SampleConfig:
     group_size: int = 8  # G rollouts per prompt; GRPO needs G >= 2
     temperature: float = 1.0  # 1.0 keeps behaviour logprobs equal to the policy's
     top_p: float = 1.0  # < 1 truncates the distribution (logprobs renormalised; see docstring)
-    max_new_tokens: int | None = None  # None: fits every record's solution, at least 64 (grid.token_budget)
+    max_new_tokens: int | None = None  # None: default_budget (solutions' length, else the model's or REASONING_BUDGET)
     seed: int = 0
     limit: int | None = None  # first N usable prompts only
     batch_size: int = 64  # sequences per generate call
@@ -72,6 +72,34 @@ class SampleConfig:
             raise UserError(f"--worker-index must be in [0, {self.num_workers})")
         if self.limit is not None and self.limit < 1:
             raise UserError("--limit must be positive")
+
+
+REASONING_BUDGET = 512  # new tokens for prompts without a step solution: real chain-of-thought answers run to hundreds
+TRUNCATION_WARN = 0.05  # a run with more of its rollouts stopped at the limit says so
+
+
+def default_budget(records: list[dict], tokenizer, model_dir: Path) -> int:
+    """The generation budget when ``--max-new-tokens`` is not given: when every record carries a
+    synthetic step ``solution``, what fits the longest (``grid.token_budget``, >= 64); otherwise the
+    model folder's ``generation_config.json`` ``max_new_tokens``, else ``REASONING_BUDGET``."""
+    import json
+
+    from dfgen.synth.grid import token_budget
+
+    if records and all(r.get("solution") for r in records):
+        return token_budget(records, tokenizer)
+    gc = Path(model_dir) / "generation_config.json"
+    n = json.loads(gc.read_text()).get("max_new_tokens") if gc.is_file() else None
+    return max(token_budget(records, tokenizer), int(n) if n else REASONING_BUDGET)
+
+
+def truncation_warning(st: dict, max_new_tokens: int) -> str | None:
+    """One line when more than ``TRUNCATION_WARN`` of a run's rollouts stopped at the token limit."""
+    n, cut = st.get("rollouts", 0), st.get("truncated", 0)
+    if not n or cut / n <= TRUNCATION_WARN:
+        return None
+    return (f"warning: {cut} of {n} rollouts ({cut / n:.0%}) stopped at the {max_new_tokens}-token limit; "
+            f"their rewards count them as wrong. Raise --max-new-tokens")
 
 
 def sampling_meta(cfg: SampleConfig) -> dict:
@@ -138,6 +166,7 @@ def _sample_chunk(chunk: list[dict], backend, cfg: SampleConfig, scfg, ctx, stat
             pred, reward = score(r, s.text)
             rolls.append(rollout_row(s, reward, pred, sd))
             stats["tokens"] += len(s.token_ids)
+            stats["truncated"] += s.finish_reason == "length"
             stats["reward_sum"] += reward
         rows.append({**r, "prompt_ids": pid, "rollouts": rolls})
     stats["groups"] += len(rows)
@@ -165,21 +194,20 @@ def run_sample(cfg: SampleConfig, progress=None) -> dict:
     chunks = [mine[k: k + cfg.chunk_size] for k in range(0, len(mine), cfg.chunk_size)]
     backend = get_backend(cfg.backend, cfg.model, cfg.engine_options())
     if cfg.max_new_tokens is None:  # from all records, so every worker of a run resolves the same budget
-        from dfgen.synth.grid import token_budget
-
-        cfg = replace(cfg, max_new_tokens=token_budget(records, backend.tokenizer))
+        cfg = replace(cfg, max_new_tokens=default_budget(records, backend.tokenizer, cfg.model))
     meta = {"model": str(cfg.model), "model_fingerprint": model_fingerprint(cfg.model),
             "tokenizer_fingerprint": tokenizer_fingerprint(backend.tokenizer),
             "sampling": sampling_meta(cfg), "backend": cfg.backend, "prompts": str(cfg.prompts),
             "prompts_fingerprint": prompts_fingerprint(records), "num_workers": cfg.num_workers,
             "seed": cfg.seed}
     scfg = SamplingConfig(cfg.temperature, cfg.top_p, cfg.max_new_tokens)
-    stats = {"groups": 0, "rollouts": 0, "tokens": 0, "reward_sum": 0.0, "skipped_prompts": len(skipped)}
+    stats = {"groups": 0, "rollouts": 0, "tokens": 0, "truncated": 0, "reward_sum": 0.0, "skipped_prompts": len(skipped)}
 
     def summarize(st: dict) -> None:
         st["skipped_prompts"] = len(skipped)
         st["mean_reward"] = st["reward_sum"] / st["rollouts"] if st["rollouts"] else None
         st["skipped"] = skipped[:20]
+        st["max_new_tokens"] = cfg.max_new_tokens
 
     units = [Unit(cfg.worker_index, ci, lambda c=c: c) for ci, c in enumerate(chunks)]
     return run_stage(Path(cfg.out), "sample", meta, units,

@@ -75,10 +75,14 @@ ROLLOUT = pa.struct([
     # repair
     ("repair_status", pa.string()), ("repairer", pa.string()), ("repaired_text", pa.string()),
     ("repaired_ids", i32), ("repaired_logprobs", f32), ("edit_ratio", pa.float32()),
+    # repair cost (repairers that generate: resample, model): probes, continuations, generated tokens
+    ("repair_probes", pa.int32()), ("repair_samples", pa.int32()), ("repair_gen_tokens", pa.int32()),
     # mask
     ("mask_bad", u8), ("mask_repaired", u8), ("root_bad", u8), ("root_repaired", u8),
     ("step_mask_bad", u8), ("step_mask_repaired", u8),
 ])
+# rollout fields added after schema version 1 shipped: shards written before them read as null
+ADDED_LATER = frozenset({"repair_probes", "repair_samples", "repair_gen_tokens"})
 GROUP_SCHEMA = pa.schema(PROMPT_FIELDS + [pa.field("prompt_ids", i32), pa.field("rollouts", pa.list_(ROLLOUT))])
 
 
@@ -324,7 +328,7 @@ def check_columns(f: Path, schema: pa.Schema, stage: str) -> None:
         if inner is None or not pa.types.is_struct(inner):
             raise UserError(f"{f.name}: column rollouts is not a list of structs; not a dfkit {stage} shard")
         names = {inner.field(i).name for i in range(inner.num_fields)}
-        missing = [f"rollouts.{x.name}" for x in ROLLOUT if x.name not in names]
+        missing = [f"rollouts.{x.name}" for x in ROLLOUT if x.name not in names and x.name not in ADDED_LATER]
     if missing:
         raise UserError(f"{f.name} lacks column(s) {', '.join(missing[:6])}{' ...' if len(missing) > 6 else ''} "
                         f"of the {stage} shard schema; not a dfkit {stage} shard")

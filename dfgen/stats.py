@@ -3,7 +3,8 @@
 Sample: groups, rollouts, mean reward, fraction of groups with mixed rewards (the only groups
 whose GRPO advantages are non-zero), all-fail / all-pass groups, token counts, finish reasons.
 Repair: repair status counts by repairer (``ok`` or the rejection reason), success rate over
-failed rollouts, edit-ratio histogram. Mask: mask density over failed rollouts' tokens, root
+failed rollouts, edit-ratio histogram, and what the repairer generated (probes, continuations,
+tokens in all and per kept repair; 0 for repairers that generate nothing). Mask: mask density over failed rollouts' tokens, root
 density, and where the first edit falls (token position and relative position).
 
 Run: ``dfgen stats runs/r0/df`` (``--json`` for machine-readable output).
@@ -48,6 +49,7 @@ def compute_stats(path: Path) -> dict:
         ok = failed.filter(pl.col("repair_status") == "ok")
         out["failed_rollouts"] = failed.height
         out["repair_success_rate"] = ok.height / failed.height if failed.height else 0.0
+        out.update(_repair_cost(failed, ok.height))
         er = ok["edit_ratio"].drop_nulls()
         if er.len():
             edges = [0, 0.05, 0.1, 0.2, 0.3, 0.5, 1.0, float("inf")]
@@ -68,6 +70,19 @@ def compute_stats(path: Path) -> dict:
                 out["first_edit_pos_mean"] = float(marked["first"].mean())
                 out["first_edit_rel_mean"] = float((marked["first"] / marked["n"]).mean())
     return out
+
+
+def _repair_cost(failed, n_ok: int) -> dict:
+    """What a generating repairer (resample, model) spent on the failed rollouts; {} for shards that
+    predate the cost columns."""
+    import polars as pl
+
+    if "repair_gen_tokens" not in failed.columns:
+        return {}
+    p, s, t = failed.select(*(pl.col(c).fill_null(0).sum() for c in ("repair_probes", "repair_samples",
+                                                                      "repair_gen_tokens"))).row(0)
+    return {"repair_probes": int(p), "repair_samples": int(s), "repair_gen_tokens": int(t),
+            "repair_gen_tokens_per_ok": t / n_ok if n_ok else 0.0}
 
 
 def render_table(st: dict):

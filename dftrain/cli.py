@@ -210,7 +210,9 @@ def loop(
     temperature: float = typer.Option(_Loop.temperature, help="Sampling temperature."),
     max_new_tokens: int = typer.Option(_Loop.max_new_tokens, help="Most tokens per rollout (default: fits "
                                        "the round's reference solutions, as dfgen sample)."),
-    repairer: RepairerName = typer.Option(_Loop.repairer, help="oracle, sibling or model."),
+    repairer: RepairerName = typer.Option(_Loop.repairer, help="auto (oracle for prompts with a step solution, "
+                                          "sibling-resample for the rest), oracle, sibling, model, resample or "
+                                          "sibling-resample (dfgen repair --help)."),
     repair_model: Path = typer.Option(_Loop.repair_model, help="--repairer model: the repair model's checkpoint "
                                                               "(default: each round's sampling policy)."),
     fit_steps: int = typer.Option(_Loop.fit_steps, help="Optimizer steps per round."),

@@ -7,11 +7,13 @@
    default task -> 500 steps on the times task; ~9 minutes more on 2 cores);
 2. ``dfgen synth``: held-out test problems of that task;
 3. greedy held-out accuracy and every-step-right of the start;
-4. two ``dftrain loop`` runs from that start, identical except for ``--objective``: the same
-   fresh prompts every round, the same seeds, the same rounds of ``dfgen sample`` -> [``dfgen
-   repair --repairer oracle`` -> ``dfgen mask``] -> ``dftrain fit`` (the fit/loop defaults: DF's root
-   mask, its repaired samples and its all-fail term, as the study chose them on val);
-5. both arms' held-out accuracy, every-step-right and lucky rate side by side, the tokens each
+4. three ``dftrain loop`` runs from that start, identical except for their objective and repairer:
+   the same fresh prompts every round, the same seeds, the same rounds of ``dfgen sample`` ->
+   [``dfgen repair`` -> ``dfgen mask``] -> ``dftrain fit`` (the fit/loop defaults: DF's root mask, its
+   repaired samples and its all-fail term, as the study chose them on val): ``grpo``; ``df-grpo`` with
+   the oracle repairer (reads the task's step solution); ``df-no-oracle`` with ``sibling-resample``
+   (what a user without step solutions gets: no solution read, every probe token counted);
+5. every arm's held-out accuracy, every-step-right and lucky rate side by side, the tokens each
    generated, the HTML report of DF's last round, and where everything is.
 
 One seed is noisy: the paired study with 8 seeds is the first section of docs/RESULTS.md.
@@ -30,6 +32,8 @@ from pathlib import Path
 START = Path(__file__).resolve().parents[1] / "data" / "policies" / "regime_start"
 TASK = {"ops": "+-*", "min_reads": 3, "max_reads": 4}  # the task the start is in the regime on
 STUDY = Path(__file__).resolve().parents[1] / "docs" / "study19" / "times34"  # the paired study from START
+ARMS = (("grpo", "grpo", None), ("df-grpo", "df-grpo", "oracle"),  # (name, objective, repairer)
+        ("df-no-oracle", "df-grpo", "sibling-resample"))  # what a user without step solutions runs
 DEFAULT_VARIANT = "rep+allfail"  # the study's name for the fit/loop defaults (studies/options_screen.py)
 
 
@@ -87,7 +91,7 @@ def main(argv=None) -> dict:
     from dfgen.report import write_report
     from dfgen.synth.grid import GridTask, write_synth
     from dftrain.evaluate import greedy_profile
-    from dftrain.loop import LoopConfig, run_loop
+    from dftrain.loop import LoopConfig, repair_tokens, run_loop
 
     con, q, out, t0 = Console(), args.quick, args.out, time.time()
     n_test = 32 if q else 500
@@ -114,17 +118,18 @@ def main(argv=None) -> dict:
     con.print(f"  greedy accuracy on {n_test} held-out problems: {before['accuracy']:.3f} "
               f"(every step right {before['steps_right']:.3f})")
     arms = {}
-    for objective in ("grpo", "df-grpo"):
-        stage(f"{objective}: {rounds} round(s) of sample -> "
-              + ("repair -> mask -> " if objective == "df-grpo" else "") + "fit (dftrain loop)")
-        res = run_loop(LoopConfig(model=start, out=out / objective, rounds=rounds, objective=objective, task=TASK,
+    for name, objective, repairer in ARMS:
+        stage(f"{name}: {rounds} round(s) of sample -> "
+              + (f"repair ({repairer}) -> mask -> " if repairer else "") + "fit (dftrain loop)")
+        res = run_loop(LoopConfig(model=start, out=out / name, rounds=rounds, objective=objective, task=TASK,
                                   prompts_per_round=prompts_per_round, group_size=G, fit_steps=fit_steps,
-                                  groups_per_step=prompts_per_round // fit_steps, seed=args.seed),
+                                  groups_per_step=prompts_per_round // fit_steps, seed=args.seed,
+                                  repairer=repairer or LoopConfig.repairer),
                        log=lambda msg: con.print("  " + msg))
         prof = profile(res["final_model"])
-        tokens = sum(r["generated_tokens"] + r.get("repair", {}).get("repaired_tokens", 0) for r in res["rounds"])
-        arms[objective] = {"accuracy": prof["accuracy"], "steps_right": prof["steps_right"], "lucky": prof["lucky"],
-                           "tokens": tokens, "final_model": res["final_model"]}
+        tokens = sum(r["generated_tokens"] + repair_tokens(r) for r in res["rounds"])
+        arms[name] = {"accuracy": prof["accuracy"], "steps_right": prof["steps_right"], "lucky": prof["lucky"],
+                      "tokens": tokens, "final_model": res["final_model"], "repairer": repairer}
     write_report(out / "df-grpo" / f"round_{rounds - 1:03d}" / "df", out / "report.html", groups=20)
     result = {"start": {k: before[k] for k in ("accuracy", "steps_right", "lucky")}, "arms": arms, "n_test": n_test,
               "rounds": rounds, "seed": args.seed, "seconds": round(time.time() - t0, 1)}
@@ -143,10 +148,13 @@ def _print_results(con, out: Path, result: dict, before: dict) -> None:
         con.print(f"  DF round {r}: reward {s['mean_reward']:.3f}, mixed groups {s['mixed_groups']:.2f}, repaired "
                   f"{s.get('repair_success_rate', 0):.2f} of failures, mask density {s.get('mask_density', 0):.3f}")
     con.print(f"\n[bold]held-out greedy results ({n_test} problems, {rounds} rounds, seed {result['seed']})[/bold]")
-    con.print(f"  {'':9} {'accuracy':>9} {'every step right':>17} {'lucky':>6} {'tokens (DF: + repairs)':>23}")
-    con.print(f"  {'start':9} {before['accuracy']:9.3f} {before['steps_right']:17.3f} {before['lucky']:6.3f}")
+    con.print(f"  {'':12} {'accuracy':>9} {'every step right':>17} {'lucky':>6} {'tokens (DF: + repairs)':>23}")
+    con.print(f"  {'start':12} {before['accuracy']:9.3f} {before['steps_right']:17.3f} {before['lucky']:6.3f}")
     for name, a in arms.items():
-        con.print(f"  {name:9} {a['accuracy']:9.3f} {a['steps_right']:17.3f} {a['lucky']:6.3f} {a['tokens']:23,}")
+        con.print(f"  {name:12} {a['accuracy']:9.3f} {a['steps_right']:17.3f} {a['lucky']:6.3f} {a['tokens']:23,}")
+    con.print("  df-no-oracle: repairs by sibling-resample (the nearest correct rollout of the group, else the "
+              "policy resampling from the longest salvageable prefix); no step solution read. Its tokens include "
+              "every probe.")
     con.print("One seed is noisy (a single evaluation swings a few points): the paired study over 8 seeds, with "
               "intervals and a token-matched GRPO arm, is the first section of docs/RESULTS.md.")
     opts, study = STUDY / "options" / "options.json", STUDY / "results.json"
@@ -158,7 +166,7 @@ def _print_results(con, out: Path, result: dict, before: dict) -> None:
                   f"{fmt(v['test_minus_grpo_tok'])} against GRPO given more tokens than DF generated and repaired; "
                   f"the mask alone (no repaired samples, no all-fail term): {fmt(s['a_df_minus_grpo'])} and "
                   f"{fmt(s['b_df_minus_grpo_tok'])}.")
-    con.print(f"shards: {out}/{{grpo,df-grpo}}/round_*/{{sample,repair,df}}   checkpoints: {out}/*/round_*/fit   "
+    con.print(f"shards: {out}/{{{','.join(result['arms'])}}}/round_*/{{sample,repair,df}}   checkpoints: {out}/*/round_*/fit   "
               f"report: {out}/report.html   curves: {out}/*/loop.json")
     con.print(f"total time {result['seconds']:.0f}s")
 

@@ -379,7 +379,7 @@ class EvalConfig:
     limit: int | None = None
     samples: int = 1
     temperature: float | None = None  # None: 0 (greedy) for 1 sample, 1.0 for pass@k
-    max_new_tokens: int | None = None  # None: synth: fits every solution (>= 64); benchmarks: 512
+    max_new_tokens: int | None = None  # None: synth: fits every solution (>= 64); benchmarks: dfgen.sample.REASONING_BUDGET
     seed: int = 0
     batch_size: int = 64
     device: str = "auto"
@@ -409,7 +409,9 @@ class EvalConfig:
         if self.samples > 1 and self.temperature == 0:
             raise UserError("--samples > 1 needs --temperature > 0 (greedy samples are identical)")
         if self.max_new_tokens is None and self.bench != "synth":  # synth: fits its solutions (token_budget)
-            self.max_new_tokens = 512
+            from dfgen.sample import REASONING_BUDGET
+
+            self.max_new_tokens = REASONING_BUDGET
         if (self.max_new_tokens is not None and self.max_new_tokens <= 0) or self.batch_size <= 0:
             raise UserError("--max-new-tokens and --batch-size must be positive")
         from dfgen.backends import BACKENDS

@@ -138,7 +138,15 @@ def _check_resumable(cfg: LoopConfig, state_f: Path, out: Path) -> None:
         raise UserError(f"{out} holds a loop with other settings ({', '.join(diff)}); use a new --out")
 
 
-def _df_data(cfg: LoopConfig, rd: Path, rec: dict) -> Path:
+def repair_tokens(rec: dict) -> int:
+    """The tokens a round's repairs are charged in matched-token comparisons: every token the repairer
+    generated (resample's probes, the model's outputs); for repairers that generate nothing (oracle,
+    sibling) the repaired tokens, as if a model had written them (the committed studies' charge)."""
+    rep = rec.get("repair", {})
+    return rep.get("generated_tokens") or rep.get("repaired_tokens", 0)
+
+
+def _df_data(cfg: LoopConfig, rd: Path, r: int, rec: dict) -> Path:
     """The round's repair + mask stages (an unfinished one is redone from scratch); the DF shards."""
     from dfgen.mask import MaskConfig, run_mask
     from dfgen.repair import RepairConfig, run_repair
@@ -150,11 +158,11 @@ def _df_data(cfg: LoopConfig, rd: Path, rec: dict) -> Path:
             shutil.rmtree(rd / stage, ignore_errors=True)
     if done_info(rd / "repair", 0) is None:
         run_repair(RepairConfig(rollouts=rd / "sample", out=rd / "repair", repairer=cfg.repairer,
-                                repair_model=cfg.repair_model))
+                                repair_model=cfg.repair_model, seed=cfg.seed * 1000 + r))
     if done_info(rd / "df", 0) is None:
         run_mask(MaskConfig(repairs=rd / "repair", out=rd / "df"))
     rep = done_info(rd / "repair", 0)
-    rec["repair"] = {k: rep.get(k) for k in ("failed", "ok", "repaired_tokens") if k in rep}
+    rec["repair"] = {k: rep.get(k) for k in ("failed", "ok", "repaired_tokens", "generated_tokens") if k in rep}
     rec["seconds"]["repair_mask"] = round(time.time() - t1, 2)
     return rd / "df"
 
@@ -227,7 +235,7 @@ def run_loop(cfg: LoopConfig, log=print) -> dict:
                                      seed=cfg.seed * 1000 + r, chunk_size=32))
         rec = {"round": r, "rollouts": st["rollouts"], "generated_tokens": st["tokens"],
                "sample_reward": st.get("mean_reward"), "seconds": {"sample": round(time.time() - t0, 2)}}
-        data = _df_data(cfg, rd, rec) if OBJECTIVES[cfg.objective].token_weights else rd / "sample"  # no masks needed
+        data = _df_data(cfg, rd, r, rec) if OBJECTIVES[cfg.objective].token_weights else rd / "sample"  # no masks needed
         _fit_round(cfg, rd, data, policy, prev_fit, r, rec)
         policy = prev_fit = rd / "fit"
         rec["accuracy"] = {}

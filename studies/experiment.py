@@ -39,6 +39,7 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 from dftrain.settings import MARKED_MODES, MASS_MODES, POLICY_LOSS_NAMES
+from dftrain.loop import repair_tokens
 
 T975 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26, 10: 2.23,
         11: 2.20, 12: 2.18, 13: 2.16, 14: 2.14, 15: 2.13}
@@ -114,6 +115,7 @@ def summarize(rounds: list[dict], split: str, avg_last: int) -> dict:
     return {"evals": evals, "final": sum(a for _, a in evals[-avg_last:]) / min(avg_last, len(evals)),
             "generated_tokens": sum(r["generated_tokens"] for r in rounds),
             "repaired_tokens": sum(r.get("repair", {}).get("repaired_tokens", 0) for r in rounds),
+            "repair_charged_tokens": sum(repair_tokens(r) for r in rounds),
             "rollouts": sum(r["rollouts"] for r in rounds)}
 
 
@@ -169,7 +171,7 @@ LOOP_OPTIONS = ("rounds", "prompts_per_round", "group_size", "fit_steps", "kappa
                 "eval_n")
 STUDY_DEFAULTS = {"rounds": 10, "repaired_weight": 0.0, "fail_advantage": 0.0, "eval_every": 2, "eval_n": 1000}
 CHOICES = {"marked": MARKED_MODES, "mass": MASS_MODES, "policy_loss": POLICY_LOSS_NAMES,
-           "repairer": ("oracle", "sibling")}  # the model repairer needs a checkpoint this grid does not take
+           "repairer": ("oracle", "sibling", "resample", "sibling-resample", "auto")}  # model needs a checkpoint
 SAME_SETTINGS = tuple(k for k in LOOP_OPTIONS if k != "eval_n") + ("task", "sft")
 
 
@@ -321,7 +323,7 @@ class Grid:
         if not rounds:
             sys.exit(f"experiment.py: error: no finished DF screen run in {self.out} to match GRPO-tok's tokens to")
         gen = sum(r["generated_tokens"] for r in rounds)
-        self.results["token_ratio"] = (gen + sum(r.get("repair", {}).get("repaired_tokens", 0) for r in rounds)) / gen
+        self.results["token_ratio"] = (gen + sum(repair_tokens(r) for r in rounds)) / gen
         self.results["token_ratio_from"] = f"df-grpo/lr{df_lr} on the screen seeds, all rounds"
         _save(self.out, self.results)
 
@@ -451,7 +453,7 @@ def plot(out: Path, results: dict, arms: list[str], args):
             for rounds in per_seed:
                 xs, ys, acc = [0], [sft], 0
                 for r in rounds:
-                    acc += r[key] + (r.get("repair", {}).get("repaired_tokens", 0) if key != "rollouts" else 0)
+                    acc += r[key] + (repair_tokens(r) if key != "rollouts" else 0)
                     if "test" in r.get("accuracy", {}):
                         xs.append(acc)
                         ys.append(r["accuracy"]["test"])
@@ -463,7 +465,7 @@ def plot(out: Path, results: dict, arms: list[str], args):
             ax.plot(curves[0][0][:k], [sum(c[1][i] for c in curves) / len(curves) for i in range(k)],
                     color=colors[arm], lw=2.5, label=f"{arm} (mean of {len(curves)})")
     axes[0].set_xlabel("sampled rollouts")
-    axes[1].set_xlabel("generated tokens (DF: + repaired tokens)")
+    axes[1].set_xlabel("generated tokens (DF: + what its repairs are charged)")
     for ax in axes:
         ax.set_ylabel(f"greedy accuracy ({args.eval_n} test)")
         ax.axhline(sft, color="gray", ls=":", label="SFT start")

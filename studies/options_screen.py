@@ -9,7 +9,8 @@ GRPO runs:
   ``kappa0.5``; ``rep`` (repaired samples as extra positives, A+ = 1, kappa_rep = 0: credit only on
   the corrected tokens); ``allfail`` (``--fail-advantage 1``: -1 on the root token of repaired
   rollouts in all-fail groups, where GRPO's advantage is 0); ``rep+allfail`` (both); ``model``
-  (``--repairer model`` with ``--repair-model``, beside the oracle);
+  (``--repairer model`` with ``--repair-model``, beside the oracle); ``oracle``, ``sibling``,
+  ``resample``, ``sibling-resample`` (the repairer alone changed);
 * ``redistribute`` at its own lr: the study's lr grid on the first seed, chosen on val, then the
   other seeds at that lr (every other variant runs at DF's chosen lr).
 
@@ -30,7 +31,7 @@ import sys
 import time
 from pathlib import Path
 
-from dftrain.loop import BEFORE_FIELD
+from dftrain.loop import BEFORE_FIELD, repair_tokens
 from studies.experiment import final_of, item_stats, load_runs, loop_base, mechanism, paired, run_job, test_items
 
 VARIANTS = {
@@ -44,6 +45,11 @@ VARIANTS = {
     "allfail": {"fail_advantage": 1.0},
     "rep+allfail": {"repaired_weight": 1.0, "kappa_rep": 0.0, "fail_advantage": 1.0},
     "model": {"repairer": "model"},
+    # the repairer alone changed (issue "DF without an oracle"): beside a setting whose DF arm uses another
+    "oracle": {"repairer": "oracle"},
+    "sibling": {"repairer": "sibling"},
+    "resample": {"repairer": "resample"},
+    "sibling-resample": {"repairer": "sibling-resample"},
 }
 OWN_LR = ("redistribute",)
 
@@ -132,7 +138,7 @@ def main():
         val_d = [val_of(folder(v, lr_of[v], s)) - val_of(grpo[s]) for s in done]
         rounds = [r for s in done for r in json.loads((folder(v, lr_of[v], s) / "loop.json").read_text())["rounds"]]
         gen = sum(r["generated_tokens"] for r in rounds)
-        rep = sum(r.get("repair", {}).get("repaired_tokens", 0) for r in rounds)
+        rep = sum(repair_tokens(r) for r in rounds)  # what the repairs are charged (generated tokens, if any)
         failed = sum(r.get("repair", {}).get("failed", 0) for r in rounds)
         ok = sum(r.get("repair", {}).get("ok", 0) for r in rounds)
         o = base | VARIANTS[v]

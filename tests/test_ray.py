@@ -51,7 +51,11 @@ def by_hand(tmp_path_factory, train_prompts, sft_model):
     for i in (0, 1):
         run_cli("dfgen", *_sample_args(train_prompts, sft_model, d / "S"), "--worker-index", i, env=ONE_THREAD)
     run_cli("dfgen", "repair", "--rollouts", d / "S", "--out", d / "R", env=ONE_THREAD)
+    run_cli("dfgen", "repair", "--rollouts", d / "S", "--out", d / "RS", *RESAMPLE, env=ONE_THREAD)
     return d
+
+
+RESAMPLE = ("--repairer", "resample", "--resample-n", 2, "--max-probes", 2)  # a generating repairer, kept small
 
 
 def test_ray_workers_write_the_rows_the_same_workers_write_by_hand(cluster, by_hand, train_prompts, sft_model,
@@ -64,6 +68,10 @@ def test_ray_workers_write_the_rows_the_same_workers_write_by_hand(cluster, by_h
     r = run_cli("dfgen", "repair", "--rollouts", tmp_path / "S", "--out", tmp_path / "R", "--ray", cluster)
     assert "failed rollouts" in r.stdout
     assert _rows(tmp_path / "R") == _rows(by_hand / "R")
+    run_cli("dfgen", "repair", "--rollouts", tmp_path / "S", "--out", tmp_path / "RS", *RESAMPLE, "--ray", cluster)
+    rs = _rows(tmp_path / "RS")
+    assert rs == _rows(by_hand / "RS")  # the probes' seeds depend on the rollout, not on the worker
+    assert any(r["repair_gen_tokens"] for rows in rs.values() for g in rows for r in g["rollouts"])
 
 
 def test_a_worker_killed_mid_run_is_retried_and_every_group_is_written_once(cluster, by_hand, train_prompts,

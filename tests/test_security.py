@@ -41,7 +41,7 @@ main(sys.argv[1:])
 
 @pytest.mark.parametrize("start", ["shipped", "from-scratch"])
 def test_the_miniature_pipeline_runs_with_networking_unusable(tmp_path, start):
-    """``python -m dftrain.demo --quick``: synth, [tiny policy, SFT,] both arms' sample, repair, mask,
+    """``python -m dftrain.demo --quick``: synth, [tiny policy, SFT,] every arm's sample, repair, mask,
     fit, eval, report; with HF offline, proxies pointing at a dead port and every socket connect refused."""
     log = tmp_path / "network_attempts.log"
     log.touch()
@@ -56,12 +56,17 @@ def test_the_miniature_pipeline_runs_with_networking_unusable(tmp_path, start):
     assert log.read_text() == "", f"network was attempted:\n{log.read_text()}"
     demo = tmp_path / "demo"
     res = json.loads((demo / "demo_result.json").read_text())
-    assert set(res["arms"]) == {"grpo", "df-grpo"}
+    assert set(res["arms"]) == {"grpo", "df-grpo", "df-no-oracle"}
     for a in res["arms"].values():
         assert 0.0 <= a["steps_right"] <= a["accuracy"] <= 1.0 and a["tokens"] > 0
     for sub in ("grpo/round_000/sample", "grpo/round_000/fit", "df-grpo/round_000/sample", "df-grpo/round_000/repair",
-                "df-grpo/round_000/df", "df-grpo/round_000/fit"):
+                "df-grpo/round_000/df", "df-grpo/round_000/fit", "df-no-oracle/round_000/repair"):
         assert any((demo / sub).iterdir())
+    # the oracle-free arm's repairs read no solution: they come from siblings and resampling, never the oracle
+    import polars as pl
+
+    flat = pl.read_parquet(str(demo / "df-no-oracle/round_000/repair/*.parquet")).explode("rollouts").unnest("rollouts")
+    assert set(flat["repairer"].drop_nulls()) <= {"sibling", "resample"} and flat["repairer"].drop_nulls().len() > 0
     assert not (demo / "grpo" / "round_000" / "df").exists()  # GRPO trains on the samples, no repairs
     # the two arms saw the same prompts
     assert (demo / "grpo/round_000/prompts").exists() and \

@@ -114,6 +114,23 @@ def test_stored_logprobs_at_temperature_and_greedy(engine, hf, prompts):
         assert max(abs(a - b) for a, b in zip(v.logprobs, h.logprobs)) < TOL
 
 
+def test_a_prefix_is_continued_as_hf_continues_it(engine, hf, prompts, group):
+    """The resample repairer's probes: a prompt with a ``prefix`` (token ids the answer starts with)
+    continues right after it. Greedy continuations equal hf's, and their logprobs are the teacher-forced
+    logprobs of prefix + continuation under hf."""
+    from dfgen.backends import Prompt, SamplingConfig
+
+    heads = [tuple(g[0].token_ids[: k]) for g, k in zip(group, (1, 3, 5, 2))]
+    pre = [Prompt(p.question, p.image, h) for p, h in zip(prompts, heads)]
+    cfg = SamplingConfig(temperature=0.0, max_new_tokens=MAX_NEW)
+    one = [[0] for _ in pre]
+    v, h = engine.generate(pre, one, cfg), hf.generate(pre, one, cfg)
+    for (a,), (b,), head, p in zip(v, h, heads, prompts):
+        assert a.token_ids == b.token_ids
+        ref = hf.score([p], [list(head) + a.token_ids])[0][len(head):]
+        assert max(abs(x - y) for x, y in zip(a.logprobs, ref)) < TOL
+
+
 def test_same_seed_same_rollouts(engine, prompts, group):
     from dfgen.backends import SamplingConfig
 

@@ -1,7 +1,7 @@
 """Generation backends: prompts in, per-sample token ids + sampled-token logprobs out.
 
 Every backend implements the same three calls (``Backend`` below) and returns the same
-``Sample`` record, so ``dfgen sample``, ``dfgen repair --repairer model`` and ``dftrain eval``
+``Sample`` record (for a prompt with a ``prefix``, the sample is the continuation after it), so ``dfgen sample``, ``dfgen repair --repairer model`` and ``dftrain eval``
 do not know which engine ran. Seeds are per sample (derived by the caller from
 (seed, prompt id, sample index)), so a sample does not depend on which batch it landed in.
 """
@@ -31,6 +31,7 @@ class Sample:
 class Prompt:
     question: str
     image: object  # PIL image or None
+    prefix: tuple = ()  # token ids the answer starts with (the resample repairer's kept lines); generation continues them
 
 
 class Backend(Protocol):

@@ -25,7 +25,7 @@ from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 from dfgen.backends import Prompt, Sample, SamplingConfig
 from dfgen.backends import fast_decode as _fast
 from dfgen.errors import UserError
-from dfgen.policy import completion_inputs, load_policy, prompt_inputs, suppress_ids, token_logprobs
+from dfgen.policy import completion_inputs, load_policy, prefix_inputs, prompt_inputs, suppress_ids, token_logprobs
 
 
 class _SeededSampler(LogitsProcessor):
@@ -95,7 +95,10 @@ class HFBackend:
         self.context = getattr(cfg, "max_position_embeddings", None)  # positions the model was built for
 
     def _inputs(self, prompts: list[Prompt]):
-        return prompt_inputs(self.processor, [p.question for p in prompts], [p.image for p in prompts])
+        inputs = prompt_inputs(self.processor, [p.question for p in prompts], [p.image for p in prompts])
+        if any(p.prefix for p in prompts):
+            inputs = prefix_inputs(inputs, [p.prefix for p in prompts], self.tok.pad_token_id)
+        return inputs
 
     def prompt_ids(self, prompts):
         ids = self._inputs(prompts)

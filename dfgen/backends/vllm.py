@@ -148,6 +148,8 @@ class VLLMBackend:
     # ------------------------------------------------------------------ requests
     def _request(self, p: Prompt) -> dict:
         req = {"prompt": chat_text(self.processor, p.question, p.image is not None)}
+        if p.prefix:  # the chat text's own ids (one image placeholder, which vLLM expands) + the prefix ids
+            req = {"prompt_token_ids": self.tok(req["prompt"], add_special_tokens=False)["input_ids"] + list(p.prefix)}
         if p.image is not None:
             req["multi_modal_data"] = {"image": p.image}
         return req

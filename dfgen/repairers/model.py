@@ -27,7 +27,8 @@ def propose(jobs: list, env) -> list[Proposal]:
     proposals = []
     for ok in fits:
         o = next(outs)[0] if ok else None
+        cost = {"repair_samples": 1, "repair_gen_tokens": len(o.token_ids)} if o is not None else {}
         proposals.append(Proposal(None, "repair prompt too long for the repair model") if o is None else
-                         Proposal(o.text) if o.finish_reason == "stop" else
-                         Proposal(o.text, "repair model hit max tokens"))
+                         Proposal(o.text, "", cost) if o.finish_reason == "stop" else
+                         Proposal(o.text, "repair model hit max tokens", cost))
     return proposals
