@@ -203,7 +203,7 @@ def _evaluate_round(cfg: LoopConfig, rd: Path, policy: Path, rec: dict) -> None:
 
 def run_loop(cfg: LoopConfig, log=print) -> dict:
     from dfgen.policy import check_policy_dir
-    from dfgen.sample import SampleConfig, run_sample
+    from dfgen.sample import SampleConfig, run_sample, truncation_warning
     from dfgen.shards import write_json_atomic
     from dftrain.loss import OBJECTIVES
 
@@ -235,6 +235,8 @@ def run_loop(cfg: LoopConfig, log=print) -> dict:
                                      seed=cfg.seed * 1000 + r, chunk_size=32))
         rec = {"round": r, "rollouts": st["rollouts"], "generated_tokens": st["tokens"],
                "sample_reward": st.get("mean_reward"), "seconds": {"sample": round(time.time() - t0, 2)}}
+        if warning := truncation_warning(st, st["max_new_tokens"]):
+            log(f"round {r + 1}/{cfg.rounds}: {warning}")
         data = _df_data(cfg, rd, r, rec) if OBJECTIVES[cfg.objective].token_weights else rd / "sample"  # no masks needed
         _fit_round(cfg, rd, data, policy, prev_fit, r, rec)
         policy = prev_fit = rd / "fit"

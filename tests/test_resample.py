@@ -91,6 +91,18 @@ def test_prompts_without_a_solution_get_a_reasoning_budget(no_solution):
     assert (f["finish_reason"] == "stop").mean() > 0.95  # the start finishes its answers
 
 
+def test_sample_warns_in_one_line_when_rollouts_stop_at_the_limit(no_solution, tmp_path):
+    from dftrain.demo import START
+
+    p = run_cli("dfgen", "sample", "--prompts", no_solution / "prompts.parquet", "--model", START, "--out",
+                tmp_path / "s", "--group-size", "2", "--limit", "4", "--max-new-tokens", "8")
+    warn = [ln for ln in p.stderr.splitlines() if ln.startswith("warning:")]
+    assert len(warn) == 1 and "8 of 8 rollouts (100%) stopped at the 8-token limit" in warn[0], p.stderr
+    p = run_cli("dfgen", "sample", "--prompts", no_solution / "prompts.parquet", "--model", START, "--out",
+                tmp_path / "s2", "--group-size", "2", "--limit", "4")
+    assert "warning:" not in p.stderr
+
+
 def test_resample_repairs_prompts_without_a_solution_and_counts_every_token(no_solution):
     from dfgen.benchmarks import reward
 
