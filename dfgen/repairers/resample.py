@@ -128,6 +128,8 @@ def _closest(tok, bad: list[int], texts: list[str]) -> str:
 
 @register_repairer("resample")
 def propose(jobs: list, env) -> list[Proposal]:
+    if not jobs:  # nothing to search: no generator is built (vLLM would start an engine)
+        return []
     tok = env.tokenizer
     same_tok = env.gen.tokenizer is tok or env.gen.tokenizer.get_vocab() == tok.get_vocab()
     searches = [Search(row, i, line_cuts(tok, list(row["rollouts"][i]["token_ids"])), env.search) for row, i in jobs]
