@@ -66,13 +66,28 @@ class RepairConfig:
             raise UserError(f"unknown --search {self.search!r} ({' or '.join(SEARCHES)})")
         if self.temperature is not None and not self.temperature > 0:
             raise UserError("--temperature must be positive (resample draws several continuations)")
+        self._refuse_unused()
         from dfgen.policy import check_device
 
         check_device(self.device)
 
+    def _refuse_unused(self) -> None:
+        """An option the chosen repairer never reads is an error, not a silent no-op."""
+        from dataclasses import fields
 
+        uses = set(RESAMPLE_KEYS) if self.repairer in RESAMPLES else set()
+        uses |= {"repair_model", "backend"} if self.repairer in GENERATES else set()
+        uses |= {"template", "max_new_tokens"} if self.repairer == "model" else set()
+        for f in fields(self):
+            if f.name in UNUSED_CHECKED and f.name not in uses and getattr(self, f.name) != f.default:
+                raise UserError(f"--{f.name.replace('_', '-')} does nothing with --repairer {self.repairer}")
+
+
+GENERATES = ("model", "resample", "sibling-resample", "auto")  # repairers that may call a generator
+RESAMPLES = GENERATES[1:]  # repairers that may run the resample search
 SEARCHES = ("binary", "backward")  # resample's search strategies
 RESAMPLE_KEYS = ("search", "resample_n", "min_wins", "max_probes", "token_budget", "temperature", "seed")  # settings a resample run's shards depend on
+UNUSED_CHECKED = RESAMPLE_KEYS + ("repair_model", "backend", "template", "max_new_tokens")  # each read by some repairers only
 
 
 def _template(cfg: RepairConfig) -> str:
@@ -84,9 +99,6 @@ def _template(cfg: RepairConfig) -> str:
         if key not in t:
             raise UserError(f"template {p} lacks the {key} placeholder")
     return t
-
-
-GENERATES = ("model", "resample", "sibling-resample", "auto")  # repairers that may call a generator
 
 
 def _gen_env(cfg: RepairConfig, scorer, model_dir: Path, device: str, sampling: dict):
@@ -191,7 +203,7 @@ def run_repair(cfg: RepairConfig, progress=None, only_worker: int | None = None)
     meta, units = rewrite_plan(ss, Path(cfg.out), cfg.rollouts, "--rollouts", {"repair": {
         "repairer": cfg.repairer, "max_edit_ratio": cfg.max_edit_ratio,
         "repair_model": str(cfg.repair_model) if cfg.repair_model else None,
-        **({k: getattr(cfg, k) for k in RESAMPLE_KEYS} if cfg.repairer in GENERATES[1:] else {})}}, files)
+        **({k: getattr(cfg, k) for k in RESAMPLE_KEYS} if cfg.repairer in RESAMPLES else {})}}, files)
 
     def differs(have: dict) -> str | None:
         same = have.get("stage") == "repair" and have.get("repair") == meta["repair"] and \

@@ -149,7 +149,7 @@ def repair_tokens(rec: dict) -> int:
 def _df_data(cfg: LoopConfig, rd: Path, r: int, rec: dict) -> Path:
     """The round's repair + mask stages (an unfinished one is redone from scratch); the DF shards."""
     from dfgen.mask import MaskConfig, run_mask
-    from dfgen.repair import RepairConfig, run_repair
+    from dfgen.repair import RESAMPLES, RepairConfig, run_repair
     from dfgen.shards import done_info
 
     t1 = time.time()
@@ -157,8 +157,9 @@ def _df_data(cfg: LoopConfig, rd: Path, r: int, rec: dict) -> Path:
         if done_info(rd / stage, 0) is None:
             shutil.rmtree(rd / stage, ignore_errors=True)
     if done_info(rd / "repair", 0) is None:
+        seeded = {"seed": cfg.seed * 1000 + r} if cfg.repairer in RESAMPLES else {}  # resample's probes
         run_repair(RepairConfig(rollouts=rd / "sample", out=rd / "repair", repairer=cfg.repairer,
-                                repair_model=cfg.repair_model, seed=cfg.seed * 1000 + r))
+                                repair_model=cfg.repair_model, **seeded))
     if done_info(rd / "df", 0) is None:
         run_mask(MaskConfig(repairs=rd / "repair", out=rd / "df"))
     rep = done_info(rd / "repair", 0)

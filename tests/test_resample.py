@@ -167,8 +167,10 @@ def test_resample_runs_on_a_mathvista_format_prompt_set(tmp_path):
 
 
 def test_resample_refuses_bad_settings_in_one_line(no_solution, tmp_path):
-    for args in (["--resample-n", "0"], ["--temperature", "0"], ["--search", "sideways"]):
-        p = run_cli("dfgen", "repair", "--rollouts", no_solution / "s", "--out", tmp_path / "x",
-                    "--repairer", "resample", *args, check=False)
+    for args in (["--repairer", "resample", "--resample-n", "0"], ["--repairer", "resample", "--temperature", "0"],
+                 ["--repairer", "resample", "--search", "sideways"],
+                 ["--repairer", "oracle", "--resample-n", "3"], ["--repairer", "sibling", "--repair-model", "."],
+                 ["--repairer", "resample", "--max-new-tokens", "12"]):  # an option its repairer never reads
+        p = run_cli("dfgen", "repair", "--rollouts", no_solution / "s", "--out", tmp_path / "x", *args, check=False)
         assert p.returncode != 0 and len(p.stderr.strip().splitlines()) == 1, p.stderr
         assert not (tmp_path / "x").exists()
