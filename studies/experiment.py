@@ -9,9 +9,10 @@ numbers are reported, so test never influences a choice. ``--screen-seeds K``: t
 on the first K seeds only (the screen); the other seeds then run at each arm's chosen lr.
 
 * (a) matched rollouts and gradient steps: ``grpo`` vs ``df-grpo``;
-* (b) ``--token-matched``: ``grpo-tok`` gets extra prompts (and steps) per round so its sampled
-  tokens equal the DF arm's sampled + repaired tokens (the ratio is that of DF's screen runs at its
-  chosen lr, over all their rounds).
+* (b) ``--token-matched``: ``grpo-tok`` gets extra prompts (and steps) per round so that its sampled
+  tokens equal what the DF run *of the same seed* (at DF's chosen lr) generated: its sampled tokens
+  plus every token its repairer was charged (probes included). The match is checked after the fact:
+  ``summary.b_token_match`` holds each seed's GRPO-tok sampled / DF total (the target: within 5%).
 
 Setup: the tiny policy (``--hidden/--layers``: 128/2 = the 0.77M default, 256/4 = ~5M) and its SFT
 start (``--sft-steps``, ``--sft-device``), or ``--sft DIR``. Reported in ``OUT/results.json`` and
@@ -289,15 +290,15 @@ class Grid:
 
     def spec(self, arm: str, lr: float, seed: int) -> dict:
         """One run's LoopConfig fields (+ its name and threads). (b): GRPO-tok gets extra prompts and steps per
-        round so its sampled tokens match DF's sampled + repaired tokens, at the ratio DF's own screen runs used
-        over all their rounds (folders made before this keep the ratio a one-round probe measured: round 0
-        has the most failures, so it over-matched by ~10%)."""
+        round, in whole groups of steps, so its sampled tokens match what DF's run of the same seed generated
+        (``token_ratio``; that run must have finished)."""
         a, name = self.args, f"{arm}/lr{lr:g}/s{seed}"
         sp = self.base | dict(name=name, out=str(self.out / name), objective="grpo" if arm == "grpo-tok" else arm,
                               lr=lr, seed=seed)
         if arm == "grpo-tok":  # same groups per step, more prompts and steps per round
-            n = int(round(a.prompts_per_round * self.results["token_ratio"] / a.group_size)) * a.group_size
-            sp |= dict(prompts_per_round=n, fit_steps=max(1, n * a.fit_steps // a.prompts_per_round))
+            per_step = a.prompts_per_round // a.fit_steps
+            steps = max(1, round(a.fit_steps * self.token_ratio(seed)))
+            sp |= dict(prompts_per_round=steps * per_step, fit_steps=steps)
         return sp
 
     def run(self, specs: list[dict]) -> None:
@@ -314,29 +315,37 @@ class Grid:
             for r in ex.map(run_job, [dict(s) for s in pending]):
                 print(f"  {r['name']}: {r['seconds']}s", flush=True)
 
-    def token_ratio(self) -> None:
-        """DF's (sampled + repaired) / sampled tokens over its screen runs at its val-chosen lr, once."""
-        if "token_ratio" in self.results:
-            return
+    def df_run(self, seed: int) -> Path:
         df_lr = choose_lr(self.out, ["df-grpo"], self.lrs, self.screen, self.args)["df-grpo"]
-        rounds = [r for v in load_runs(self.out, [f"df-grpo/lr{df_lr}/s{s}" for s in self.screen]).values() for r in v]
-        if not rounds:
-            sys.exit(f"experiment.py: error: no finished DF screen run in {self.out} to match GRPO-tok's tokens to")
-        gen = sum(r["generated_tokens"] for r in rounds)
-        self.results["token_ratio"] = (gen + sum(repair_tokens(r) for r in rounds)) / gen
-        self.results["token_ratio_from"] = f"df-grpo/lr{df_lr} on the screen seeds, all rounds"
-        _save(self.out, self.results)
+        return self.out / f"df-grpo/lr{df_lr}/s{seed}"
+
+    def token_ratio(self, seed: int) -> float:
+        """(sampled + repair-charged) / sampled tokens of DF's finished run of ``seed`` at its chosen lr,
+        recorded in results.json (``token_ratio_per_seed``) the first time it is read."""
+        per_seed = self.results.setdefault("token_ratio_per_seed", {})
+        if str(seed) not in per_seed:
+            f = self.df_run(seed) / "loop.json"
+            if not f.exists():
+                sys.exit(f"experiment.py: error: GRPO-tok's seed {seed} needs DF's finished run {f.parent} to match")
+            rounds = json.loads(f.read_text())["rounds"]
+            gen = sum(r["generated_tokens"] for r in rounds)
+            per_seed[str(seed)] = (gen + sum(repair_tokens(r) for r in rounds)) / gen
+            _save(self.out, self.results)
+        return per_seed[str(seed)]
 
 
 def run_grid(grid: Grid) -> None:
     """(1) the screen: every lr on the screen seeds (GRPO-tok after DF, whose tokens it matches);
-    (2) the other seeds at each arm's val choice, seed-major so that pairs finish together."""
+    (2) the other seeds at each arm's val choice, seed-major so that a seed's runs finish together."""
+    tok = "grpo-tok" in grid.arms
     grid.run([grid.spec(a, lr, s) for a in grid.arms if a != "grpo-tok" for lr in grid.lrs for s in grid.screen])
-    if "grpo-tok" in grid.arms:
-        grid.token_ratio()
+    if tok:
         grid.run([grid.spec("grpo-tok", lr, s) for lr in grid.lrs for s in grid.screen])
     chosen = choose_lr(grid.out, grid.arms, grid.lrs, grid.screen, grid.args)
-    grid.run([grid.spec(a, float(chosen[a]), s) for s in grid.seeds if s not in grid.screen for a in grid.arms])
+    for s in (s for s in grid.seeds if s not in grid.screen):
+        grid.run([grid.spec(a, float(chosen[a]), s) for a in grid.arms if a != "grpo-tok"])
+        if tok:  # after DF's run of this seed, whose tokens it matches
+            grid.run([grid.spec("grpo-tok", float(chosen["grpo-tok"]), s)])
 
 
 def main(argv=None):
@@ -422,6 +431,11 @@ def summarize_grid(out: Path, arms, lrs, screen, seeds, args, sft_acc) -> dict:
             summ[key + "_lucky"] = paired([d["lucky"] - g["lucky"] for d, g in pairs])
             summ[key + "_by_sft_prefix"] = {b: paired([d[f"bucket:{b}"] - g[f"bucket:{b}"] for d, g in pairs])
                                             for b in sorted(buckets)}
+        if "grpo-tok" in stats:  # (b) is fair only if GRPO-tok generated what DF did, seed by seed
+            total = {a: {s: summarize(runs[names[a][s]], "test", args.avg_last) for s in done} for a in ("df-grpo", "grpo-tok")}
+            summ["b_token_match"] = {str(s): total["grpo-tok"][s]["generated_tokens"]
+                                     / (total["df-grpo"][s]["generated_tokens"] + total["df-grpo"][s]["repair_charged_tokens"])
+                                     for s in done}
         summ["grpo_minus_sft"] = paired([g - sft_acc["test"] for g in test["grpo"]])
         summ["df_minus_sft"] = paired([d - sft_acc["test"] for d in test["df-grpo"]])
     mech = [mechanism(p, args.kappa, args.marked, args.mass) for s in done

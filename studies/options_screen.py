@@ -154,7 +154,7 @@ def main():
             **({"test_minus_grpo_tok": paired([st[s]["accuracy"] - t_stats[s]["accuracy"] for s in done]),
                 "test_steps_right_minus_grpo_tok": paired([st[s]["steps_right"] - t_stats[s]["steps_right"] for s in done]),
                 "test_lucky_minus_grpo_tok": paired([st[s]["lucky"] - t_stats[s]["lucky"] for s in done]),
-                "grpo_tok_token_ratio": study.get("token_ratio")}
+                "grpo_tok_token_match": study["summary"].get("b_token_match")}
                if t_stats and all(s in t_stats for s in done) else {}),
             "token_ratio": (gen + rep) / gen, "repairs_verified": ok / failed if failed else None,
             "mechanism_mean": {k: sum(m[k] for m in mech) / len(mech) for k in mech[0]} if mech else {}}
