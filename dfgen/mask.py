@@ -53,7 +53,7 @@ def _mask_rollout(r: dict, texts, level: str) -> None:
 
 
 def run_mask(cfg: MaskConfig, progress=None) -> dict:
-    from transformers import AutoTokenizer
+    from dfgen.models import load_tokenizer
 
     from dfgen.policy import tokenizer_fingerprint
     from dfgen.shards import open_shards
@@ -65,7 +65,7 @@ def run_mask(cfg: MaskConfig, progress=None) -> dict:
     tdir = Path(cfg.tokenizer or ss.meta.get("model", ""))
     if not (tdir / "tokenizer_config.json").is_file() and not (tdir / "tokenizer.json").is_file():
         raise UserError(f"no tokenizer in {tdir}; pass --tokenizer with the sampling policy's folder")
-    tok = AutoTokenizer.from_pretrained(tdir)
+    tok = load_tokenizer(tdir)
     fp = tokenizer_fingerprint(tok)
     if ss.meta.get("tokenizer_fingerprint") not in (None, fp):
         raise UserError(f"{cfg.repairs} was tokenized by another tokenizer than {tdir}'s; pass the policy "

@@ -2,10 +2,9 @@
 (The tiny offline policy is built by ``dfgen.tiny``; images are checked by ``dfgen.images``.)
 
 ``load_policy(path)`` returns ``(model, processor)`` for any HF image-text-to-text folder (the
-tiny one, Qwen2-VL, Qwen2.5-VL, ...). Without torchvision (our CPU environment) the Qwen2-VL
-processor cannot build its video processor; we then assemble the processor from its tokenizer
-and the PIL image processor with ``video_processor=None``. Weights load as safetensors only;
-``trust_remote_code`` is off unless asked for.
+tiny one, or any family ``dfgen.models`` declares). The processor is assembled by
+``dfgen.models.load_processor`` (no video processor, no torchvision). Weights load as safetensors
+only; ``trust_remote_code`` is off unless asked for.
 
 ``prompt_inputs`` renders chat prompts (image placeholder + question) through the processor;
 ``completion_inputs`` appends exact completion token ids to those inputs (every token-aligned
@@ -17,55 +16,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-from contextlib import contextmanager
 from pathlib import Path
 
 from dfgen.errors import UserError
-from dfgen.tiny import CHAT_TEMPLATE, MAX_PIXELS, MIN_PIXELS  # the tiny policy's processor settings
-
-
-# ----------------------------------------------------------------------------- saving
-def save_processor_files(d: Path, tokenizer, image_processor) -> None:
-    """Write what ``AutoProcessor`` needs, without instantiating a video processor (torchvision)."""
-    d = Path(d)
-    tokenizer.save_pretrained(d)
-    image_processor.save_pretrained(d)
-    chat = getattr(tokenizer, "chat_template", None) or CHAT_TEMPLATE
-    (d / "chat_template.jinja").write_text(chat)
-    (d / "processor_config.json").write_text(json.dumps({"processor_class": "Qwen2VLProcessor"}, indent=2))
-    vid = {"video_processor_type": "Qwen2VLVideoProcessor", "processor_class": "Qwen2VLProcessor",
-           "min_pixels": MIN_PIXELS, "max_pixels": MAX_PIXELS, "patch_size": 14, "temporal_patch_size": 2,
-           "merge_size": 2, "do_resize": True, "do_rescale": True, "do_normalize": True,
-           "image_mean": [0.48145466, 0.4578275, 0.40821073],
-           "image_std": [0.26862954, 0.26130258, 0.27577711]}
-    (d / "video_preprocessor_config.json").write_text(json.dumps(vid, indent=2))
+from dfgen.models import family_of, load_processor, processor_family  # noqa: F401 (load_processor re-exported)
 
 
 # ----------------------------------------------------------------------------- loading
-def _torchvision_ok() -> bool:
-    try:
-        import torchvision  # noqa: F401
-        return True
-    except Exception:
-        return False
-
-
-@contextmanager
-def _allow_missing_video_processor():
-    from transformers.processing_utils import ProcessorMixin
-
-    orig = ProcessorMixin.check_argument_for_proper_class
-
-    def check(self, name, arg):
-        return None if arg is None else orig(self, name, arg)
-
-    ProcessorMixin.check_argument_for_proper_class = check
-    try:
-        yield
-    finally:
-        ProcessorMixin.check_argument_for_proper_class = orig
-
-
 def check_policy_dir(path: Path) -> Path:
     path = Path(path)
     if not path.is_dir():
@@ -79,34 +36,10 @@ def check_policy_dir(path: Path) -> Path:
         raise UserError(f"{cfg} is not valid JSON: {e}") from None
     if "vision_config" not in c:
         raise UserError(f"{path} is not a vision-language model (config.json has no vision_config)")
+    family_of(c)  # an unsupported family: one line naming the supported ones
     if not list(path.glob("*.safetensors")):
         raise UserError(f"{path} has no .safetensors weights (only safetensors checkpoints are loaded)")
     return path
-
-
-def load_processor(path: Path, trust_remote_code: bool = False):
-    """The model's processor; torchvision-free fallback for Qwen2-VL-family processors."""
-    import transformers
-
-    path = Path(path)
-    if _torchvision_ok():
-        proc = transformers.AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
-    else:
-        pc = {}
-        for name in ("processor_config.json", "preprocessor_config.json"):
-            if (path / name).is_file():
-                pc = {**json.loads((path / name).read_text()), **pc}
-        cls = getattr(transformers, pc.get("processor_class", "Qwen2VLProcessor"), None)
-        if cls is None:
-            raise UserError(f"unknown processor_class {pc.get('processor_class')!r} in {path}")
-        tok = transformers.AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-        ip = transformers.AutoImageProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
-        chat = (path / "chat_template.jinja").read_text() if (path / "chat_template.jinja").is_file() else None
-        with _allow_missing_video_processor():
-            proc = cls(image_processor=ip, tokenizer=tok, video_processor=None,
-                       chat_template=chat or getattr(tok, "chat_template", None))
-    proc.tokenizer.padding_side = "left"
-    return proc
 
 
 def check_device(device: str) -> str:
@@ -193,13 +126,18 @@ def context_length(model_dir: Path) -> int | None:
 def chat_text(processor, question: str, has_image: bool) -> str:
     content = ([{"type": "image"}] if has_image else []) + [{"type": "text", "text": question}]
     msgs = [{"role": "user", "content": content}]
-    return processor.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+    # the processor's template through its tokenizer: some processors' own renderer reads their
+    # (absent) video processor's settings
+    return processor.tokenizer.apply_chat_template(msgs, chat_template=processor.chat_template,
+                                                   add_generation_prompt=True, tokenize=False)
 
 
 def prompt_inputs(processor, questions: list[str], images: list):
     """Left-padded model inputs for a batch of prompts (images: PIL or None per prompt)."""
     texts = [chat_text(processor, q, im is not None) for q, im in zip(questions, images)]
     imgs = [im for im in images if im is not None]
+    if imgs and processor_family(processor).nest_images:
+        imgs = [[im] if im is not None else [] for im in images]
     processor.tokenizer.padding_side = "left"
     return processor(text=texts, images=imgs or None, return_tensors="pt", padding=True)
 

@@ -50,42 +50,22 @@ def build_tiny(out: Path, seed: int = 0, hidden: int = 128, layers: int = 2, hea
                vision_depth: int = 2) -> Path:
     """Build and save the tiny policy. ``hidden=256, layers=4`` gives the ~5M variant."""
     import torch
-    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLImageProcessorPil
 
-    from dfgen.policy import save_processor_files
+    from dfgen.models import save_processor
+    from dfgen.models.qwen import tiny_qwen2_vl
     from dfgen.synth.grid import corpus_texts
 
     out = Path(out)
     torch.manual_seed(seed)
     tok = build_tokenizer(corpus_texts(seed=seed))
     ids = {t: tok.convert_tokens_to_ids(t) for t in SPECIAL}
-    head_dim = hidden // heads
-    vocab = (len(tok) + 63) // 64 * 64
-    cfg = Qwen2VLConfig(
-        text_config=dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=4 * hidden,
-                         num_hidden_layers=layers, num_attention_heads=heads,
-                         num_key_value_heads=max(1, heads // 2), max_position_embeddings=1024,
-                         # mrope_section must sum to head_dim/2 (the default assumes head_dim 128)
-                         rope_parameters={"rope_type": "default", "rope_theta": 1e4,
-                                          "mrope_section": [head_dim // 8, 3 * head_dim // 16,
-                                                            3 * head_dim // 16]},
-                         bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
-                         pad_token_id=ids["<|endoftext|>"]),
-        vision_config=dict(depth=vision_depth, embed_dim=64, hidden_size=hidden, num_heads=4, mlp_ratio=2,
-                           patch_size=14, spatial_merge_size=2, temporal_patch_size=2),
-        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
-        tie_word_embeddings=True,
-    )
-    model = Qwen2VLForConditionalGeneration(cfg)
-    model.generation_config.eos_token_id = ids["<|im_end|>"]
-    model.generation_config.pad_token_id = ids["<|endoftext|>"]
-    image_processor = Qwen2VLImageProcessorPil(min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS)
+    model, processor = tiny_qwen2_vl(tok, ids, hidden, layers, heads, vision_depth, MIN_PIXELS, MAX_PIXELS,
+                                     CHAT_TEMPLATE)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     model.save_pretrained(tmp, safe_serialization=True)
-    save_processor_files(tmp, tok, image_processor)
+    save_processor(processor, tmp)
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)
     return out

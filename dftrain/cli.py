@@ -164,9 +164,11 @@ def fit(
     adv_scale: AdvScale_ = _Fit.adv_scale,
     agg: Agg = _Fit.agg,
     buffer_size: int = typer.Option(_Fit.buffer_size, help="Shuffle buffer (groups)."),
-    freeze_vision: bool = typer.Option(_Fit.freeze_vision, help="Keep the vision tower fixed, as dftrain sft does "
-                                       "(training it in RL broke the tiny policy's perception; docs/RESULTS.md)."),
-    lora_rank: int = typer.Option(_Fit.lora_rank, help="LoRA rank (0 = full fine-tuning)."),
+    freeze_vision: bool = typer.Option(_Fit.freeze_vision, help="Keep the vision tower and projector fixed, as dftrain sft does "
+                                       "(training it in RL broke the tiny policy's perception; docs/RESULTS.md); "
+                                       "the family's tower (dfgen/models) must exist."),
+    lora_rank: int = typer.Option(_Fit.lora_rank, help="LoRA rank (0 = full fine-tuning): adapters on the text "
+                                   "model's attention projections, as the family declares them (dfgen/models)."),
     lora_alpha: int = typer.Option(_Fit.lora_alpha, help="LoRA alpha."),
     gradient_checkpointing: bool = typer.Option(_Fit.gradient_checkpointing, help="Trade compute for memory."),
     dtype: DTypeName = typer.Option(_Fit.dtype, help="float32, or bfloat16 on a GPU."),

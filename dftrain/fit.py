@@ -163,7 +163,7 @@ def _save_model(model, processor, path: Path, lora: bool):
     import copy
     import shutil
 
-    from dfgen.policy import save_processor_files
+    from dfgen.models import save_processor
 
     tmp = path.with_name("." + path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -173,7 +173,7 @@ def _save_model(model, processor, path: Path, lora: bool):
         m.save_pretrained(tmp / "adapter")
         m = copy.deepcopy(m).merge_and_unload()
     m.save_pretrained(tmp, safe_serialization=True)
-    save_processor_files(tmp, processor.tokenizer, processor.image_processor)
+    save_processor(processor, tmp)
     return tmp
 
 
@@ -271,6 +271,7 @@ def _load_models(cfg: FitConfig, load_dir: Path, resume_from):
     gradient checkpointing applied as configured."""
     import torch
 
+    from dfgen.models import lora_targets, vision_parameters
     from dfgen.policy import load_policy, resolve_device
 
     dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
@@ -278,13 +279,14 @@ def _load_models(cfg: FitConfig, load_dir: Path, resume_from):
     if device == "cuda":
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
     model, processor = load_policy(load_dir, dtype=dtype, device=device)
-    if cfg.freeze_vision and hasattr(getattr(model, "model", None), "visual"):
-        model.model.visual.requires_grad_(False)  # RL on a trained tower broke perception (docs/RESULTS.md)
+    if cfg.freeze_vision:  # RL on a trained tower broke perception (docs/RESULTS.md); no tower is an error
+        for q in vision_parameters(model):
+            q.requires_grad_(False)
     if cfg.lora_rank > 0:
         from peft import LoraConfig, get_peft_model
 
         model = get_peft_model(model, LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=0.0,
-                                                 target_modules=r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj)"))
+                                                 target_modules=lora_targets(model)))
         if resume_from is not None:
             from peft import set_peft_model_state_dict
             from safetensors.torch import load_file

@@ -71,30 +71,42 @@ def _lr_at(step: int, cfg: SFTConfig) -> float:
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
 
 
+IMAGE_PREFIX = "image:"  # an encoded row's per-image tensors (concatenated, not padded, by collate_prompts)
+
+
 def encode_examples(processor, recs: list[dict], images: list, chunk: int = 256) -> list[dict]:
     """Each record's prompt inputs (unpadded, batch dimension 1) and target ids, built once before
     training: on the tiny policy the processor costs a sixth of a step (images, chat template).
     Memory: the pixel patches are float32, ~170 KB per 84-px board (8,000 records ~1.4 GB), so
     this suits the embedded task's prompt sets, not 100k-image corpora."""
+    from dfgen.models import processor_family, split_images
     from dfgen.policy import prompt_inputs
 
-    tok = processor.tokenizer
+    tok, fam = processor.tokenizer, processor_family(processor)
     out = []
     for k in range(0, len(recs), chunk):
         rs, ims = recs[k: k + chunk], images[k: k + chunk]
         enc = prompt_inputs(processor, [r["question"] for r in rs], ims)
-        sizes = enc["image_grid_thw"].prod(-1).tolist() if "image_grid_thw" in enc else []
-        pix = list(enc["pixel_values"].split(sizes)) if sizes else []
-        j = 0
+        per_image = split_images(enc, [im is not None for im in ims], fam)
         for i, r in enumerate(rs):
-            keep = enc["attention_mask"][i].bool()
-            row = {key: enc[key][i][keep].unsqueeze(0) for key in enc if key not in ("pixel_values", "image_grid_thw")}
-            if ims[i] is not None:
-                row["pixel_values"], row["image_grid_thw"] = pix[j], enc["image_grid_thw"][j: j + 1]
-                j += 1
+            if per_image is None:  # image rows that are tiles, patches or prompts: this prompt alone
+                row = _unpadded(prompt_inputs(processor, [r["question"]], [ims[i]]), 0)
+            else:
+                row = _unpadded(enc, i) | {IMAGE_PREFIX + key: v for key, v in per_image[i].items()}
             row["target"] = tok(target_text(r), add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
             out.append(row)
     return out
+
+
+def _unpadded(enc, i: int) -> dict:
+    """Row ``i`` of a processor batch without its padding (batch dimension 1); a batch of one also
+    keeps its image tensors (under ``IMAGE_PREFIX``)."""
+    shape = tuple(enc["input_ids"].shape)
+    keep = enc["attention_mask"][i].bool()
+    row = {key: v[i][keep].unsqueeze(0) for key, v in enc.items() if tuple(v.shape[:2]) == shape}
+    if shape[0] == 1:
+        row |= {IMAGE_PREFIX + key: v for key, v in enc.items() if tuple(v.shape[:2]) != shape}
+    return row
 
 
 def collate_prompts(rows: list[dict], pad_id: int) -> dict:
@@ -103,15 +115,26 @@ def collate_prompts(rows: list[dict], pad_id: int) -> dict:
 
     L = max(r["input_ids"].shape[1] for r in rows)
     batch = {}
-    for key in (k for k in rows[0] if k not in ("pixel_values", "image_grid_thw", "target")):
+    for key in (k for k in rows[0] if k != "target" and not k.startswith(IMAGE_PREFIX)):
         fill = pad_id if key == "input_ids" else 0
         batch[key] = torch.stack([torch.nn.functional.pad(r[key][0], (L - r[key].shape[1], 0), value=fill)
                                   for r in rows])
-    imgs = [r for r in rows if "pixel_values" in r]
-    if imgs:
-        batch["pixel_values"] = torch.cat([r["pixel_values"] for r in imgs])
-        batch["image_grid_thw"] = torch.cat([r["image_grid_thw"] for r in imgs])
+    for key in dict.fromkeys(k for r in rows for k in r if k.startswith(IMAGE_PREFIX)):
+        batch[key.removeprefix(IMAGE_PREFIX)] = _cat_padded([r[key] for r in rows if key in r])
     return batch
+
+
+def _cat_padded(ts: list):
+    """Concatenate along dim 0, zero-padding the other dims to the largest (tiles or patches per image,
+    as the processor pads a batch of images)."""
+    import torch
+
+    shape = [max(t.shape[d] for t in ts) for d in range(1, ts[0].dim())]
+    out = []
+    for t in ts:
+        pad = [x for d in reversed(range(1, t.dim())) for x in (0, shape[d - 1] - t.shape[d])]
+        out.append(torch.nn.functional.pad(t, pad) if any(pad) else t)
+    return torch.cat(out)
 
 
 def encoded_loss(model, processor, rows: list[dict]):
@@ -134,13 +157,16 @@ def sft_loss(model, processor, recs: list[dict], images: list):
 
 def _param_groups(model, vision_lr_scale: float) -> list[dict]:
     """AdamW groups: the LM at the base lr, the vision tower at ``vision_lr_scale`` of it (frozen at 0)."""
-    visual = model.model.visual
-    vis = {id(q) for q in visual.parameters()}
+    from dfgen.models import vision_parameters
+
+    visual = vision_parameters(model)
+    vis = {id(q) for q in visual}
     if vision_lr_scale == 0:
-        visual.requires_grad_(False)
+        for q in visual:
+            q.requires_grad_(False)
     groups = [{"params": [q for q in model.parameters() if id(q) not in vis], "lr_scale": 1.0}]
     if vision_lr_scale > 0:
-        groups.append({"params": list(visual.parameters()), "lr_scale": vision_lr_scale})
+        groups.append({"params": visual, "lr_scale": vision_lr_scale})
     return groups
 
 
@@ -243,13 +269,13 @@ def _finish(model, processor, cfg: SFTConfig, train_s: float, log: list, curve: 
 
 def _save(model, processor, d: Path, cfg: SFTConfig, metrics: dict) -> None:
     """A standard HF folder (weights, processor files) with the SFT config and ``metrics`` beside it."""
-    from dfgen.policy import save_processor_files
+    from dfgen.models import save_processor
     from dfgen.shards import config_json, write_json_atomic
 
     device = model.device
     shutil.rmtree(d, ignore_errors=True)
     model.to("cpu").save_pretrained(d, safe_serialization=True)
     model.to(device)
-    save_processor_files(d, processor.tokenizer, processor.image_processor)
+    save_processor(processor, d)
     write_json_atomic(d / "sft_config.json", config_json(cfg))
     write_json_atomic(d / "sft_metrics.json", metrics)

@@ -13,7 +13,8 @@ from datasets import Dataset
 from trl import GRPOConfig
 
 from dfgen.images import decode_image
-from dfgen.policy import load_policy, save_processor_files
+from dfgen.models import save_processor
+from dfgen.policy import load_policy
 from dfgen.records import load_prompts
 from dftrain.integrations import answer_reward as reward  # the exact-answer reward of the prompt records
 from dftrain.integrations.trl import DFConfig, DFGRPOTrainer  # DF: instead of `from trl import GRPOTrainer`
@@ -40,7 +41,7 @@ def main():
     trainer.train()
     # trainer.save_model(a.out) for a hub Qwen2-VL; the tiny policy's processor has no video processor to save
     trainer.model.save_pretrained(a.out, safe_serialization=True)
-    save_processor_files(a.out, processor.tokenizer, processor.image_processor)
+    save_processor(processor, a.out)
     for h in trainer.state.log_history:
         if "df/repaired_frac" in h:
             print(json.dumps({k: h[k] for k in ("step", "loss", "reward", "df/repaired_frac", "df/mask_density") if k in h}))

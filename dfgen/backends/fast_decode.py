@@ -34,10 +34,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from dfgen.models import family_of
+
 
 def supported(model, inputs) -> bool:
     cfg = getattr(model.config, "text_config", None)
-    if getattr(model.config, "model_type", None) != "qwen2_vl" or cfg is None:
+    if cfg is None or not family_of(model).fast_decode:
         return False
     rope = getattr(cfg, "rope_parameters", None) or {}
     if rope.get("rope_type", "default") != "default" or getattr(cfg, "use_sliding_window", False):
@@ -62,7 +64,7 @@ def _fused(lm):
     return layers
 
 
-def _rms(x, norm):  # Qwen2VLRMSNorm (statistics in float32) as one fused op
+def _rms(x, norm):  # Qwen2-VL's RMSNorm (statistics in float32) as one fused op
     return F.rms_norm(x.float(), (x.shape[-1],), norm.weight.float(), norm.variance_epsilon).to(x.dtype)
 
 

@@ -157,7 +157,8 @@ class VLLMBackend:
     def _params(self, **kw):
         import vllm
 
-        return vllm.SamplingParams(n=1, detokenize=False, allowed_token_ids=self.allowed, **kw)
+        # the tokenizer's EOS is the family's turn end (dfgen.models.load_processor), whatever the config says
+        return vllm.SamplingParams(n=1, detokenize=False, allowed_token_ids=self.allowed, stop_token_ids=[self.eos], **kw)
 
     def _run(self, reqs, params):
         return self.llm.generate(reqs, params, use_tqdm=False)
