@@ -182,10 +182,14 @@ def main(argv=None) -> int:
         task.validate()
     except (ValueError, TypeError) as e:
         ap.error(f"bad task {args.task!r}: {e}")
+    from dfgen.models import family_of
     from dfgen.policy import load_policy
 
     try:
         m, p = load_policy(args.policy)
+        if not family_of(m).grid_split:  # the feature probe reads the Qwen tower's merged patch features
+            raise UserError(f"the perception probe reads Qwen-family vision features; {args.policy} is "
+                            f"{family_of(m).name}")
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
