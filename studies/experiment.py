@@ -337,6 +337,8 @@ class Grid:
 def run_grid(grid: Grid) -> None:
     """(1) the screen: every lr on the screen seeds (GRPO-tok after DF, whose tokens it matches);
     (2) the other seeds at each arm's val choice, seed-major so that a seed's runs finish together."""
+    if grid.args.summarize_only:
+        return
     tok = "grpo-tok" in grid.arms
     grid.run([grid.spec(a, lr, s) for a in grid.arms if a != "grpo-tok" for lr in grid.lrs for s in grid.screen])
     if tok:
@@ -403,8 +405,10 @@ def summarize_grid(out: Path, arms, lrs, screen, seeds, args, sft_acc) -> dict:
     chosen = {a: max(table[a], key=lambda k: table[a][k]["val"]) for a in arms}
     names = {a: {s: f"{a}/lr{chosen[a]}/s{s}" for s in seeds} for a in arms}
     runs = load_runs(out, [n for a in arms for n in names[a].values()])
-    n_evals = min((sum(1 for r in v if r.get("accuracy")) for v in runs.values()), default=0)
     done = [s for s in seeds if all(names[a][s] in runs for a in arms)]
+    whole = [s for s in done if all(len(runs[names[a][s]]) == args.rounds for a in arms)]
+    done = whole or done  # a seed still running is left out once some seeds have finished every arm
+    n_evals = min((sum(1 for r in runs[names[a][s]] if r.get("accuracy")) for a in arms for s in done), default=0)
     sft_rows = [json.loads(line) for line in (out / "sft_test_items.jsonl").read_text().splitlines()]
     buckets: dict = {}
     for r in sft_rows:
