@@ -199,3 +199,19 @@ def test_a_rollout_stops_at_the_family_turn_end(family_run, train_prompts):
     out = hf.generate(prompts, [[0]] * 3, SamplingConfig(max_new_tokens=16, temperature=0.0))
     for (smp,) in out:
         assert smp.finish_reason == "stop" and smp.token_ids[-1] == end, (family, smp)
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda d: (d / "processor_config.json").write_text(json.dumps({"processor_class": "NoSuchProcessor"})),
+     "unknown processor_class 'NoSuchProcessor'"),
+    (lambda d: (d / "config.json").write_text("{not json"), "cannot read config.json"),
+])
+def test_a_broken_checkpoint_is_one_user_error(tiny_model, tmp_path, edit, match):
+    from dfgen.errors import UserError
+    from dfgen.models import load_processor
+
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny_model, bad)
+    edit(bad)
+    with pytest.raises(UserError, match=match):
+        load_processor(bad)
