@@ -28,17 +28,24 @@ CHAT_TEMPLATE = (
 MIN_PIXELS, MAX_PIXELS = 56 * 56, 112 * 112
 
 
-def build_tokenizer(texts: list[str], vocab_size: int = 1024):
+def train_bpe(texts: list[str], specials: list[str], vocab_size: int = 1024):
+    """A byte-level BPE (every digit its own token) trained on ``texts``, ``specials`` first."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
 
     tk = Tokenizer(models.BPE())
     tk.pre_tokenizer = pre_tokenizers.Sequence(
         [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)])
     tk.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL, show_progress=False,
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tk.train_from_iterator(texts, trainer)
+    return tk
+
+
+def build_tokenizer(texts: list[str], vocab_size: int = 1024):
+    from transformers import PreTrainedTokenizerFast
+
+    tk = train_bpe(texts, SPECIAL, vocab_size)
     tok = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|im_end|>", pad_token="<|endoftext|>",
                                   additional_special_tokens=SPECIAL[1:])
     tok.chat_template = CHAT_TEMPLATE

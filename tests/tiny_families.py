@@ -85,18 +85,12 @@ def _tokenizer(specials: list[str], chat_template: str, seed: int, named: dict[s
                extra: dict[str, str] | None = None):
     """A byte-level BPE (digits split) trained on the synthetic corpus, ``specials`` first
     (``named``: bos/eos/pad -> token; ``extra``: model-specific named tokens such as boi_token)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     from dfgen.synth.grid import corpus_texts
+    from dfgen.tiny import train_bpe
 
-    tk = Tokenizer(models.BPE())
-    tk.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)])
-    tk.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=VOCAB_TARGET, special_tokens=specials, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tk.train_from_iterator(corpus_texts(seed=seed), trainer)
+    tk = train_bpe(corpus_texts(seed=seed), specials, VOCAB_TARGET)
     plain = [t for t in specials if t not in named.values() and t not in (extra or {}).values()]
     kw = dict(named)
     kw["extra_special_tokens"] = dict(extra) if extra else plain

@@ -10,7 +10,7 @@ Every stage reaches a checkpoint's family through ``family_of`` (keyed by ``conf
 * ``vision_tower``: module paths of the vision encoder (and its projector), for ``--freeze-vision``
   and sft's vision lr; a path that finds no module in a loaded model is an error, never a no-op;
 * ``lora_targets``: a regex over module names matching the text model's attention projections;
-  ``lora_config`` refuses one that matches nothing;
+  ``lora_targets`` refuses one that matches nothing;
 * ``packages``: pure-Python packages its processor imports (named in the error when missing);
 * ``grid_split``: image tensors are patch rows sized by ``image_grid_thw`` (the Qwen families), so
   a batch splits per prompt (``split_images``); other families' rows are tiles, patches or prompts,
