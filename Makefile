@@ -39,7 +39,7 @@ setup-vllm:
 
 test-vllm: setup-vllm
 	VLLM_CPU_KVCACHE_SPACE=1 VLLM_LOGGING_LEVEL=WARNING HF_HUB_OFFLINE=1 \
-		.venv-vllm/bin/python -m pytest -q -m vllm tests/test_vllm.py -p no:cacheprovider
+		.venv-vllm/bin/python -m pytest -q -m vllm tests/test_vllm.py tests/test_vllm_families.py -p no:cacheprovider -rx
 
 # verl (0.9.1) in its own venv, ./.venv-verl: it pins transformers < 5.11; see scripts/setup_verl.sh.
 setup-verl:

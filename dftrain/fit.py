@@ -163,7 +163,7 @@ def _save_model(model, processor, path: Path, lora: bool):
     import copy
     import shutil
 
-    from dfgen.models import save_processor
+    from dfgen.models import save_model, save_processor
 
     tmp = path.with_name("." + path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -172,7 +172,7 @@ def _save_model(model, processor, path: Path, lora: bool):
     if lora:
         m.save_pretrained(tmp / "adapter")
         m = copy.deepcopy(m).merge_and_unload()
-    m.save_pretrained(tmp, safe_serialization=True)
+    save_model(m, tmp)
     save_processor(processor, tmp)
     return tmp
 

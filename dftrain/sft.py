@@ -269,12 +269,12 @@ def _finish(model, processor, cfg: SFTConfig, train_s: float, log: list, curve: 
 
 def _save(model, processor, d: Path, cfg: SFTConfig, metrics: dict) -> None:
     """A standard HF folder (weights, processor files) with the SFT config and ``metrics`` beside it."""
-    from dfgen.models import save_processor
+    from dfgen.models import save_model, save_processor
     from dfgen.shards import config_json, write_json_atomic
 
     device = model.device
     shutil.rmtree(d, ignore_errors=True)
-    model.to("cpu").save_pretrained(d, safe_serialization=True)
+    save_model(model.to("cpu"), d)
     model.to(device)
     save_processor(processor, d)
     write_json_atomic(d / "sft_config.json", config_json(cfg))

@@ -149,6 +149,16 @@ def test_every_stage_runs_and_fit_trains_the_text_model_only(family_run):
     vis = {id(q) for q in vision_parameters(fit)}
     text = [(a, b) for a, b in zip(base.parameters(), fit.parameters()) if id(b) not in vis]
     assert any(not torch_equal(a, b) for a, b in text), f"{family}: fit moved no text weight"
+    # the saved weight names are the hub's, which vLLM loads (tests/test_vllm_families.py): no name is left
+    # that the family's save_renames would rewrite, and the tower above read back bit-identical
+    import re
+
+    from safetensors import safe_open
+
+    from dfgen.models import family_of
+
+    names = list(safe_open(d / "fit" / "model.safetensors", "pt").keys())
+    assert not [k for p, _ in family_of(fit).save_renames for k in names if re.match(p, k)], family
 
 
 def test_lora_wraps_the_text_attention_and_saved_processors_keep_their_class(family_run):

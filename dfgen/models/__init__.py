@@ -15,7 +15,11 @@ Every stage reaches a checkpoint's family through ``family_of`` (keyed by ``conf
 * ``grid_split``: image tensors are patch rows sized by ``image_grid_thw`` (the Qwen families), so
   a batch splits per prompt (``split_images``); other families' rows are tiles, patches or prompts,
   and sft encodes their prompts one at a time;
-* ``fast_decode``: the hf backend's lean decode loop applies (``dfgen.backends.fast_decode``).
+* ``fast_decode``: the hf backend's lean decode loop applies (``dfgen.backends.fast_decode``);
+* ``save_renames``: (pattern, replacement) pairs that ``save_model`` applies to saved weight names,
+  so that a checkpoint we write has the hub layout vLLM loads. transformers 5.25 writes a SigLIP
+  tower (Gemma 3, LLaVA-OneVision) as ``vision_tower.*``; the hub and vLLM 0.32 have
+  ``vision_tower.vision_model.*``, which transformers reads back to the same weights.
 
 Processors are loaded and saved generically (``load_processor``/``save_processor``): the processor
 class named in ``processor_config.json`` (else the family's), its own settings from there, the
@@ -50,6 +54,7 @@ class Family:
     packages: tuple[str, ...] = ()
     grid_split: bool = False
     fast_decode: bool = False
+    save_renames: tuple[tuple[str, str], ...] = ()
 
 
 def _families() -> tuple[Family, ...]:
@@ -183,6 +188,34 @@ def processor_family(processor) -> Family:
         if f.processor_class == name:
             return f
     raise UserError(f"no supported model family uses the processor {name} (supported model_type: {supported()})")
+
+
+def save_model(model, d: Path) -> None:
+    """``model.save_pretrained(d)`` in safetensors, with the family's ``save_renames`` applied to
+    the weight names of every shard and of the shard index."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    d = Path(d)
+    model.save_pretrained(d, safe_serialization=True)
+    renames = [(re.compile(p), r) for p, r in family_of(model).save_renames]
+    if not renames:
+        return
+
+    def rename(k: str) -> str:
+        for p, r in renames:
+            k = p.sub(r, k)
+        return k
+
+    for f in sorted(d.glob("*.safetensors")):
+        with safe_open(f, "pt") as sf:
+            meta, tensors = sf.metadata(), {rename(k): sf.get_tensor(k) for k in sf.keys()}
+        save_file(tensors, f, metadata=meta)
+    index = d / "model.safetensors.index.json"
+    if index.is_file():
+        idx = json.loads(index.read_text())
+        idx["weight_map"] = {rename(k): v for k, v in idx["weight_map"].items()}
+        index.write_text(json.dumps(idx, indent=2))
 
 
 _NOT_SETTINGS = ("image_processor", "video_processor", "tokenizer", "chat_template", "processor_class",

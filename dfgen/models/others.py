@@ -10,6 +10,10 @@ from dfgen.models import Family
 
 TEXT_MODEL = r".*text_model.*\.(q_proj|k_proj|v_proj|o_proj)"  # Idefics3/SmolVLM's Llama text model
 LANGUAGE_MODEL = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj)"
+# the hub's (and vLLM's) name for a SigLIP/CLIP tower's weights; transformers 5.25 saves them without
+# `vision_model.` and reads either (see dfgen.models's save_renames)
+SIGLIP_HUB = (r"^vision_tower\.(?!vision_model\.)", "vision_tower.vision_model.")
+
 FAMILIES = (
     Family("idefics3", ("idefics3",), "Idefics3Processor", ("model.vision_model", "model.connector"), TEXT_MODEL,
            "<end_of_utterance>"),
@@ -17,9 +21,10 @@ FAMILIES = (
     Family("smolvlm", ("smolvlm",), "SmolVLMProcessor", ("model.vision_model", "model.connector"), TEXT_MODEL,
            "<end_of_utterance>", nest_images=True, packages=("num2words",)),
     Family("llava-onevision", ("llava_onevision",), "LlavaOnevisionProcessor",
-           ("model.vision_tower", "model.multi_modal_projector", "model.image_newline"), LANGUAGE_MODEL, "<|im_end|>"),
+           ("model.vision_tower", "model.multi_modal_projector", "model.image_newline"), LANGUAGE_MODEL, "<|im_end|>",
+           save_renames=(SIGLIP_HUB,)),
     Family("gemma3", ("gemma3",), "Gemma3Processor", ("model.vision_tower", "model.multi_modal_projector"),
-           LANGUAGE_MODEL, "<end_of_turn>", nest_images=True),
+           LANGUAGE_MODEL, "<end_of_turn>", nest_images=True, save_renames=(SIGLIP_HUB,)),
     Family("internvl", ("internvl",), "InternVLProcessor", ("model.vision_tower", "model.multi_modal_projector"),
            LANGUAGE_MODEL, "<|im_end|>"),
 )
