@@ -24,7 +24,8 @@ Every stage reaches a checkpoint's family through ``family_of`` (keyed by ``conf
 Processors are loaded and saved generically (``load_processor``/``save_processor``): the processor
 class named in ``processor_config.json`` (else the family's), its own settings from there, the
 image processor (the PIL one when torchvision is absent), the tokenizer and the chat template, and
-no video processor (none of our stages reads video; building one needs torchvision). A saved
+no video processor (none of our stages reads video; building one needs torchvision; ``NoVideo`` stands in
+its place and refuses video). A saved
 checkpoint keeps the class and settings it was loaded with.
 
 An unknown ``model_type`` is a one-line error naming the supported ones.
@@ -99,6 +100,18 @@ def _torchvision_ok() -> bool:
         return False
 
 
+class NoVideo(dict):
+    """Stands where a processor's video processor goes (none is built: that needs torchvision, and no
+    stage reads video). It carries the two settings SmolVLM's ``apply_chat_template`` reads, unset
+    (TRL renders prompts through it), refuses to process a video in one line, and serialises as an
+    empty dict (``processor.to_dict()``)."""
+
+    num_frames = fps = None
+
+    def __call__(self, *args, **kwargs):
+        raise UserError("this processor was loaded without a video processor: video inputs are not supported")
+
+
 @contextmanager
 def _allow_missing(names=("video_processor",)):
     """Let a processor be built with ``video_processor=None`` (its class check refuses None)."""
@@ -164,6 +177,8 @@ def load_processor(path: Path, trust_remote_code: bool = False):
         kwargs["video_processor"] = None
     with _allow_missing():
         proc = cls(**kwargs)
+    if "video_processor" in params:
+        proc.video_processor = NoVideo()
     proc.tokenizer.padding_side = "left"
     _set_turn_end(proc.tokenizer, fam, path)
     proc.df_family = fam
