@@ -162,3 +162,57 @@ def test_bad_df_settings_are_refused_before_trl_starts(sft_model, dataset, tmp_p
         make(sft_model, dataset, tmp_path, df=DFConfig(kappa=2.0))
     with pytest.raises(ValueError, match="repairer must be"):
         DFGRPOTrainer(model=None, reward_funcs=reward, repairer="sibling")
+
+
+def test_oracle_without_a_solution_column_is_refused_at_construction(sft_model, dataset, tmp_path):
+    with pytest.raises(ValueError, match="'solution' column"):
+        make(sft_model, dataset.remove_columns("solution"), tmp_path)
+
+
+def test_a_failing_repairer_is_a_counted_skip_with_a_warning_or_fatal_when_strict(sft_model, dataset, tmp_path):
+    """A repairer that raises, or returns a non-str, costs its row the repair (GRPO's advantage there),
+    with one warning naming the repairer and the row; the rest of the batch is repaired as usual."""
+    from dftrain.integrations import RepairerError, oracle_repairer
+
+    calls = []
+
+    def flaky(row, text):
+        calls.append(text)
+        if len(calls) == 1:
+            raise KeyError("boom")
+        if len(calls) == 2:
+            return 42
+        return oracle_repairer(row, text)
+
+    t = make(sft_model, dataset, tmp_path)
+    t.model.train()  # metrics go to "train"
+    t.repairer = flaky
+    batch = _batch(dataset)
+    torch.manual_seed(1)
+    with pytest.warns(UserWarning, match=r"repairer .*flaky failed on row \d+ \(KeyError") as rec:
+        out = t._generate_and_score_completions(batch)
+    assert sum("flaky failed" in str(w.message) for w in rec) == 2
+    assert any("TypeError: returned int" in str(w.message) for w in rec)
+    m = t._metrics["train"]
+    assert m["df/repair_errors"][-1] == 2.0 and m["df/repaired_frac"][-1] > 0
+    assert out["advantages"].dim() == 2
+
+    strict = make(sft_model, dataset, tmp_path, df=DFConfig(strict_repairs=True))
+    calls.clear()
+    strict.repairer = flaky
+    torch.manual_seed(1)
+    with pytest.raises(RepairerError, match="flaky failed on row"):
+        strict._generate_and_score_completions(batch)
+
+
+@pytest.mark.parametrize("marked", ["root", "edit"])
+def test_mask_density_counts_the_tokens_marked_puts_at_full_weight(sft_model, dataset, tmp_path, marked):
+    t = make(sft_model, dataset, tmp_path, df=DFConfig(marked=marked))
+    t.model.train()
+    torch.manual_seed(1)
+    out = t._generate_and_score_completions(_batch(dataset))
+    a, cm = out["advantages"], out["completion_mask"]
+    rows = [i for i in range(a.shape[0]) if (a[i] < 0).any() and len(set(a[i, : int(cm[i].sum())].tolist())) == 2]
+    full = sum(int((a[i, : int(cm[i].sum())] == a[i, : int(cm[i].sum())].min()).sum()) for i in rows)
+    assert rows and t._metrics["train"]["df/mask_density"][-1] == pytest.approx(
+        full / sum(int(cm[i].sum()) for i in rows))

@@ -42,11 +42,18 @@ def resolve_repairer(repairer):
     return repairer
 
 
-def repair_masks(tokenizer, rows: list[dict], completion_ids, lengths: list[int], blamed: list[bool], repairer):
+def repair_masks(tokenizer, rows: list[dict], completion_ids, lengths: list[int], blamed: list[bool], repairer,
+                 marked: str = DFWeights.marked, strict: bool = False):
     """(mask_bad, root_bad) (B, T) float and repaired (B,) bool for the ``blamed`` completions, and
-    metrics ``df/repaired_frac``, ``df/mask_density``. A completion is repaired when the repairer returns
-    a text other than its own; the repair is tokenized (EOS appended when the completion ended in one)
-    and aligned token by token (``dfgen.align.align``)."""
+    metrics ``df/repaired_frac``, ``df/mask_density`` (the tokens ``marked`` puts at full weight: the
+    root-cause run for ``root``, every edited token otherwise, per token of the repaired completions)
+    and ``df/repair_errors``. A completion is repaired when the repairer returns a text other than its
+    own; the repair is tokenized (EOS appended when the completion ended in one) and aligned token by
+    token (``dfgen.align.align``). A repairer that raises, or returns neither a str nor None, costs
+    that row its repair: a counted skip with one warning naming the repairer and the row (``strict``:
+    a ``RepairerError`` instead)."""
+    import warnings
+
     import torch
 
     from dfgen.align import align
@@ -55,10 +62,21 @@ def repair_masks(tokenizer, rows: list[dict], completion_ids, lengths: list[int]
     mask_bad, root = torch.zeros(B, T), torch.zeros(B, T)
     repaired = torch.zeros(B, dtype=torch.bool)
     eos = tokenizer.eos_token_id
+    errors = 0
     for i in (i for i in range(B) if blamed[i]):
         ids = completion_ids[i, : int(lengths[i])].tolist()
         text = tokenizer.decode(ids, skip_special_tokens=True)
-        fixed = repairer(rows[i], text)
+        try:
+            fixed = repairer(rows[i], text)
+            if fixed is not None and not isinstance(fixed, str):
+                raise TypeError(f"returned {type(fixed).__name__}, not str or None")
+        except Exception as e:  # the user's code: one row lost, never the run (unless strict)
+            msg = f"repairer {_name(repairer)} failed on row {i} ({type(e).__name__}: {e})"
+            if strict:
+                raise RepairerError(msg) from e
+            warnings.warn(msg + "; that row keeps GRPO's advantage", stacklevel=2)
+            errors += 1
+            continue
         if fixed is None or fixed == text:
             continue
         rep = tokenizer(fixed, add_special_tokens=False)["input_ids"] + ([eos] if ids and ids[-1] == eos else [])
@@ -68,9 +86,19 @@ def repair_masks(tokenizer, rows: list[dict], completion_ids, lengths: list[int]
         repaired[i] = True
     n_blamed, n_rep = sum(blamed), int(repaired.sum())
     rep_tokens = float(sum(lengths[i] for i in range(B) if repaired[i]))
+    full = root if marked == "root" else mask_bad
     stats = {"df/repaired_frac": n_rep / n_blamed if n_blamed else 0.0,
-             "df/mask_density": float(mask_bad[repaired].sum()) / rep_tokens if rep_tokens else 0.0}
+             "df/mask_density": float(full[repaired].sum()) / rep_tokens if rep_tokens else 0.0,
+             "df/repair_errors": float(errors)}
     return mask_bad, root, repaired, stats
+
+
+class RepairerError(RuntimeError):
+    """A repairer raised or returned a wrong type, and the trainer was told to stop on it (strict)."""
+
+
+def _name(fn) -> str:
+    return getattr(fn, "__qualname__", None) or type(fn).__name__
 
 
 def shard_advantages(data, kappa: float = DFWeights.kappa, marked: str = DFWeights.marked,

@@ -21,8 +21,11 @@ What happens to each generation batch, after TRL has generated, scored and compu
    times the completion mask. TRL's own ``_compute_loss`` accepts (B, T) advantages (its comment says
    so), so the loss, its aggregation and the clip stay TRL's.
 
-TRL's metrics gain ``df/repaired_frac`` (repaired share of the negative-advantage completions) and
-``df/mask_density`` (marked tokens per completion token of the repaired ones).
+TRL's metrics gain ``df/repaired_frac`` (repaired share of the negative-advantage completions),
+``df/mask_density`` (the tokens ``marked`` puts at full weight, per completion token of the repaired
+ones) and ``df/repair_errors`` (rows whose repairer raised or returned a non-str: each a skip with one
+warning naming the repairer and the row; ``DFConfig(strict_repairs=True)`` stops instead).
+``repairer="oracle"`` on a ``train_dataset`` without a ``solution`` column is refused at construction.
 
 Where DF weights are meaningful, and what is refused at construction (one-line ``ValueError``):
 the token-level losses (``grpo``, ``bnpo``, ``dr_grpo``, ``dapo``, ``cispo``, ``sapo``) take them per
@@ -58,6 +61,7 @@ class DFConfig:
     marked: str = DFWeights.marked  # root | root+prop | edit, as dftrain fit
     delta: float = DFWeights.delta  # root+prop: weight of the later edited tokens
     mass: str = DFWeights.mass  # keep | redistribute
+    strict_repairs: bool = False  # a repairer that raises or returns a non-str stops training (default: skip it)
 
 
 def check_trl_args(args) -> None:
@@ -83,6 +87,11 @@ class DFGRPOTrainer(GRPOTrainer):
                          root_mask=torch.zeros(1, 1), marked=self.df.marked, delta=self.df.delta,
                          mass=self.df.mass)  # refuses bad DF settings before TRL loads anything
         self.repairer = resolve_repairer(repairer)
+        data = kwargs.get("train_dataset", args[3] if len(args) > 3 else None)
+        cols = getattr(data, "column_names", None)
+        if repairer == "oracle" and cols is not None and "solution" not in cols:
+            raise ValueError("repairer='oracle' needs a 'solution' column (dfgen synth's step solutions); the "
+                             f"train_dataset has {', '.join(cols)}: pass a callable repairer")
         targs = kwargs.get("args", args[2] if len(args) > 2 else None)
         if targs is not None:
             check_trl_args(targs)  # before TRL loads the model or the reference
@@ -105,7 +114,7 @@ class DFGRPOTrainer(GRPOTrainer):
         """(mask_bad, root_bad) as (B, T) float, failed (B,) bool (A < 0 and repaired), and metrics."""
         tok = getattr(self.processing_class, "tokenizer", self.processing_class)
         return repair_masks(tok, rows, completion_ids, completion_mask.sum(-1).tolist(), (advantages < 0).tolist(),
-                            self.repairer)
+                            self.repairer, marked=self.df.marked, strict=self.df.strict_repairs)
 
     def df_weights(self, mask_bad, root, failed, completion_mask):
         from dftrain.loss import df_token_weights
