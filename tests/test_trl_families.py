@@ -44,14 +44,17 @@ def family_model(request, tmp_path_factory):
 
 
 def alternating(completions, **kw):
-    return [float(i % 2 == 0) for i in range(len(completions))]  # groups are contiguous: each one mixed
+    """1, 0 within each group (groups are contiguous, so each one is mixed); 1 for a repair (it ends
+    with the appended digit), so DF's verification lets the repairs count."""
+    texts = [c[0]["content"] if isinstance(c, list) else c for c in completions]
+    return [float(t.endswith(" 7") or i % 2 == 0) for i, t in enumerate(texts)]
 
 
 def append_a_digit(row, text):
     """A repair that keeps the completion and adds a word. A random policy writes byte fragments, which
     decode to U+FFFD and tokenize back differently, so the alignment marks those too; the tokens that
     round-trip stay unmarked, which is what the two-level check needs."""
-    return text + " 7"
+    return text + " 7"  # random text re-tokenizes far from its ids: the edit limit is lifted in make()
 
 
 def make(model_dir, dataset, tmp_path, kappa):
@@ -66,7 +69,7 @@ def make(model_dir, dataset, tmp_path, kappa):
                       max_completion_length=8, max_steps=1, learning_rate=1e-2, beta=0.0, use_cpu=True, bf16=False,
                       report_to="none", logging_steps=1, save_strategy="no", seed=0, dataloader_num_workers=0)
     t = DFGRPOTrainer(model=model, reward_funcs=alternating, args=args, train_dataset=dataset,
-                      processing_class=processor, df=DFConfig(kappa=kappa, marked="edit"), repairer=append_a_digit)
+                      processing_class=processor, df=DFConfig(kappa=kappa, marked="edit", max_edit_ratio=10.0), repairer=append_a_digit)
     t.current_gradient_accumulation_steps = 1
     return t
 

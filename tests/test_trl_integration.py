@@ -216,3 +216,30 @@ def test_mask_density_counts_the_tokens_marked_puts_at_full_weight(sft_model, da
     full = sum(int((a[i, : int(cm[i].sum())] == a[i, : int(cm[i].sum())].min()).sum()) for i in rows)
     assert rows and t._metrics["train"]["df/mask_density"][-1] == pytest.approx(
         full / sum(int(cm[i].sum()) for i in rows))
+
+
+def test_a_repair_counts_only_if_the_reward_functions_give_it_the_top_reward(sft_model, dataset, tmp_path):
+    """Verification by TRL's own reward functions: a repair that changes the text but keeps a wrong
+    answer is proposed, not counted; the oracle's right repairs are counted (and kept under the edit
+    limit), and a long rewrite past ``max_edit_ratio`` is not."""
+    from dftrain.integrations import oracle_repairer
+
+    batch = _batch(dataset)
+
+    def run(repairer, **df):
+        t = make(sft_model, dataset, tmp_path, df=DFConfig(**df))
+        t.model.train()
+        t.repairer = repairer
+        torch.manual_seed(1)
+        out = t._generate_and_score_completions(batch)
+        m = t._metrics["train"]
+        return out, m["df/repaired_frac"][-1], m["df/verified_frac"][-1]
+
+    out, rep, ver = run(lambda row, text: text + "\nANSWER: -999")  # proposed for every blamed row, all wrong
+    assert rep == 0 and ver == 0 and out["advantages"].dim() == 2
+    _, rep, ver = run(lambda row, text: text + "\nANSWER: -999", verify_repairs=False)
+    assert rep > 0  # without verification the same repairs count: the check above can fail
+    _, rep, ver = run(oracle_repairer)
+    assert rep > 0 and ver > 0
+    _, rep, _ = run(oracle_repairer, max_edit_ratio=1e-9)  # any edit is too long
+    assert rep == 0

@@ -43,18 +43,28 @@ def resolve_repairer(repairer):
 
 
 def repair_masks(tokenizer, rows: list[dict], completion_ids, lengths: list[int], blamed: list[bool], repairer,
-                 marked: str = DFWeights.marked, strict: bool = False):
+                 marked: str = DFWeights.marked, strict: bool = False, max_edit_ratio: float | None = None,
+                 verify=None):
     """(mask_bad, root_bad) (B, T) float and repaired (B,) bool for the ``blamed`` completions, and
-    metrics ``df/repaired_frac``, ``df/mask_density`` (the tokens ``marked`` puts at full weight: the
-    root-cause run for ``root``, every edited token otherwise, per token of the repaired completions)
-    and ``df/repair_errors``. A completion is repaired when the repairer returns a text other than its
-    own; the repair is tokenized (EOS appended when the completion ended in one) and aligned token by
-    token (``dfgen.align.align``). A repairer that raises, or returns neither a str nor None, costs
-    that row its repair: a counted skip with one warning naming the repairer and the row (``strict``:
-    a ``RepairerError`` instead)."""
+    metrics. A completion is repaired when the repairer returns a text other than its own, the repair
+    (tokenized, EOS appended when the completion ended in one) rewrites at most ``max_edit_ratio`` of
+    the completion's tokens (token Levenshtein / completion length, as ``dfgen repair``), and
+    ``verify`` accepts it. ``verify(texts, ids, candidates)`` gets every completion's text and ids and
+    ``{row: (repair text, repair ids)}`` and returns the rows whose repair counts; it is called once
+    per batch, candidates or not (a trainer's verifier may gather across processes). Each counted
+    repair is aligned token by token (``dfgen.align.align``).
+
+    A repairer that raises, or returns neither a str nor None, costs that row its repair: a counted
+    skip with one warning naming the repairer and the row (``strict``: a ``RepairerError`` instead).
+
+    Metrics: ``df/repaired_frac`` (counted repairs per blamed completion), ``df/verified_frac``
+    (counted per proposed repair), ``df/mask_density`` (the tokens ``marked`` puts at full weight: the
+    root-cause run for ``root``, every edited token otherwise, per token of the repaired
+    completions), ``df/repair_errors``."""
     import warnings
 
     import torch
+    from rapidfuzz.distance import Levenshtein
 
     from dfgen.align import align
 
@@ -62,10 +72,11 @@ def repair_masks(tokenizer, rows: list[dict], completion_ids, lengths: list[int]
     mask_bad, root = torch.zeros(B, T), torch.zeros(B, T)
     repaired = torch.zeros(B, dtype=torch.bool)
     eos = tokenizer.eos_token_id
-    errors = 0
+    ids_all = [completion_ids[i, : int(lengths[i])].tolist() for i in range(B)]
+    texts = [tokenizer.decode(ids, skip_special_tokens=True) for ids in ids_all]
+    errors, proposed, cands = 0, 0, {}
     for i in (i for i in range(B) if blamed[i]):
-        ids = completion_ids[i, : int(lengths[i])].tolist()
-        text = tokenizer.decode(ids, skip_special_tokens=True)
+        ids, text = ids_all[i], texts[i]
         try:
             fixed = repairer(rows[i], text)
             if fixed is not None and not isinstance(fixed, str):
@@ -79,15 +90,21 @@ def repair_masks(tokenizer, rows: list[dict], completion_ids, lengths: list[int]
             continue
         if fixed is None or fixed == text:
             continue
+        proposed += 1
         rep = tokenizer(fixed, add_special_tokens=False)["input_ids"] + ([eos] if ids and ids[-1] == eos else [])
-        a = align(ids, rep)
-        mask_bad[i, : len(ids)] = torch.tensor(a.mask_bad, dtype=torch.float32)
-        root[i, : len(ids)] = torch.tensor(a.root_bad, dtype=torch.float32)
+        if max_edit_ratio is None or Levenshtein.distance(ids, rep) <= max_edit_ratio * max(len(ids), 1):
+            cands[i] = (fixed, rep)
+    ok = set(cands) if verify is None else set(verify(texts, ids_all, cands)) & set(cands)
+    for i in sorted(ok):
+        a = align(ids_all[i], cands[i][1])
+        mask_bad[i, : len(ids_all[i])] = torch.tensor(a.mask_bad, dtype=torch.float32)
+        root[i, : len(ids_all[i])] = torch.tensor(a.root_bad, dtype=torch.float32)
         repaired[i] = True
     n_blamed, n_rep = sum(blamed), int(repaired.sum())
     rep_tokens = float(sum(lengths[i] for i in range(B) if repaired[i]))
     full = root if marked == "root" else mask_bad
     stats = {"df/repaired_frac": n_rep / n_blamed if n_blamed else 0.0,
+             "df/verified_frac": n_rep / proposed if proposed else 0.0,
              "df/mask_density": float(full[repaired].sum()) / rep_tokens if rep_tokens else 0.0,
              "df/repair_errors": float(errors)}
     return mask_bad, root, repaired, stats

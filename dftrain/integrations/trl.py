@@ -26,6 +26,10 @@ TRL's metrics gain ``df/repaired_frac`` (repaired share of the negative-advantag
 ones) and ``df/repair_errors`` (rows whose repairer raised or returned a non-str: each a skip with one
 warning naming the repairer and the row; ``DFConfig(strict_repairs=True)`` stops instead).
 ``repairer="oracle"`` on a ``train_dataset`` without a ``solution`` column is refused at construction.
+A repair counts only if it rewrites at most ``max_edit_ratio`` of the completion's tokens (``dfgen
+repair``'s limit) and, with ``verify_repairs`` (default), TRL's own reward functions give it its
+group's top reward (``verify_repairs``: one more reward call per batch, on the repairs; reward
+functions that log see it too). ``df/verified_frac`` is the counted share of proposed repairs.
 
 Where DF weights are meaningful, and what is refused at construction (one-line ``ValueError``):
 the token-level losses (``grpo``, ``bnpo``, ``dr_grpo``, ``dapo``, ``cispo``, ``sapo``) take them per
@@ -37,7 +41,7 @@ token's weight over the whole sequence (``dftrain/loss.py``, "gspo"): refused (`
 Equal to stock ``GRPOTrainer`` when kappa = 1 (same loss and gradients), and its advantages equal
 ``df_token_weights`` for the same rows: ``tests/test_trl_integration.py``.
 Not done: the ``sibling`` repairer (a group's rollouts may be split across processes in TRL) and a
-built-in ``model`` repairer (pass a callable); repairs are not re-verified by the reward functions.
+built-in ``model`` repairer (pass a callable).
 """
 from __future__ import annotations
 
@@ -47,6 +51,7 @@ import torch
 from trl import GRPOTrainer
 
 from dftrain.integrations import repair_masks, resolve_repairer
+from dfgen.repair import RepairConfig as _RepairDefaults  # dfgen repair's limit, one declaration
 from dftrain.settings import DFWeights
 
 TOKEN_LEVEL_LOSSES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo")
@@ -62,6 +67,8 @@ class DFConfig:
     delta: float = DFWeights.delta  # root+prop: weight of the later edited tokens
     mass: str = DFWeights.mass  # keep | redistribute
     strict_repairs: bool = False  # a repairer that raises or returns a non-str stops training (default: skip it)
+    verify_repairs: bool = True  # a repair counts only if the reward functions give it its group's top reward
+    max_edit_ratio: float = _RepairDefaults.max_edit_ratio  # and it rewrites at most this share of the tokens
 
 
 def check_trl_args(args) -> None:
@@ -113,8 +120,33 @@ class DFGRPOTrainer(GRPOTrainer):
     def df_masks(self, rows: list[dict], completion_ids, completion_mask, advantages):
         """(mask_bad, root_bad) as (B, T) float, failed (B,) bool (A < 0 and repaired), and metrics."""
         tok = getattr(self.processing_class, "tokenizer", self.processing_class)
+        verify = (lambda texts, ids, cands: self.verify_repairs(rows, texts, ids, cands)) \
+            if self.df.verify_repairs else None
         return repair_masks(tok, rows, completion_ids, completion_mask.sum(-1).tolist(), (advantages < 0).tolist(),
-                            self.repairer, marked=self.df.marked, strict=self.df.strict_repairs)
+                            self.repairer, marked=self.df.marked, strict=self.df.strict_repairs,
+                            max_edit_ratio=self.df.max_edit_ratio, verify=verify)
+
+    def verify_repairs(self, rows: list[dict], texts: list[str], ids: list[list[int]], cands: dict) -> set[int]:
+        """The rows whose repair TRL's own reward functions (with ``reward_weights``) score at least as
+        high as the best completion of its group. One ``_calculate_rewards`` call on this process's
+        completions followed by their repairs (the completion itself where there is none), so every
+        process makes the same call and TRL's gather lines up; groups are read in TRL's gathered order."""
+        from trl.data_utils import is_conversational
+
+        B = len(rows)
+        rep = [cands[i][0] if i in cands else texts[i] for i in range(B)]
+        rep_ids = [cands[i][1] if i in cands else ids[i] for i in range(B)]
+        conv = is_conversational(rows[0])
+        comps = [[{"role": "assistant", "content": t}] if conv else t for t in texts + rep]
+        prompts = [r["prompt"] for r in rows] * 2
+        per_func = self._calculate_rewards(list(rows) * 2, prompts, comps, ids + rep_ids)  # gathered: (P * 2B, F)
+        r = (per_func * self.reward_weights.to(per_func.device).unsqueeze(0)).nansum(dim=1).view(-1, 2, B)
+        G = self.num_generations if self.model.training else (getattr(self, "num_generations_eval", None)
+                                                               or self.num_generations)
+        top = r[:, 0].reshape(-1, G).max(dim=1).values  # each group's best completion, all processes
+        base = self.accelerator.process_index * B
+        mine = r[self.accelerator.process_index, 1]
+        return {i for i in cands if float(mine[i]) >= float(top[(base + i) // G]) - 1e-6}
 
     def df_weights(self, mask_bad, root, failed, completion_mask):
         from dftrain.loss import df_token_weights
