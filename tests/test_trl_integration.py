@@ -30,7 +30,7 @@ def dataset(train_prompts):
     return Dataset.from_list(rows)
 
 
-def make(sft_model, dataset, tmp_path, df=None, max_steps=2, **cfg):
+def make(sft_model, dataset, tmp_path, df=None, max_steps=2, repairer="oracle", **cfg):
     from trl import GRPOConfig
 
     from dfgen.policy import load_policy
@@ -42,7 +42,7 @@ def make(sft_model, dataset, tmp_path, df=None, max_steps=2, **cfg):
                       bf16=False, report_to="none", logging_steps=1, save_strategy="no", seed=0,
                       dataloader_num_workers=0, **cfg)
     t = DFGRPOTrainer(model=model, reward_funcs=reward, args=args, train_dataset=dataset, processing_class=processor,
-                      df=df or DFConfig())
+                      df=df or DFConfig(), repairer=repairer)
     t.current_gradient_accumulation_steps = 1  # Trainer.train() sets it; the tests also call compute_loss directly
     return t
 
@@ -161,7 +161,7 @@ def test_bad_df_settings_are_refused_before_trl_starts(sft_model, dataset, tmp_p
     with pytest.raises(ValueError, match="kappa"):
         make(sft_model, dataset, tmp_path, df=DFConfig(kappa=2.0))
     with pytest.raises(ValueError, match="repairer must be"):
-        DFGRPOTrainer(model=None, reward_funcs=reward, repairer="sibling")
+        DFGRPOTrainer(model=None, reward_funcs=reward, repairer="nearest")
 
 
 def test_oracle_without_a_solution_column_is_refused_at_construction(sft_model, dataset, tmp_path):
@@ -243,3 +243,32 @@ def test_a_repair_counts_only_if_the_reward_functions_give_it_the_top_reward(sft
     assert rep > 0 and ver > 0
     _, rep, _ = run(oracle_repairer, max_edit_ratio=1e-9)  # any edit is too long
     assert rep == 0
+
+
+def test_the_sibling_repairer_proposes_the_nearest_top_completion_of_the_group(sft_model, dataset, tmp_path):
+    """repairer="sibling" needs no solution: every blamed completion in a mixed group gets a proposal,
+    the group's best completion nearest to it; those within the edit limit are verified and count."""
+    from rapidfuzz.distance import Levenshtein
+
+    t = make(sft_model, dataset.remove_columns("solution"), tmp_path, df=DFConfig(max_edit_ratio=10.0),
+             repairer="sibling")
+    t.model.train()
+    batch = _batch(dataset)
+    torch.manual_seed(1)
+    out = t._generate_and_score_completions(batch)
+    m = t._metrics["train"]
+    assert m["df/repaired_frac"][-1] == 1.0 and m["df/verified_frac"][-1] == 1.0  # a right sibling is top
+    torch.manual_seed(1)
+    from trl import GRPOTrainer
+
+    a = GRPOTrainer._generate_and_score_completions(t, batch)["advantages"]
+    lens = out["completion_mask"].sum(-1).tolist()
+    ids = [out["completion_ids"][i, : int(n)].tolist() for i, n in enumerate(lens)]
+    prop = t.sibling_proposals(t.processing_class.tokenizer, out["completion_ids"], lens, a)
+    assert set(prop) == {i for i in range(len(ids)) if a[i] < 0}
+    for i, text in prop.items():
+        g = range(i // G * G, i // G * G + G)
+        tops = [j for j in g if a[j] == max(a[k] for k in g)]
+        d = {j: Levenshtein.distance(ids[i], ids[j]) for j in tops}
+        assert text in {t.processing_class.tokenizer.decode(ids[j], skip_special_tokens=True)
+                        for j in tops if d[j] == min(d.values())}

@@ -34,11 +34,15 @@ def oracle_repairer(row: dict, text: str) -> str | None:
     return oracle.repair({**row, "solution": json.dumps(sol) if isinstance(sol, dict) else sol}, text).text
 
 
-def resolve_repairer(repairer):
+def resolve_repairer(repairer, builtin: tuple[str, ...] = ()):
+    """``oracle`` (the callable), a trainer's own ``builtin`` names (returned as given), or a callable."""
     if repairer == "oracle":
         return oracle_repairer
+    if isinstance(repairer, str) and repairer in builtin:
+        return repairer
     if not callable(repairer):
-        raise ValueError(f"repairer must be 'oracle' or a callable (row, text) -> text | None, got {repairer!r}")
+        names = " or ".join(repr(n) for n in ("oracle", *builtin))
+        raise ValueError(f"repairer must be {names} or a callable (row, text) -> text | None, got {repairer!r}")
     return repairer
 
 
@@ -46,7 +50,8 @@ def repair_masks(tokenizer, rows: list[dict], completion_ids, lengths: list[int]
                  marked: str = DFWeights.marked, strict: bool = False, max_edit_ratio: float | None = None,
                  verify=None):
     """(mask_bad, root_bad) (B, T) float and repaired (B,) bool for the ``blamed`` completions, and
-    metrics. A completion is repaired when the repairer returns a text other than its own, the repair
+    metrics. ``repairer`` is a callable ``(row, text)`` or a dict of texts proposed per row (a trainer's
+    ``sibling``). A completion is repaired when the repairer returns a text other than its own, the repair
     (tokenized, EOS appended when the completion ended in one) rewrites at most ``max_edit_ratio`` of
     the completion's tokens (token Levenshtein / completion length, as ``dfgen repair``), and
     ``verify`` accepts it. ``verify(texts, ids, candidates)`` gets every completion's text and ids and
@@ -78,7 +83,7 @@ def repair_masks(tokenizer, rows: list[dict], completion_ids, lengths: list[int]
     for i in (i for i in range(B) if blamed[i]):
         ids, text = ids_all[i], texts[i]
         try:
-            fixed = repairer(rows[i], text)
+            fixed = repairer.get(i) if isinstance(repairer, dict) else repairer(rows[i], text)
             if fixed is not None and not isinstance(fixed, str):
                 raise TypeError(f"returned {type(fixed).__name__}, not str or None")
         except Exception as e:  # the user's code: one row lost, never the run (unless strict)

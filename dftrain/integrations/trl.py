@@ -40,8 +40,9 @@ token's weight over the whole sequence (``dftrain/loss.py``, "gspo"): refused (`
 
 Equal to stock ``GRPOTrainer`` when kappa = 1 (same loss and gradients), and its advantages equal
 ``df_token_weights`` for the same rows: ``tests/test_trl_integration.py``.
-Not done: the ``sibling`` repairer (a group's rollouts may be split across processes in TRL) and a
-built-in ``model`` repairer (pass a callable).
+``repairer="sibling"``: a blamed completion's repair is its group's best completion nearest to it in
+token edit distance (no generation; groups that span processes are gathered).
+Not done: a built-in ``model`` or ``resample`` repairer (pass a callable).
 """
 from __future__ import annotations
 
@@ -93,7 +94,7 @@ class DFGRPOTrainer(GRPOTrainer):
         df_token_weights(torch.zeros(1, 1), torch.ones(1, 1), torch.tensor([True]), kappa=self.df.kappa,
                          root_mask=torch.zeros(1, 1), marked=self.df.marked, delta=self.df.delta,
                          mass=self.df.mass)  # refuses bad DF settings before TRL loads anything
-        self.repairer = resolve_repairer(repairer)
+        self.repairer = resolve_repairer(repairer, builtin=("sibling",))
         data = kwargs.get("train_dataset", args[3] if len(args) > 3 else None)
         cols = getattr(data, "column_names", None)
         if repairer == "oracle" and cols is not None and "solution" not in cols:
@@ -122,9 +123,36 @@ class DFGRPOTrainer(GRPOTrainer):
         tok = getattr(self.processing_class, "tokenizer", self.processing_class)
         verify = (lambda texts, ids, cands: self.verify_repairs(rows, texts, ids, cands)) \
             if self.df.verify_repairs else None
-        return repair_masks(tok, rows, completion_ids, completion_mask.sum(-1).tolist(), (advantages < 0).tolist(),
-                            self.repairer, marked=self.df.marked, strict=self.df.strict_repairs,
+        lengths = completion_mask.sum(-1).tolist()
+        repairer = self.sibling_proposals(tok, completion_ids, lengths, advantages) \
+            if self.repairer == "sibling" else self.repairer
+        return repair_masks(tok, rows, completion_ids, lengths, (advantages < 0).tolist(),
+                            repairer, marked=self.df.marked, strict=self.df.strict_repairs,
                             max_edit_ratio=self.df.max_edit_ratio, verify=verify)
+
+    def sibling_proposals(self, tok, completion_ids, lengths, advantages) -> dict[int, str]:
+        """``repairer="sibling"``: for each completion with A < 0, the completion of its group with the
+        group's top advantage (above zero) nearest to it in token edit distance. Groups may span
+        processes, so every process gathers the batch's ids and advantages (TRL's gathered order)."""
+        from accelerate.utils import gather_object
+        from rapidfuzz.distance import Levenshtein
+
+        B = len(lengths)
+        mine = [(completion_ids[i, : int(lengths[i])].tolist(), float(advantages[i])) for i in range(B)]
+        every = gather_object(mine) if self.accelerator.num_processes > 1 else mine
+        G = self.num_generations if self.model.training else (getattr(self, "num_generations_eval", None)
+                                                               or self.num_generations)
+        base, out = self.accelerator.process_index * B, {}
+        for i, (ids, a) in enumerate(mine):
+            if a >= 0:
+                continue
+            g = (base + i) // G
+            group = every[g * G:(g + 1) * G]
+            top = max(x[1] for x in group)
+            best = [x[0] for x in group if x[1] > 0 and x[1] >= top - 1e-6]
+            if best:
+                out[i] = tok.decode(min(best, key=lambda s: Levenshtein.distance(ids, s)), skip_special_tokens=True)
+        return out
 
     def verify_repairs(self, rows: list[dict], texts: list[str], ids: list[list[int]], cands: dict) -> set[int]:
         """The rows whose repair TRL's own reward functions (with ``reward_weights``) score at least as
