@@ -11,8 +11,10 @@ What happens to each generation batch, after TRL has generated, scored and compu
 
 1. Every completion with advantage A_i < 0 is repaired: ``repairer="oracle"`` uses the dataset's
    ``solution`` column (the synthetic task's step solution, ``dfgen.repairers.oracle``: the smallest
-   correct line edit); any callable ``(row, completion_text) -> repaired text or None`` works too (a
-   model prompted to repair, a sibling lookup of your own). ``row`` is the dataset row of that prompt.
+   correct line edit); ``repairer="sibling"`` takes the group's best completion nearest to it in token
+   edit distance (no generation, no solution; groups that span processes are gathered); any callable
+   ``(row, completion_text) -> repaired text or None`` works too (a model prompted to repair).
+   ``row`` is the dataset row of that prompt.
 2. The completion's token ids and the repair's (the repair text tokenized, EOS appended when the
    completion ended with one) are aligned by ``dfgen.align.align`` (token Levenshtein): the edited
    tokens (``mask_bad``) and the first edit (``root_bad``).
@@ -40,8 +42,6 @@ token's weight over the whole sequence (``dftrain/loss.py``, "gspo"): refused (`
 
 Equal to stock ``GRPOTrainer`` when kappa = 1 (same loss and gradients), and its advantages equal
 ``df_token_weights`` for the same rows: ``tests/test_trl_integration.py``.
-``repairer="sibling"``: a blamed completion's repair is its group's best completion nearest to it in
-token edit distance (no generation; groups that span processes are gathered).
 Not done: a built-in ``model`` or ``resample`` repairer (pass a callable).
 """
 from __future__ import annotations
