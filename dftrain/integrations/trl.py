@@ -51,8 +51,8 @@ from dataclasses import dataclass
 import torch
 from trl import GRPOTrainer
 
-from dftrain.integrations import repair_masks, resolve_repairer
 from dfgen.repair import RepairConfig as _RepairDefaults  # dfgen repair's limit, one declaration
+from dftrain.integrations import repair_masks, resolve_repairer
 from dftrain.settings import DFWeights
 
 TOKEN_LEVEL_LOSSES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo")
@@ -130,6 +130,11 @@ class DFGRPOTrainer(GRPOTrainer):
                             repairer, marked=self.df.marked, strict=self.df.strict_repairs,
                             max_edit_ratio=self.df.max_edit_ratio, verify=verify)
 
+    def _group_size(self) -> int:
+        """G of the batch being scored (TRL's eval batches may use ``num_generations_eval``)."""
+        return self.num_generations if self.model.training else (getattr(self, "num_generations_eval", None)
+                                                                  or self.num_generations)
+
     def sibling_proposals(self, tok, completion_ids, lengths, advantages) -> dict[int, str]:
         """``repairer="sibling"``: for each completion with A < 0, the completion of its group with the
         group's top advantage (above zero) nearest to it in token edit distance. Groups may span
@@ -140,8 +145,7 @@ class DFGRPOTrainer(GRPOTrainer):
         B = len(lengths)
         mine = [(completion_ids[i, : int(lengths[i])].tolist(), float(advantages[i])) for i in range(B)]
         every = gather_object(mine) if self.accelerator.num_processes > 1 else mine
-        G = self.num_generations if self.model.training else (getattr(self, "num_generations_eval", None)
-                                                               or self.num_generations)
+        G = self._group_size()
         base, out = self.accelerator.process_index * B, {}
         for i, (ids, a) in enumerate(mine):
             if a >= 0:
@@ -169,8 +173,7 @@ class DFGRPOTrainer(GRPOTrainer):
         prompts = [r["prompt"] for r in rows] * 2
         per_func = self._calculate_rewards(list(rows) * 2, prompts, comps, ids + rep_ids)  # gathered: (P * 2B, F)
         r = (per_func * self.reward_weights.to(per_func.device).unsqueeze(0)).nansum(dim=1).view(-1, 2, B)
-        G = self.num_generations if self.model.training else (getattr(self, "num_generations_eval", None)
-                                                               or self.num_generations)
+        G = self._group_size()
         top = r[:, 0].reshape(-1, G).max(dim=1).values  # each group's best completion, all processes
         base = self.accelerator.process_index * B
         mine = r[self.accelerator.process_index, 1]
