@@ -57,7 +57,7 @@ def append_a_digit(row, text):
     return text + " 7"  # random text re-tokenizes far from its ids: the edit limit is lifted in make()
 
 
-def make(model_dir, dataset, tmp_path, kappa):
+def make(model_dir, dataset, tmp_path, kappa, **df):
     from trl import GRPOConfig
 
     from dfgen.policy import load_policy
@@ -69,7 +69,8 @@ def make(model_dir, dataset, tmp_path, kappa):
                       max_completion_length=8, max_steps=1, learning_rate=1e-2, beta=0.0, use_cpu=True, bf16=False,
                       report_to="none", logging_steps=1, save_strategy="no", seed=0, dataloader_num_workers=0)
     t = DFGRPOTrainer(model=model, reward_funcs=alternating, args=args, train_dataset=dataset,
-                      processing_class=processor, df=DFConfig(kappa=kappa, marked="edit", max_edit_ratio=10.0), repairer=append_a_digit)
+                      processing_class=processor, df=DFConfig(kappa=kappa, marked="edit", max_edit_ratio=10.0, fail_advantage=0.0, **df),
+                      repairer=append_a_digit)
     t.current_gradient_accumulation_steps = 1
     return t
 
@@ -107,9 +108,14 @@ def test_df_grpo_trainer_runs_on_the_family(family_model, dataset, tmp_path):
         assert (full | part).all(), family
         two_level += bool(full.any() and part.any())
     assert two_level > 0, f"{family}: no repaired completion got DF weights"
+    # the repaired samples: a second pass through TRL's loss with the row's prompt and image
+    assert out["rep_completion_mask"].sum() > 0, family
+    l_rep, _, _ = _loss_and_grad(t, out)
+    l_roll, _, _ = _loss_and_grad(t, {k: v for k, v in out.items() if not k.startswith("rep_")})
+    assert l_rep < l_roll - 1e-4, family  # a positive advantage on the repairs lowers the loss
 
     # kappa = 1: stock TRL's loss and gradients on the same batch
-    one = make(model_dir, dataset, tmp_path, 1.0)
+    one = make(model_dir, dataset, tmp_path, 1.0, repaired_weight=0.0)
     one.model.train()
     torch.manual_seed(1)
     ours = one._generate_and_score_completions(batch)

@@ -37,10 +37,10 @@ def make(sft_model, dataset, tmp_path, df=None, max_steps=2, repairer="oracle", 
 
     torch.manual_seed(0)
     model, processor = load_policy(sft_model)
-    args = GRPOConfig(output_dir=str(tmp_path / "trl"), per_device_train_batch_size=PROMPTS * G, num_generations=G,
-                      max_completion_length=64, max_steps=max_steps, learning_rate=1e-3, beta=0.0, use_cpu=True,
-                      bf16=False, report_to="none", logging_steps=1, save_strategy="no", seed=0,
-                      dataloader_num_workers=0, **cfg)
+    args = GRPOConfig(**{**dict(output_dir=str(tmp_path / "trl"), per_device_train_batch_size=PROMPTS * G,
+                                num_generations=G, max_completion_length=64, max_steps=max_steps, learning_rate=1e-3,
+                                beta=0.0, use_cpu=True, bf16=False, report_to="none", logging_steps=1,
+                                save_strategy="no", seed=0, dataloader_num_workers=0), **cfg})
     t = DFGRPOTrainer(model=model, reward_funcs=reward, args=args, train_dataset=dataset, processing_class=processor,
                       df=df or DFConfig(), repairer=repairer)
     t.current_gradient_accumulation_steps = 1  # Trainer.train() sets it; the tests also call compute_loss directly
@@ -61,7 +61,7 @@ def _loss_and_grad(trainer, out):
 def test_kappa_one_is_stock_grpo_trainer_loss_and_gradients(sft_model, dataset, tmp_path):
     from trl import GRPOTrainer
 
-    t = make(sft_model, dataset, tmp_path, df=DFConfig(kappa=1.0))
+    t = make(sft_model, dataset, tmp_path, df=DFConfig(kappa=1.0, repaired_weight=0.0, fail_advantage=0.0))
     t.model.train()
     batch = _batch(dataset)
     torch.manual_seed(1)
@@ -98,7 +98,7 @@ def test_df_advantages_put_full_blame_on_the_marked_tokens_and_kappa_on_the_rest
     from dfgen.synth.grid import correct_prefix
 
     kappa = 0.1
-    t = make(sft_model, dataset, tmp_path, df=DFConfig(kappa=kappa, marked=marked))
+    t = make(sft_model, dataset, tmp_path, df=DFConfig(kappa=kappa, marked=marked, fail_advantage=0.0))
     batch = _batch(dataset)
     out, a = _full_runs(t, batch, kappa)
     adv, cm, ids = out["advantages"], out["completion_mask"], out["completion_ids"]
@@ -207,7 +207,7 @@ def test_a_failing_repairer_is_a_counted_skip_with_a_warning_or_fatal_when_stric
 
 @pytest.mark.parametrize("marked", ["root", "edit"])
 def test_mask_density_counts_the_tokens_marked_puts_at_full_weight(sft_model, dataset, tmp_path, marked):
-    t = make(sft_model, dataset, tmp_path, df=DFConfig(marked=marked))
+    t = make(sft_model, dataset, tmp_path, df=DFConfig(marked=marked, fail_advantage=0.0, repaired_weight=0.0))
     t.model.train()
     torch.manual_seed(1)
     out = t._generate_and_score_completions(_batch(dataset))
@@ -237,7 +237,7 @@ def test_a_repair_counts_only_if_the_reward_functions_give_it_the_top_reward(sft
 
     out, rep, ver = run(lambda row, text: text + "\nANSWER: -999")  # proposed for every blamed row, all wrong
     assert rep == 0 and ver == 0 and out["advantages"].dim() == 2
-    _, rep, ver = run(lambda row, text: text + "\nANSWER: -999", verify_repairs=False)
+    _, rep, ver = run(lambda row, text: text + "\nANSWER: -999", verify_repairs=False, fail_advantage=0.0)
     assert rep > 0  # without verification the same repairs count: the check above can fail
     _, rep, ver = run(oracle_repairer)
     assert rep > 0 and ver > 0
@@ -272,3 +272,105 @@ def test_the_sibling_repairer_proposes_the_nearest_top_completion_of_the_group(s
         d = {j: Levenshtein.distance(ids[i], ids[j]) for j in tops}
         assert text in {t.processing_class.tokenizer.decode(ids[j], skip_special_tokens=True)
                         for j in tops if d[j] == min(d.values())}
+
+
+def _as_dfgen_groups(t, batch, out):
+    """The batch TRL generated, as ``dfgen mask`` shards would hold it: per group, each rollout's ids,
+    behaviour log-probs and reward, and for a failed one the oracle's repair with ``dfgen repair``'s
+    rules (right answer, edit ratio <= 0.5) and ``dfgen mask``'s alignment. Made here from the
+    completions alone, independently of DFGRPOTrainer's repair path."""
+    from rapidfuzz.distance import Levenshtein
+
+    from dfgen.align import align
+    from dfgen.policy import completion_inputs, prompt_inputs, token_logprobs
+    from dftrain.integrations import oracle_repairer
+
+    tok = t.processing_class.tokenizer
+    cm, old = out["completion_mask"], out["old_per_token_logps"]
+    score = lambda row, text: reward([text], **{k: [row[k]] for k in ("answer", "answer_type", "source")})[0]  # noqa
+    groups, reps = [], []
+    for g in range(PROMPTS):
+        row = batch[g * G]
+        rolls = []
+        for i in range(g * G, g * G + G):
+            n = int(cm[i].sum())
+            ids = out["completion_ids"][i, :n].tolist()
+            text = tok.decode(ids, skip_special_tokens=True)
+            r = {"token_ids": ids, "logprobs": old[i, :n].tolist(), "reward": score(row, text), "repair_status": None}
+            fixed = oracle_repairer(row, text) if r["reward"] < 1 else None
+            if fixed is not None and fixed != text and score(row, fixed) == 1:
+                rep = tok(fixed, add_special_tokens=False)["input_ids"] + ([tok.eos_token_id] if ids[-1] == tok.eos_token_id else [])
+                if Levenshtein.distance(ids, rep) <= 0.5 * len(ids):
+                    a = align(ids, rep)
+                    r.update(repair_status="ok", repaired_ids=rep, mask_bad=a.mask_bad, root_bad=a.root_bad,
+                             mask_repaired=a.mask_repaired)
+                    reps.append((g, i, rep))
+            rolls.append(r)
+        groups.append({"id": str(g), "question": row["prompt"][0]["content"][1]["text"], "_image": row["image"],
+                       "rollouts": rolls})
+    with torch.no_grad():  # repaired_logprobs: the sampling policy's teacher-forced ones, as dfgen repair stores
+        for g, i, rep in reps:
+            inputs, _ = completion_inputs(prompt_inputs(t.processing_class, [groups[g]["question"]],
+                                                        [groups[g]["_image"]]), [rep], tok.pad_token_id)
+            lp = token_logprobs(t.model, inputs, len(rep))[0].tolist()
+            groups[g]["rollouts"][i - g * G]["repaired_logprobs"] = lp
+    return groups, reps
+
+
+def _dftrain_loss_and_grad(model, processor, rows, cfg, ref_model):
+    from dftrain.batch import Batch
+    from dftrain.fit import micro_loss
+
+    batch = Batch.from_rows(rows, cfg)
+    model.zero_grad(set_to_none=True)
+    loss, _ = micro_loss(model, batch, cfg, processor, None, 1.0, ref_model)  # TRL scores without suppression
+    loss.backward()
+    return batch, float(loss.detach()), torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+
+
+@pytest.mark.parametrize("loss_type,agg,beta", [("dapo", "token-mean", 0.0), ("grpo", "seq-mean-token-mean", 0.0),
+                                                ("dapo", "token-mean", 0.05)])
+def test_the_default_variant_equals_dftrain_fit_term_by_term(sft_model, dataset, tmp_path, loss_type, agg, beta):
+    """DFConfig() (fit's defaults: root-cause weights, repaired samples, all-fail blame) on a batch TRL
+    generated: the per-token advantages of the rollouts and of the repaired samples, the loss and its
+    gradient equal ``dftrain fit``'s (``build_rows`` -> ``Batch`` -> ``micro_loss``) on the same
+    completions, rewards and repairs, to 1e-5, for TRL's dapo (token-mean) and grpo (seq-mean-token-mean)
+    and with the KL term. num_iterations=2 makes TRL keep behaviour log-probs, as the shards do."""
+    from dfgen.policy import load_policy
+    from dftrain.batch import build_rows
+    from dftrain.loss import batch_token_weights
+    from dftrain.settings import TrainSettings
+
+    kl = {"use_bias_correction_kl": False} if beta else {}  # fit's k3 is not multiplied by the ratio
+    t = make(sft_model, dataset, tmp_path, loss_type=loss_type, num_iterations=2, scale_rewards="none", beta=beta,
+             **kl)
+    t.model.train()
+    batch = _batch(dataset)
+    torch.manual_seed(3)
+    out = t._generate_and_score_completions(batch)
+    groups, reps = _as_dfgen_groups(t, batch, out)
+    cfg = TrainSettings(objective="df-grpo", agg=agg, adv_scale="none", beta=beta)  # fit's DF defaults
+    assert t.df.df_weights() == cfg.df_weights()  # DFConfig's defaults are fit's: one declaration
+    rows = build_rows(groups, cfg)
+    ref = load_policy(sft_model)[0] if beta else None
+    fb, l_fit, g_fit = _dftrain_loss_and_grad(t.model, t.processing_class, rows, cfg, ref)
+
+    # the same model inputs: fit's teacher-forced log-probs of the rollouts are TRL's behaviour ones
+    roll = (~fb.is_repaired).nonzero().flatten()
+    T = out["completion_ids"].shape[1]
+    adv_fit = fb.advantages[:, None] * batch_token_weights(fb, cfg)  # (B_fit, T_fit)
+    assert torch.allclose(adv_fit[roll, :T], out["advantages"][:, : adv_fit.shape[1]], atol=1e-6)
+    assert fb.root_only.any() and fb.is_repaired.any() and (fb.df_weighted & ~fb.root_only).any(), \
+        "the batch should hold all three DF terms"
+    kept = out["rep_completion_mask"].sum(-1) > 0
+    assert int(kept.sum()) == int(fb.is_repaired.sum()) == len({(g, tuple(r)) for g, _, r in reps})
+    rep_rows = fb.is_repaired.nonzero().flatten()
+    for k, i in zip(rep_rows.tolist(), kept.nonzero().flatten().tolist()):
+        n = int(out["rep_completion_mask"][i].sum())
+        assert out["rep_completion_ids"][i, :n].tolist() == fb.token_ids[k, :n].tolist()
+        assert torch.allclose(out["rep_advantages"][i, :n], adv_fit[k, :n], atol=1e-6)
+        assert torch.allclose(out["rep_old_per_token_logps"][i, :n], fb.logprobs[k, :n], atol=1e-5)
+
+    l_trl, g_trl = _loss_and_grad(t, out)
+    assert abs(l_trl - l_fit) < 1e-5, (l_trl, l_fit)
+    assert torch.allclose(g_trl, g_fit, atol=1e-5), float((g_trl - g_fit).abs().max())

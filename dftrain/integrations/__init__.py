@@ -6,6 +6,7 @@ and return the edit and root-cause masks that ``dftrain.loss.df_token_weights`` 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 
 from dftrain.settings import DFWeights
 
@@ -46,11 +47,23 @@ def resolve_repairer(repairer, builtin: tuple[str, ...] = ()):
     return repairer
 
 
+@dataclass
+class Repairs:
+    """What ``repair_masks`` found for a batch of B completions (T: their padded length)."""
+
+    mask_bad: object  # (B, T) float 0/1: the tokens the counted repair edited
+    root_bad: object  # (B, T) float 0/1: its first edit only (the root cause)
+    repaired: object  # (B,) bool: the completion has a counted repair
+    ids: list  # per row: the counted repair's token ids, or None
+    mask_repaired: list  # per row: 0/1 over ``ids`` (the tokens the repair wrote), or None
+    stats: dict  # df/* metrics
+
+
 def repair_masks(tokenizer, rows: list[dict], completion_ids, lengths: list[int], blamed: list[bool], repairer,
                  marked: str = DFWeights.marked, strict: bool = False, max_edit_ratio: float | None = None,
-                 verify=None):
-    """(mask_bad, root_bad) (B, T) float and repaired (B,) bool for the ``blamed`` completions, and
-    metrics. ``repairer`` is a callable ``(row, text)`` or a dict of texts proposed per row (a trainer's
+                 verify=None) -> Repairs:
+    """The counted repairs of the ``blamed`` completions, as ``Repairs``: the masks of each completion
+    and, for the repaired samples, each repair's ids and ``mask_repaired``. ``repairer`` is a callable ``(row, text)`` or a dict of texts proposed per row (a trainer's
     ``sibling``). A completion is repaired when the repairer returns a text other than its own, the repair
     (tokenized, EOS appended when the completion ended in one) rewrites at most ``max_edit_ratio`` of
     the completion's tokens (token Levenshtein / completion length, as ``dfgen repair``), and
@@ -76,6 +89,7 @@ def repair_masks(tokenizer, rows: list[dict], completion_ids, lengths: list[int]
     B, T = completion_ids.shape
     mask_bad, root = torch.zeros(B, T), torch.zeros(B, T)
     repaired = torch.zeros(B, dtype=torch.bool)
+    rep_ids, rep_mask = [None] * B, [None] * B
     eos = tokenizer.eos_token_id
     ids_all = [completion_ids[i, : int(lengths[i])].tolist() for i in range(B)]
     texts = [tokenizer.decode(ids, skip_special_tokens=True) for ids in ids_all]
@@ -105,6 +119,7 @@ def repair_masks(tokenizer, rows: list[dict], completion_ids, lengths: list[int]
         mask_bad[i, : len(ids_all[i])] = torch.tensor(a.mask_bad, dtype=torch.float32)
         root[i, : len(ids_all[i])] = torch.tensor(a.root_bad, dtype=torch.float32)
         repaired[i] = True
+        rep_ids[i], rep_mask[i] = cands[i][1], a.mask_repaired
     n_blamed, n_rep = sum(blamed), int(repaired.sum())
     rep_tokens = float(sum(lengths[i] for i in range(B) if repaired[i]))
     full = root if marked == "root" else mask_bad
@@ -112,7 +127,7 @@ def repair_masks(tokenizer, rows: list[dict], completion_ids, lengths: list[int]
              "df/verified_frac": n_rep / proposed if proposed else 0.0,
              "df/mask_density": float(full[repaired].sum()) / rep_tokens if rep_tokens else 0.0,
              "df/repair_errors": float(errors)}
-    return mask_bad, root, repaired, stats
+    return Repairs(mask_bad, root, repaired, rep_ids, rep_mask, stats)
 
 
 class RepairerError(RuntimeError):

@@ -77,10 +77,10 @@ def df_weights_for_batch(data, tokenizer, repairer="oracle", kappa: float = DFWe
     nt = data.non_tensor_batch
     rows = [{k: v[i] for k, v in nt.items()} for i in range(responses.shape[0])]
     scores = data.batch["token_level_rewards"].sum(-1)
-    mask_bad, root, repaired, _ = repair_masks(tokenizer, rows, responses.cpu(), mask.sum(-1).tolist(),
-                                               blamed_rows(scores, nt["uid"]), repairer)
-    return df_token_weights(mask_bad, mask.float().cpu(), repaired, kappa=kappa, root_mask=root, marked=marked,
-                            delta=delta, mass=mass).to(responses.device)
+    rep = repair_masks(tokenizer, rows, responses.cpu(), mask.sum(-1).tolist(), blamed_rows(scores, nt["uid"]),
+                       repairer)
+    return df_token_weights(rep.mask_bad, mask.float().cpu(), rep.repaired, kappa=kappa, root_mask=rep.root_bad,
+                            marked=marked, delta=delta, mass=mass).to(responses.device)
 
 
 def compute_df_advantage(data, norm_adv_by_std_in_grpo: bool = True, epsilon: float = 1e-6):
