@@ -289,7 +289,7 @@ def _as_dfgen_groups(t, batch, out):
     cm, old = out["completion_mask"], out["old_per_token_logps"]
     score = lambda row, text: reward([text], **{k: [row[k]] for k in ("answer", "answer_type", "source")})[0]  # noqa
     groups, reps = [], []
-    for g in range(PROMPTS):
+    for g in range(len(batch) // G):
         row = batch[g * G]
         rolls = []
         for i in range(g * G, g * G + G):
@@ -328,49 +328,92 @@ def _dftrain_loss_and_grad(model, processor, rows, cfg, ref_model):
     return batch, float(loss.detach()), torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
 
 
-@pytest.mark.parametrize("loss_type,agg,beta", [("dapo", "token-mean", 0.0), ("grpo", "seq-mean-token-mean", 0.0),
-                                                ("dapo", "token-mean", 0.05)])
-def test_the_default_variant_equals_dftrain_fit_term_by_term(sft_model, dataset, tmp_path, loss_type, agg, beta):
-    """DFConfig() (fit's defaults: root-cause weights, repaired samples, all-fail blame) on a batch TRL
-    generated: the per-token advantages of the rollouts and of the repaired samples, the loss and its
-    gradient equal ``dftrain fit``'s (``build_rows`` -> ``Batch`` -> ``micro_loss``) on the same
-    completions, rewards and repairs, to 1e-5, for TRL's dapo (token-mean) and grpo (seq-mean-token-mean)
-    and with the KL term. num_iterations=2 makes TRL keep behaviour log-probs, as the shards do."""
-    from dfgen.policy import load_policy
+def _check_against_fit(t, batch, out, cfg, l_trl, g_trl, ref=None):
+    """``out`` (one generation batch, whole), its loss and gradient under TRL against ``dftrain fit``'s
+    on the same completions, rewards and repairs: per-token advantages of rollouts and repaired
+    samples, behaviour log-probs of the repairs, loss and gradient, to 1e-5."""
     from dftrain.batch import build_rows
     from dftrain.loss import batch_token_weights
-    from dftrain.settings import TrainSettings
 
-    kl = {"use_bias_correction_kl": False} if beta else {}  # fit's k3 is not multiplied by the ratio
-    t = make(sft_model, dataset, tmp_path, loss_type=loss_type, num_iterations=2, scale_rewards="none", beta=beta,
-             **kl)
-    t.model.train()
-    batch = _batch(dataset)
-    torch.manual_seed(3)
-    out = t._generate_and_score_completions(batch)
     groups, reps = _as_dfgen_groups(t, batch, out)
-    cfg = TrainSettings(objective="df-grpo", agg=agg, adv_scale="none", beta=beta)  # fit's DF defaults
     assert t.df.df_weights() == cfg.df_weights()  # DFConfig's defaults are fit's: one declaration
-    rows = build_rows(groups, cfg)
-    ref = load_policy(sft_model)[0] if beta else None
-    fb, l_fit, g_fit = _dftrain_loss_and_grad(t.model, t.processing_class, rows, cfg, ref)
-
-    # the same model inputs: fit's teacher-forced log-probs of the rollouts are TRL's behaviour ones
+    fb, l_fit, g_fit = _dftrain_loss_and_grad(t.model, t.processing_class, build_rows(groups, cfg), cfg, ref)
     roll = (~fb.is_repaired).nonzero().flatten()
-    T = out["completion_ids"].shape[1]
+    T = min(out["completion_ids"].shape[1], fb.token_ids.shape[1])
     adv_fit = fb.advantages[:, None] * batch_token_weights(fb, cfg)  # (B_fit, T_fit)
-    assert torch.allclose(adv_fit[roll, :T], out["advantages"][:, : adv_fit.shape[1]], atol=1e-6)
+    assert torch.allclose(adv_fit[roll, :T], out["advantages"][:, :T], atol=1e-6)
     assert fb.root_only.any() and fb.is_repaired.any() and (fb.df_weighted & ~fb.root_only).any(), \
         "the batch should hold all three DF terms"
     kept = out["rep_completion_mask"].sum(-1) > 0
     assert int(kept.sum()) == int(fb.is_repaired.sum()) == len({(g, tuple(r)) for g, _, r in reps})
-    rep_rows = fb.is_repaired.nonzero().flatten()
-    for k, i in zip(rep_rows.tolist(), kept.nonzero().flatten().tolist()):
+    for k, i in zip(fb.is_repaired.nonzero().flatten().tolist(), kept.nonzero().flatten().tolist()):
         n = int(out["rep_completion_mask"][i].sum())
         assert out["rep_completion_ids"][i, :n].tolist() == fb.token_ids[k, :n].tolist()
         assert torch.allclose(out["rep_advantages"][i, :n], adv_fit[k, :n], atol=1e-6)
         assert torch.allclose(out["rep_old_per_token_logps"][i, :n], fb.logprobs[k, :n], atol=1e-5)
-
-    l_trl, g_trl = _loss_and_grad(t, out)
     assert abs(l_trl - l_fit) < 1e-5, (l_trl, l_fit)
     assert torch.allclose(g_trl, g_fit, atol=1e-5), float((g_trl - g_fit).abs().max())
+
+
+@pytest.mark.parametrize("loss_type,agg,beta,micro", [("dapo", "token-mean", 0.0, 1),
+                                                      ("grpo", "seq-mean-token-mean", 0.0, 1),
+                                                      ("dapo", "token-mean", 0.05, 1),
+                                                      ("dapo", "token-mean", 0.0, 2), ("grpo", "seq-mean-token-mean", 0.0, 2)])
+def test_the_default_variant_equals_dftrain_fit_term_by_term(sft_model, dataset, tmp_path, loss_type, agg, beta,
+                                                             micro):
+    """DFConfig() (fit's defaults: root-cause weights, repaired samples, all-fail blame) on a batch TRL
+    generated equals ``dftrain fit`` (``build_rows`` -> ``Batch`` -> ``micro_loss``) term by term, for
+    TRL's dapo (token-mean) and grpo (seq-mean-token-mean), with the KL term, and under gradient
+    accumulation (micro = 2: the batch split by TRL's own ``split_tensor_dict`` into the two
+    micro-batches of one step, their gradients summed). num_iterations=2 makes TRL keep behaviour
+    log-probs, as the shards do."""
+    from trl.trainer.utils import split_pixel_values_by_grid, split_tensor_dict, unsplit_pixel_values_by_grid
+
+    from dfgen.policy import load_policy
+    from dftrain.settings import TrainSettings
+
+    kl = {"use_bias_correction_kl": False} if beta else {}  # fit's k3 is not multiplied by the ratio
+    t = make(sft_model, dataset, tmp_path, loss_type=loss_type, num_iterations=2, scale_rewards="none", beta=beta,
+             gradient_accumulation_steps=micro, steps_per_generation=micro, **kl)
+    t.current_gradient_accumulation_steps = micro
+    t.model.train()
+    batch = _batch(dataset)
+    torch.manual_seed(3)
+    out = t._generate_and_score_completions(batch)
+    l_trl, g_trl = 0.0, 0.0
+    for part in split_tensor_dict(split_pixel_values_by_grid(out), micro):  # TRL's _prepare_inputs, unshuffled
+        part = unsplit_pixel_values_by_grid(part)
+        loss, grad = _loss_and_grad(t, part)
+        l_trl, g_trl = l_trl + loss, g_trl + grad
+    cfg = TrainSettings(objective="df-grpo", agg=agg, adv_scale="none", beta=beta)  # fit's DF defaults
+    _check_against_fit(t, batch, out, cfg, l_trl, g_trl, load_policy(sft_model)[0] if beta else None)
+
+
+def test_two_processes_give_dftrain_fits_loss_and_gradient_on_the_whole_batch(sft_model, dataset, tmp_path):
+    """torchrun, 2 ranks (gloo): groups span the ranks, so constant-group detection, the sibling-free
+    dedup of repairs and verification gather across them. The ranks' batches together, their mean
+    loss and DDP's mean gradient equal ``dftrain fit`` on the whole batch."""
+    import os
+    import subprocess
+    import sys
+
+    from dftrain.settings import TrainSettings
+
+    prompts = 5  # 20 rows, 10 per rank: group 2 spans both
+    dataset.select(range(prompts)).save_to_disk(str(tmp_path / "ds"))
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    p = subprocess.run([torchrun, "--nproc_per_node", "2", "--master_port", "29547", "tests/trl_ranks.py",
+                        str(sft_model), str(tmp_path / "ds"), str(tmp_path), str(G), str(prompts)],
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    T = max(r["out"]["completion_ids"].shape[1] for r in ranks)
+    T2 = max(r["out"]["rep_completion_ids"].shape[1] for r in ranks)
+    width = lambda k: T2 if k.startswith("rep_") else T  # noqa: E731
+    out = {k: torch.cat([torch.nn.functional.pad(r["out"][k], (0, width(k) - r["out"][k].shape[1]))
+                         if r["out"][k].dim() == 2 else r["out"][k] for r in ranks]) for k in ranks[0]["out"]}
+    t = make(sft_model, dataset, tmp_path, loss_type="dapo", num_iterations=2, scale_rewards="none")
+    t.model.train()
+    batch = [dataset[i] for i in range(prompts) for _ in range(G)]
+    cfg = TrainSettings(objective="df-grpo", agg="token-mean", adv_scale="none")
+    _check_against_fit(t, batch, out, cfg, sum(r["loss"] for r in ranks) / 2, (ranks[0]["grad"] + ranks[1]["grad"]) / 2)
