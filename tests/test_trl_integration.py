@@ -129,25 +129,51 @@ def test_df_advantages_put_full_blame_on_the_marked_tokens_and_kappa_on_the_rest
         assert max(runs) > 1, runs  # every edit: the recomputed later lines too (so "root" above can fail)
 
 
-def test_the_example_trains_two_steps_end_to_end_offline_and_logs_df_metrics(sft_model, train_prompts, tmp_path):
-    """examples/trl_df_grpo.py, as a user runs it: a fresh tiny policy plus SFT, TRL's own train loop."""
+def test_the_readmes_trl_commands_run_as_written_and_train(tmp_path):
+    """The README's TRL example, its lines run exactly as written from a clean checkout's layout (the
+    repository's .venv, data/ and examples/ beside a fresh runs/): TRL's own train loop, two steps
+    of the default variant on the shipped policy, DF's metrics logged, weights moved, tower frozen."""
+    import os
+    import re
     import subprocess
-    import sys
 
-    from safetensors.torch import load_file
-
+    from dfgen.models import vision_parameters
+    from dfgen.policy import load_policy
     from tests.conftest import ROOT
 
-    p = subprocess.run([sys.executable, str(ROOT / "examples" / "trl_df_grpo.py"), "--model", str(sft_model),
-                        "--prompts", str(train_prompts), "--out", str(tmp_path / "o"), "--steps", "2"],
-                       capture_output=True, text=True, timeout=600, env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
-    assert p.returncode == 0, p.stderr[-3000:]
-    logged = [json.loads(x) for x in p.stdout.splitlines() if x.startswith('{"step"')]  # TRL prints its own dicts
+    block = re.search(r"<!-- trl-example -->\n(.*?)<!-- /trl-example -->", (ROOT / "README.md").read_text(), re.S)
+    lines = [ln.strip() for ln in block[1].splitlines() if ln.strip()]
+    assert len(lines) == 2 and lines[1].startswith(".venv/bin/python examples/trl_df_grpo.py")
+    for name in (".venv", "data", "examples"):
+        (tmp_path / name).symlink_to(ROOT / name)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    outs = [subprocess.run(["bash", "-c", ln], cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env)
+            for ln in lines]
+    for p in outs:
+        assert p.returncode == 0, p.stderr[-3000:]
+    logged = [json.loads(x) for x in outs[1].stdout.splitlines() if x.startswith('{"step"')]
     assert [h["step"] for h in logged] == [1, 2]
     assert all(0 <= h["df/repaired_frac"] <= 1 and 0 <= h["df/mask_density"] <= 1 for h in logged)
     assert any(h["df/repaired_frac"] > 0 for h in logged)
-    new, old = load_file(tmp_path / "o" / "model.safetensors"), load_file(sft_model / "model.safetensors")
-    assert any(not torch.equal(new[k], old[k]) for k in old)
+    model, _ = load_policy(ROOT / "data" / "policies" / "regime_start")
+    trained, _ = load_policy(tmp_path / "runs" / "trl" / "policy")
+    tower = {n for n, p in model.named_parameters() if any(p is q for q in vision_parameters(model))}
+    old, new = dict(model.named_parameters()), dict(trained.named_parameters())
+    assert tower and all(torch.equal(new[k], old[k]) for k in tower)  # frozen, as the recipe keeps it
+    assert any(not torch.equal(new[k], old[k]) for k in old if k not in tower)
+
+
+def test_a_start_that_never_succeeds_is_reported_in_one_line(tiny_model, dataset, tmp_path):
+    """The untrained tiny policy fails every group and no oracle repair of its text verifies (it is
+    not in step format): nothing to learn, said once, not a silent zero-gradient run."""
+    t = make(tiny_model, dataset, tmp_path)
+    t.model.train()
+    torch.manual_seed(1)
+    with pytest.warns(UserWarning, match="no group of this batch has a success or a repair") as rec:
+        out = t._generate_and_score_completions(_batch(dataset))
+        t._generate_and_score_completions(_batch(dataset))
+    assert sum("no group of this batch" in str(w.message) for w in rec) == 1  # once, not per batch
+    assert not (out["advantages"] != 0).any()
 
 
 @pytest.mark.parametrize("cfg,msg", [({"loss_type": "vespo"}, "DF needs a token-level loss"),

@@ -171,7 +171,21 @@ class DFGRPOTrainer(GRPOTrainer):
         mode = "train" if self.model.training else "eval"
         for k, v in stats.items():
             self._metrics[mode][k].append(v)
+        self._warn_if_no_signal(out)
         return out
+
+    def _warn_if_no_signal(self, out: dict) -> None:
+        """One warning, the first time a generation batch (all processes) has no success and no counted
+        repair: every advantage is 0, so DF and GRPO both learn nothing from it."""
+        if getattr(self, "_warned_no_signal", False):
+            return
+        live = (out["advantages"] != 0).any() or (REP + "completion_mask" in out and out[REP + "completion_mask"].any())
+        if not any(self._gathered([bool(live)])):
+            import warnings
+
+            warnings.warn("no group of this batch has a success or a repair: DF and GRPO both learn nothing here "
+                          "(a start that never succeeds needs a warm start first, e.g. dftrain sft)", stacklevel=2)
+            self._warned_no_signal = True
 
     def _group_size(self) -> int:
         """G of the batch being scored (TRL's eval batches may use ``num_generations_eval``)."""
