@@ -195,6 +195,12 @@ def test_oracle_without_a_solution_column_is_refused_at_construction(sft_model, 
         make(sft_model, dataset.remove_columns("solution"), tmp_path)
 
 
+@pytest.mark.parametrize("bad", [lambda text: text, lambda row, text, model: text, lambda: None])
+def test_a_repairer_that_cannot_take_row_and_text_is_refused_at_construction(sft_model, dataset, tmp_path, bad):
+    with pytest.raises(ValueError, match=r"must accept \(row, text\), its signature is"):
+        make(sft_model, dataset, tmp_path, repairer=bad)
+
+
 def test_a_failing_repairer_is_a_counted_skip_with_a_warning_or_fatal_when_strict(sft_model, dataset, tmp_path):
     """A repairer that raises, or returns a non-str, costs its row the repair (GRPO's advantage there),
     with one warning naming the repairer and the row; the rest of the batch is repaired as usual."""

@@ -44,6 +44,16 @@ def resolve_repairer(repairer, builtin: tuple[str, ...] = ()):
     if not callable(repairer):
         names = " or ".join(repr(n) for n in ("oracle", *builtin))
         raise ValueError(f"repairer must be {names} or a callable (row, text) -> text | None, got {repairer!r}")
+    import inspect
+
+    try:
+        sig = inspect.signature(repairer)
+    except (TypeError, ValueError):  # some builtins have none to read: called as given
+        return repairer
+    try:
+        sig.bind({}, "")
+    except TypeError:
+        raise ValueError(f"repairer {_name(repairer)} must accept (row, text), its signature is {sig}") from None
     return repairer
 
 
