@@ -449,3 +449,28 @@ def test_two_processes_give_dftrain_fits_loss_and_gradient_on_the_whole_batch(sf
     batch = [dataset[i] for i in range(prompts) for _ in range(G)]
     cfg = TrainSettings(objective="df-grpo", agg="token-mean", adv_scale="none")
     _check_against_fit(t, batch, out, cfg, sum(r["loss"] for r in ranks) / 2, (ranks[0]["grad"] + ranks[1]["grad"]) / 2)
+
+
+def test_the_resample_repairer_searches_with_the_trainers_own_policy(sft_model, dataset, tmp_path):
+    """repairer="resample" needs no solution: the current policy continues the longest salvageable
+    line prefix of each failed completion; the repairs that verify count, and every token the search
+    generated is reported."""
+    from dftrain.integrations.trl import Resample
+
+    t = make(sft_model, dataset.remove_columns("solution"), tmp_path, repairer=Resample(n=2, max_probes=2))
+    t.model.train()
+    torch.manual_seed(1)
+    out = t._generate_and_score_completions(_batch(dataset))
+    m = t._metrics["train"]
+    assert t.model.training  # the search ran in eval mode and gave the model back as it was
+    assert m["df/repair_gen_tokens"][-1] > 0 and m["df/repaired_frac"][-1] > 0, dict(m)
+    assert out["rep_completion_mask"].sum() > 0
+
+
+@pytest.mark.parametrize("drop,msg", [("answer", "needs an 'answer' column"), (None, "Resample settings")])
+def test_resample_without_the_records_scorer_or_with_bad_settings_is_refused(sft_model, dataset, tmp_path, drop, msg):
+    from dftrain.integrations.trl import Resample
+
+    data = dataset.remove_columns(drop) if drop else dataset
+    with pytest.raises(ValueError, match=msg):
+        make(sft_model, data, tmp_path, repairer="resample" if drop else Resample(n=2, min_wins=3))

@@ -70,6 +70,7 @@ import torch
 from trl import GRPOTrainer
 
 from dfgen.repair import RepairConfig as _RepairDefaults  # dfgen repair's limit, one declaration
+from dfgen.repairers import RepairEnv as _RepairEnv  # the resample search's defaults, one declaration
 from dftrain.integrations import Repairs, repair_masks, resolve_repairer
 from dftrain.settings import DFWeights
 
@@ -105,6 +106,24 @@ class DFConfig(DFWeights):
         return None
 
 
+@dataclass(kw_only=True)
+class Resample:
+    """``repairer=Resample(...)`` (or ``"resample"``): ``dfgen.repairers.resample``'s first-error
+    search, continued by the trainer's own model (the current policy): the longest line prefix of a
+    failed completion from which some of ``n`` continuations reach the right answer, then the
+    continuation nearest the failure. Defaults are ``dfgen repair``'s (``RepairEnv``); continuations run
+    at TRL's ``temperature`` for at most ``max_completion_length`` tokens. Probes are scored by the
+    prompt records' own scorer (``dfgen.benchmarks.reward``), so the dataset needs ``answer`` (and
+    ``answer_type``) columns and single-message prompts; the repair is then verified by TRL's reward
+    functions like any other. Every generated token is counted (``df/repair_gen_tokens``)."""
+
+    n: int = _RepairEnv.resample_n  # continuations per probe
+    search: str = _RepairEnv.search  # backward | binary
+    min_wins: int = _RepairEnv.min_wins  # right continuations that make a prefix salvageable
+    max_probes: int = _RepairEnv.max_probes  # probes per failed completion
+    token_budget: int = _RepairEnv.token_budget  # no probe starts once a completion's search generated this many
+
+
 def check_trl_args(args) -> None:
     """One-line ValueError for TRL settings under which per-token DF weights are not per-token."""
     if args.loss_type not in TOKEN_LEVEL_LOSSES:
@@ -115,6 +134,33 @@ def check_trl_args(args) -> None:
                          "token's weight over the sequence (dftrain fit --policy-loss gspo keeps it per token)")
     if getattr(args, "use_liger_kernel", False):
         raise ValueError("DF needs TRL's own loss: use_liger_kernel's fused loss takes one advantage per sequence")
+
+
+def _question(prompt) -> str:
+    """The text of a single-message chat prompt (what ``dfgen``'s rendering takes as the question)."""
+    if isinstance(prompt, str):
+        return prompt
+    content = prompt[-1]["content"]
+    return content if isinstance(content, str) else "".join(c.get("text", "") for c in content if c.get("type") == "text")
+
+
+def check_resample(r: Resample, data) -> None:
+    """One-line ValueError where ``Resample`` cannot run: bad settings, or a dataset without the records'
+    scorer columns or with prompts ``dfgen`` would render differently from TRL (more than one message)."""
+    if r.search not in ("backward", "binary") or min(r.n, r.min_wins, r.max_probes, r.token_budget) < 1 \
+            or r.min_wins > r.n:
+        raise ValueError(f"Resample settings: search backward|binary, n >= min_wins >= 1, max_probes and "
+                         f"token_budget >= 1; got {r}")
+    cols = getattr(data, "column_names", None)
+    if cols is None:
+        return
+    if "answer" not in cols:
+        raise ValueError("repairer='resample' scores its probes with the records' scorer: the train_dataset needs "
+                         f"an 'answer' column (and answer_type); it has {', '.join(cols)}")
+    prompt = data[0]["prompt"]
+    if not isinstance(prompt, str) and len(prompt) != 1:
+        raise ValueError("repairer='resample' continues prompts as dfgen renders them: one user message per "
+                         f"prompt, not {len(prompt)}")
 
 
 @contextmanager
@@ -138,12 +184,15 @@ class DFGRPOTrainer(GRPOTrainer):
         msg = self.df.check()
         if msg is not None:
             raise ValueError(msg)  # before TRL loads anything
-        self.repairer = resolve_repairer(repairer, builtin=("sibling",))
+        repairer = Resample() if repairer == "resample" else repairer
+        self.repairer = repairer if isinstance(repairer, Resample) else resolve_repairer(repairer, builtin=("sibling",))
         data = kwargs.get("train_dataset", args[3] if len(args) > 3 else None)
         cols = getattr(data, "column_names", None)
         if repairer == "oracle" and cols is not None and "solution" not in cols:
             raise ValueError("repairer='oracle' needs a 'solution' column (dfgen synth's step solutions); the "
                              f"train_dataset has {', '.join(cols)}: pass a callable repairer")
+        if isinstance(repairer, Resample):
+            check_resample(repairer, data)
         targs = kwargs.get("args", args[2] if len(args) > 2 else None)
         if targs is not None:
             check_trl_args(targs)  # before TRL loads the model or the reference
@@ -218,10 +267,59 @@ class DFGRPOTrainer(GRPOTrainer):
         blamed = [bool(a < 0) or (use_const and bool(c)) for a, c in zip(advantages.tolist(), const.tolist())]
         verify = (lambda texts, ids, cands: self.verify_repairs(rows, texts, ids, cands)) \
             if self.df.verify_repairs else None
-        repairer = self.sibling_proposals(tok, completion_ids, lengths, advantages) \
-            if self.repairer == "sibling" else self.repairer
-        return repair_masks(tok, rows, completion_ids, lengths, blamed, repairer, marked=self.df.marked,
-                            strict=self.df.strict_repairs, max_edit_ratio=self.df.max_edit_ratio, verify=verify)
+        gen_tokens = 0
+        if self.repairer == "sibling":
+            repairer = self.sibling_proposals(tok, completion_ids, lengths, advantages)
+        elif isinstance(self.repairer, Resample):
+            repairer, gen_tokens = self.resample_proposals(rows, completion_ids, lengths, blamed)
+        else:
+            repairer = self.repairer
+        rep = repair_masks(tok, rows, completion_ids, lengths, blamed, repairer, marked=self.df.marked,
+                           strict=self.df.strict_repairs, max_edit_ratio=self.df.max_edit_ratio, verify=verify)
+        rep.stats["df/repair_gen_tokens"] = float(gen_tokens)
+        return rep
+
+    def resample_proposals(self, rows: list[dict], completion_ids, lengths, blamed) -> tuple[dict[int, str], int]:
+        """``Resample``: ``dfgen.repairers.resample`` on the blamed completions that the records' scorer
+        says failed, continued by the current policy (eval mode, no grad); ({row: repair text}, tokens
+        the search generated)."""
+        import io
+
+        from dfgen.backends.hf import HFBackend
+        from dfgen.benchmarks import reward
+        from dfgen.repairers import RepairEnv
+        from dfgen.repairers.resample import propose
+
+        tok = getattr(self.processing_class, "tokenizer", self.processing_class)
+        step, rank = self.state.global_step, self.accelerator.process_index
+        jobs = []
+        for i in (i for i in range(len(rows)) if blamed[i]):
+            ids = completion_ids[i, : int(lengths[i])].tolist()
+            rec = {k: v for k, v in rows[i].items() if k not in ("prompt", "image")}
+            rec |= {"id": f"{step}:{rank}:{i}", "question": _question(rows[i]["prompt"]), "image": None,
+                    "rollouts": [{"token_ids": ids}]}
+            if reward(rec, tok.decode(ids, skip_special_tokens=True))[1] >= 1:
+                continue  # right by the records' scorer: nothing to search for
+            if rows[i].get("image") is not None:
+                buf = io.BytesIO()
+                rows[i]["image"].save(buf, format="PNG")
+                rec["image"] = buf.getvalue()
+            jobs.append((i, rec))
+        if not jobs:
+            return {}, 0
+        model = self.accelerator.unwrap_model(self.model)
+        was_training = model.training
+        r = self.repairer
+        env = RepairEnv(make_gen=lambda: HFBackend(None, model=model, processor=self.processing_class),
+                        tokenizer=tok, max_new_tokens=self.max_completion_length, seed=self.args.seed,
+                        temperature=self.temperature, search=r.search, resample_n=r.n, min_wins=r.min_wins,
+                        max_probes=r.max_probes, token_budget=r.token_budget)
+        try:
+            props = propose([(rec, 0) for _, rec in jobs], env)
+        finally:
+            model.train(was_training)
+        out = {i: p.text for (i, _), p in zip(jobs, props) if p.text is not None}
+        return out, sum(p.cost.get("repair_gen_tokens", 0) for p in props)
 
     def sibling_proposals(self, tok, completion_ids, lengths, advantages) -> dict[int, str]:
         """``repairer="sibling"``: for each completion with A < 0, the completion of its group with the
