@@ -20,6 +20,8 @@ $PIP "torch==2.13.0"
 $PIP "verl==0.9.1" "torch==2.13.0"
 $PIP --no-deps -e .
 $PIP "rapidfuzz>=3" "pytest>=8"
-"$VENV/bin/python" -c "import verl.trainer.ppo.core_algos, dftrain.integrations.verl" 
+# verl 0.9.1 imports these in ray_trainer (its rollout server) without declaring them; the hook test imports it
+$PIP cachetools fastapi uvicorn
+"$VENV/bin/python" -c "import verl.trainer.ppo.core_algos, verl.trainer.ppo.ray_trainer, dftrain.integrations.verl" 
 "$VENV/bin/python" -c "import torch, transformers, verl; print('verl', verl.__version__, 'torch', torch.__version__, 'transformers', transformers.__version__)"
 touch "$STAMP"

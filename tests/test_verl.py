@@ -1,7 +1,10 @@
-"""DF's verl estimator against the real verl (0.9.1) core_algos, at the tensor level verl allows on
-CPU (its own venv: `make test-verl`, since verl pins transformers < 5.11): registered by name,
-equal to verl's GRPO when the weights are 1, and DF-weighted per token on repaired completions of
-the synthetic task (bad completions made by changing one read of the canonical solution)."""
+"""DF's verl integration against the real verl (0.9.1), at the deepest level verl runs on CPU (its own
+venv: `make test-verl`, since verl pins transformers < 5.11): the `algorithm.df.*` keys through hydra
+on verl's own `ppo_trainer` config; verl's real `ray_trainer.compute_advantage` on a real `DataProto`,
+which with `adv_estimator=df_grpo` raises without the hook (never plain GRPO) and gives DF's per-token
+advantages with it; `norm_adv_by_std_in_grpo` honoured; the repairer's inputs read from
+`reward_model` / `extra_info`; equal to verl's GRPO with unit weights. Bad completions are made by
+changing one read of the synthetic task's canonical solution."""
 from __future__ import annotations
 
 import json
@@ -15,13 +18,6 @@ core_algos = pytest.importorskip("verl.trainer.ppo.core_algos",
 pytestmark = pytest.mark.verl
 
 from dftrain.integrations import verl as dfverl  # noqa: E402
-
-
-class Proto:
-    """The two fields of verl's DataProto the functions read (DataProto itself needs a TensorDict)."""
-
-    def __init__(self, batch: dict, non_tensor_batch: dict):
-        self.batch, self.non_tensor_batch = batch, non_tensor_batch
 
 
 def _batch(tiny_tokenizer, n_groups=3, g=4):
@@ -50,8 +46,12 @@ def _batch(tiny_tokenizer, n_groups=3, g=4):
         responses[i, : len(x)] = torch.tensor(x)
         mask[i, : len(x)] = 1
         rewards[i, len(x) - 1] = scores[i]  # outcome reward on the last token, as verl's reward managers
-    return Proto({"responses": responses, "response_mask": mask, "token_level_rewards": rewards},
-                 {"uid": np.array(uids, dtype=object), "solution": np.array(sols, dtype=object)})
+    from verl import DataProto
+
+    extra = [{"solution": sol, "index": i} for i, sol in enumerate(sols)]  # where verl keeps a row's extras
+    return DataProto.from_dict({"responses": responses, "response_mask": mask, "token_level_rewards": rewards},
+                               {"uid": np.array(uids, dtype=object), "extra_info": np.array(extra, dtype=object),
+                                "reward_model": np.array([{"ground_truth": "x"} for _ in uids], dtype=object)})
 
 
 @pytest.fixture(scope="module")
@@ -61,6 +61,23 @@ def tiny_tokenizer(tiny_model):
     return AutoTokenizer.from_pretrained(tiny_model)
 
 
+def _algorithm(tiny_model, *overrides):
+    """verl's own ppo_trainer config composed by hydra with these overrides; its ``algorithm`` node."""
+    import os
+
+    import verl
+    from hydra import compose, initialize_config_dir
+
+    cfg_dir = os.path.join(os.path.dirname(verl.__file__), "trainer", "config")
+    with initialize_config_dir(config_dir=cfg_dir, version_base=None):
+        cfg = compose(config_name="ppo_trainer", overrides=[f"actor_rollout_ref.model.path={tiny_model}", *overrides])
+    return cfg.algorithm
+
+
+DF_KEYS = ["algorithm.adv_estimator=df_grpo", "+algorithm.df.repairer=oracle", "+algorithm.df.kappa=0.1",
+           "+algorithm.df.tokenizer=${actor_rollout_ref.model.path}"]
+
+
 def test_df_grpo_is_registered_in_verl_and_equals_grpo_with_unit_weights(tiny_tokenizer):
     data = _batch(tiny_tokenizer)
     fn = core_algos.get_adv_estimator_fn("df_grpo")
@@ -68,22 +85,56 @@ def test_df_grpo_is_registered_in_verl_and_equals_grpo_with_unit_weights(tiny_to
     b = data.batch
     ref, ref_ret = core_algos.compute_grpo_outcome_advantage(b["token_level_rewards"], b["response_mask"],
                                                              data.non_tensor_batch["uid"])
-    for w in (None, torch.ones_like(b["response_mask"])):
-        adv, ret = fn(token_level_rewards=b["token_level_rewards"], response_mask=b["response_mask"],
-                      index=data.non_tensor_batch["uid"], df_weights=w)
-        assert torch.equal(adv, ref) and torch.equal(ret, ref_ret)
+    adv, ret = fn(token_level_rewards=b["token_level_rewards"], response_mask=b["response_mask"],
+                  index=data.non_tensor_batch["uid"], df_weights=torch.ones_like(b["response_mask"]))
+    assert torch.equal(adv, ref) and torch.equal(ret, ref_ret)
     assert (ref < 0).any() and (ref > 0).any()
 
 
-def test_repaired_completions_get_full_blame_on_the_root_cause_and_kappa_on_the_rest(tiny_tokenizer):
+def test_verls_compute_advantage_refuses_df_grpo_without_the_hook_never_plain_grpo(tiny_model, tiny_tokenizer):
+    from verl.trainer.ppo import ray_trainer
+
+    orig = getattr(ray_trainer.compute_advantage, "__wrapped__", ray_trainer.compute_advantage)
+    with pytest.raises(ValueError, match="df_grpo got no DF weights"):
+        orig(_batch(tiny_tokenizer), "df_grpo", config=_algorithm(tiny_model, *DF_KEYS))
+
+
+@pytest.mark.parametrize("norm", [True, False])
+def test_the_hook_gives_verls_fit_dfs_advantages_from_the_config_keys(tiny_model, tiny_tokenizer, norm):
+    """install(), then the call RayPPOTrainer.fit makes (ray_trainer.py: compute_advantage(batch,
+    adv_estimator=..., norm_adv_by_std_in_grpo=..., config=config.algorithm)) with the keys from hydra:
+    full blame on the first wrong line, kappa on the rest, verl's GRPO (normalised or not) elsewhere;
+    other estimators untouched."""
+    from verl.trainer.ppo import ray_trainer
+
+    dfverl.install()
+    dfverl.install()  # idempotent
+    alg = _algorithm(tiny_model, *DF_KEYS, f"algorithm.norm_adv_by_std_in_grpo={str(norm).lower()}")
+    assert alg.df.kappa == 0.1 and alg.adv_estimator == "df_grpo"
     data = _batch(tiny_tokenizer)
-    kappa = 0.1
-    data.batch["df_weights"] = dfverl.df_weights_for_batch(data, tiny_tokenizer, "oracle", kappa=kappa)
     ref, _ = core_algos.compute_grpo_outcome_advantage(data.batch["token_level_rewards"], data.batch["response_mask"],
-                                                       data.non_tensor_batch["uid"])
-    dfverl.compute_df_advantage(data)
+                                                       data.non_tensor_batch["uid"], norm_adv_by_std_in_grpo=norm)
+    out = ray_trainer.compute_advantage(data, adv_estimator=alg.adv_estimator,
+                                        norm_adv_by_std_in_grpo=alg.get("norm_adv_by_std_in_grpo", True), config=alg)
+    _check_blame(out, ref, tiny_tokenizer, kappa=0.1)
+    plain = ray_trainer.compute_advantage(_batch(tiny_tokenizer), adv_estimator="grpo", norm_adv_by_std_in_grpo=norm,
+                                          config=_algorithm(tiny_model))
+    assert torch.equal(plain.batch["advantages"], ref)
+
+
+@pytest.mark.parametrize("key,msg", [("+algorithm.df.repaired_weight=1", "carries the token weights only"),
+                                     ("+algorithm.df.kapa=0.2", "is not a DF setting"),
+                                     ("++algorithm.df.kappa=3", "kappa must be in"),
+                                     ("+algorithm.df.marked=first", "marked must be one of")])
+def test_bad_df_keys_are_refused_in_one_line(tiny_model, tiny_tokenizer, key, msg):
+    with pytest.raises(ValueError, match=msg):
+        dfverl.compute_df_advantage(_batch(tiny_tokenizer), config=_algorithm(tiny_model, *DF_KEYS, key))
+    with pytest.raises(ValueError, match="needs its DF settings"):
+        dfverl.compute_df_advantage(_batch(tiny_tokenizer), config=_algorithm(tiny_model))
+
+
+def _check_blame(data, ref, tok, kappa):
     adv, m = data.batch["advantages"], data.batch["response_mask"]
-    tok = tiny_tokenizer
     for i in range(adv.shape[0]):
         n = int(m[i].sum())
         a = ref[i, 0]
