@@ -77,7 +77,7 @@ def repair_masks(tokenizer, rows: list[dict], completion_ids, lengths: list[int]
     ``sibling``). A completion is repaired when the repairer returns a text other than its own, the repair
     (tokenized, EOS appended when the completion ended in one) rewrites at most ``max_edit_ratio`` of
     the completion's tokens (token Levenshtein / completion length, as ``dfgen repair``), and
-    ``verify`` accepts it. ``verify(texts, ids, candidates)`` gets every completion's text and ids and
+    ``verify`` accepts it (a dict may hold token ids, taken as the repair's ids). ``verify(texts, ids, candidates)`` gets every completion's text and ids and
     ``{row: (repair text, repair ids)}`` and returns the rows whose repair counts; it is called once
     per batch, candidates or not (a trainer's verifier may gather across processes). Each counted
     repair is aligned token by token (``dfgen.align.align``).
@@ -106,8 +106,11 @@ def repair_masks(tokenizer, rows: list[dict], completion_ids, lengths: list[int]
     errors, proposed, cands = 0, 0, {}
     for i in (i for i in range(B) if blamed[i]):
         ids, text = ids_all[i], texts[i]
+        given = None  # a trainer's own proposal may be token ids (sibling): used as they are, not re-tokenized
         try:
             fixed = repairer.get(i) if isinstance(repairer, dict) else repairer(rows[i], text)
+            if isinstance(repairer, dict) and isinstance(fixed, list):
+                given, fixed = fixed, tokenizer.decode(fixed, skip_special_tokens=True)
             if fixed is not None and not isinstance(fixed, str):
                 raise TypeError(f"returned {type(fixed).__name__}, not str or None")
         except Exception as e:  # the user's code: one row lost, never the run (unless strict)
@@ -120,7 +123,8 @@ def repair_masks(tokenizer, rows: list[dict], completion_ids, lengths: list[int]
         if fixed is None or fixed == text:
             continue
         proposed += 1
-        rep = tokenizer(fixed, add_special_tokens=False)["input_ids"] + ([eos] if ids and ids[-1] == eos else [])
+        rep = given if given is not None else \
+            tokenizer(fixed, add_special_tokens=False)["input_ids"] + ([eos] if ids and ids[-1] == eos else [])
         if max_edit_ratio is None or Levenshtein.distance(ids, rep) <= max_edit_ratio * max(len(ids), 1):
             cands[i] = (fixed, rep)
     ok = set(cands) if verify is None else set(verify(texts, ids_all, cands)) & set(cands)

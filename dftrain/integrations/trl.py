@@ -321,10 +321,11 @@ class DFGRPOTrainer(GRPOTrainer):
         out = {i: p.text for (i, _), p in zip(jobs, props) if p.text is not None}
         return out, sum(p.cost.get("repair_gen_tokens", 0) for p in props)
 
-    def sibling_proposals(self, tok, completion_ids, lengths, advantages) -> dict[int, str]:
-        """``repairer="sibling"``: for each completion with A < 0, the completion of its group with the
-        group's top advantage (above zero) nearest to it in token edit distance. Groups may span
-        processes, so every process gathers the batch's ids and advantages (TRL's gathered order)."""
+    def sibling_proposals(self, tok, completion_ids, lengths, advantages) -> dict[int, list[int]]:
+        """``repairer="sibling"``: for each completion with A < 0, the token ids of the completion of its
+        group with the group's top advantage (above zero) nearest to it in token edit distance (ids, not
+        text: the repair is exactly what the sibling sampled). Groups may span processes, so every
+        process gathers the batch's ids and advantages (TRL's gathered order)."""
         from rapidfuzz.distance import Levenshtein
 
         B = len(lengths)
@@ -340,7 +341,7 @@ class DFGRPOTrainer(GRPOTrainer):
             top = max(x[1] for x in group)
             best = [x[0] for x in group if x[1] > 0 and x[1] >= top - 1e-6]
             if best:
-                out[i] = tok.decode(min(best, key=lambda s: Levenshtein.distance(ids, s)), skip_special_tokens=True)
+                out[i] = list(min(best, key=lambda s: Levenshtein.distance(ids, s)))
         return out
 
     def verify_repairs(self, rows: list[dict], texts: list[str], ids: list[list[int]], cands: dict) -> set[int]:
