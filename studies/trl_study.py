@@ -18,7 +18,7 @@ per-seed accuracy, every-step-right and lucky rates, and the paired DF - GRPO di
 t-intervals. Each run writes ``OUT/runs/ARM/seedS/result.json`` when done; a rerun skips finished
 runs (resumable). One run at a time (2 cores).
 
-    python -m studies.trl_study --out runs/trl_study --seeds 3
+    python -m studies.trl_study --out runs/trl_study --seeds 8    (docs/trl_study/run.sh)
 """
 from __future__ import annotations
 
@@ -40,9 +40,23 @@ def parse(argv=None):
     ap.add_argument("--eval-at", default="96,128", help="steps whose checkpoints are scored and averaged")
     ap.add_argument("--eval-n", type=int, default=1000)
     ap.add_argument("--lr", type=float, default=3e-5)
-    ap.add_argument("--repairer", default="oracle", help="oracle | sibling (DFGRPOTrainer's built-ins)")
+    ap.add_argument("--repairer", default="oracle", choices=("oracle", "sibling", "resample"),
+                    help="DFGRPOTrainer's built-in repairers")
     ap.add_argument("--max-completion-length", type=int, default=96)
-    return ap.parse_args(argv)
+    args = ap.parse_args(argv)
+    from dfgen.errors import UserError
+    from dfgen.policy import check_policy_dir
+
+    try:
+        check_policy_dir(args.start)
+    except UserError as e:
+        ap.error(f"--start {args.start} is not a policy folder ({e})")
+    if min(args.seeds, args.steps, args.eval_n) <= 0:
+        ap.error("--seeds, --steps and --eval-n must be positive")
+    at = [int(x) for x in args.eval_at.split(",") if x.strip().isdigit()]
+    if not at or any(not 0 < s <= args.steps for s in at) or len(at) != len(args.eval_at.split(",")):
+        ap.error(f"--eval-at must list steps in 1..{args.steps}, e.g. 96,128")
+    return args
 
 
 def prompts_dataset(out: Path, seed: int, rounds: int):

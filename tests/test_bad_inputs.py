@@ -361,6 +361,8 @@ ROOT_DIR = Path(__file__).resolve().parent.parent  # studies/ is run as a packag
     ("experiment.py", ["--marked", "first"], "invalid choice"),
     ("root_probe.py", ["--shards", "/nonexistent", "a=b"], "no parquet shards"),
     ("error_profile.py", ["/nonexistent", "--data", "x"], "not a policy folder"),
+    ("trl_study.py", ["--start", "/nonexistent"], "not a policy folder"),
+    ("trl_study.py", ["--eval-at", "200"], "--eval-at must list steps"),
 ])
 def test_study_scripts_refuse_bad_arguments_in_one_line_before_any_work(script, args, match, tmp_path):
     cmd = [sys.executable, "-m", f"studies.{script[:-3]}", *(["--out", str(tmp_path / "o")] if script == "experiment.py" else []),
