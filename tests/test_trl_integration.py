@@ -392,13 +392,16 @@ def _check_against_fit(t, batch, out, cfg, l_trl, g_trl, ref=None):
 
 @pytest.mark.parametrize("loss_type,agg,beta,micro", [("dapo", "token-mean", 0.0, 1),
                                                       ("grpo", "seq-mean-token-mean", 0.0, 1),
+                                                      ("bnpo", "token-mean", 0.0, 1),
+                                                      ("sapo", "seq-mean-token-mean", 0.0, 1),
                                                       ("dapo", "token-mean", 0.05, 1),
                                                       ("dapo", "token-mean", 0.0, 2), ("grpo", "seq-mean-token-mean", 0.0, 2)])
 def test_the_default_variant_equals_dftrain_fit_term_by_term(sft_model, dataset, tmp_path, loss_type, agg, beta,
                                                              micro):
     """DFConfig() (fit's defaults: root-cause weights, repaired samples, all-fail blame) on a batch TRL
     generated equals ``dftrain fit`` (``build_rows`` -> ``Batch`` -> ``micro_loss``) term by term, for
-    TRL's dapo (token-mean) and grpo (seq-mean-token-mean), with the KL term, and under gradient
+    TRL's dapo and bnpo (token-mean), grpo (seq-mean-token-mean) and sapo (fit's sapo surrogate), with
+    the KL term, and under gradient
     accumulation (micro = 2: the batch split by TRL's own ``split_tensor_dict`` into the two
     micro-batches of one step, their gradients summed). num_iterations=2 makes TRL keep behaviour
     log-probs, as the shards do."""
@@ -420,7 +423,8 @@ def test_the_default_variant_equals_dftrain_fit_term_by_term(sft_model, dataset,
         part = unsplit_pixel_values_by_grid(part)
         loss, grad = _loss_and_grad(t, part)
         l_trl, g_trl = l_trl + loss, g_trl + grad
-    cfg = TrainSettings(objective="df-grpo", agg=agg, adv_scale="none", beta=beta)  # fit's DF defaults
+    cfg = TrainSettings(objective="df-grpo", agg=agg, adv_scale="none", beta=beta,  # fit's DF defaults
+                        policy_loss="sapo" if loss_type == "sapo" else "ppo")
     _check_against_fit(t, batch, out, cfg, l_trl, g_trl, load_policy(sft_model)[0] if beta else None)
 
 
