@@ -6,7 +6,7 @@ set -e
 cd "$(dirname "$0")/../.."  # the repository root
 .venv/bin/python -m studies.trl_study --out runs/trl_study --seeds 8
 mkdir -p docs/trl_study/runs
-cp runs/trl_study/results.json docs/trl_study/results.json
+cp runs/trl_study/results.json docs/trl_study/results.json; cp runs/trl_study/results_3seeds.json docs/trl_study/ 2>/dev/null || true
 for d in runs/trl_study/runs/*/seed*; do
   mkdir -p docs/trl_study/runs/${d#runs/trl_study/runs/} && cp $d/result.json docs/trl_study/runs/${d#runs/trl_study/runs/}/
 done
