@@ -17,8 +17,11 @@ its advantages:
    ``repairer="oracle"`` uses the dataset's ``solution`` column (the synthetic task's step solution,
    ``dfgen.repairers.oracle``: the smallest correct line edit); ``repairer="sibling"`` takes the
    group's best completion nearest to it in token edit distance (no generation, no solution; mixed
-   groups only; groups that span processes are gathered); any callable ``(row, completion_text) ->
-   repaired text or None`` works too (a model prompted to repair). ``row`` is the dataset row.
+   groups only; groups that span processes are gathered); ``repairer="resample"`` (or
+   ``Resample(...)``) runs ``dfgen``'s first-error search with the trainer's own policy (no solution;
+   the dataset needs ``answer`` columns); any callable ``(row, completion_text) -> repaired text or
+   None`` works too (a model prompted to repair), its signature checked at construction. ``row`` is
+   the dataset row.
 2. **Verify.** A repair counts only if it rewrites at most ``max_edit_ratio`` of the completion's
    tokens (``dfgen repair``'s limit) and, with ``verify_repairs`` (default), TRL's own reward
    functions (with ``reward_weights``) give it its group's top reward, or strictly more than the
@@ -48,8 +51,10 @@ with and without KL), and with ``kappa=1, repaired_weight=0, fail_advantage=0`` 
 
 TRL's metrics gain ``df/repaired_frac`` (counted repairs per blamed completion), ``df/verified_frac``
 (counted per proposed), ``df/mask_density`` (the tokens ``marked`` puts at full weight, per token of
-the repaired completions), ``df/repair_errors``, ``df/all_fail_blamed`` and ``df/repaired_samples``
-(per generation batch of this process).
+the repaired completions), ``df/repair_errors``, ``df/all_fail_blamed``, ``df/repaired_samples`` and
+``df/repair_gen_tokens`` (tokens the repairer generated: ``resample``'s probes; 0 for the others),
+per generation batch of this process. A batch in which no group has a success or a counted repair
+(every advantage 0: DF and GRPO both learn nothing) is reported once, with a warning.
 
 What is refused (one-line ``ValueError``, at construction): bad DF settings; ``fail_advantage`` > 0
 without ``verify_repairs`` (only the reward functions tell an all-fail group from an all-success
@@ -58,7 +63,7 @@ the weights are not per token: ``vespo`` and ``luspo`` turn the advantage into a
 ``importance_sampling_level="sequence"`` differentiates the sequence ratio, which spreads each
 token's weight over the whole sequence (``dftrain/loss.py``, "gspo"; ``dftrain fit --policy-loss
 gspo`` is GSPO with per-token credit), and liger's fused loss takes one advantage per sequence.
-Not done: a built-in ``model`` or ``resample`` repairer (pass a callable).
+Not built in: a ``model`` repairer (pass a callable that prompts one).
 """
 from __future__ import annotations
 
