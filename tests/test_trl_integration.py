@@ -464,7 +464,7 @@ def test_the_resample_repairer_searches_with_the_trainers_own_policy(sft_model, 
     generated is reported."""
     from dftrain.integrations.trl import Resample
 
-    t = make(sft_model, dataset.remove_columns("solution"), tmp_path, repairer=Resample(n=2, max_probes=2))
+    t = make(sft_model, dataset.remove_columns("solution"), tmp_path, repairer=Resample(n=4, max_probes=3))
     t.model.train()
     torch.manual_seed(1)
     out = t._generate_and_score_completions(_batch(dataset))
