@@ -73,12 +73,14 @@ def repair_masks(tokenizer, rows: list[dict], completion_ids, lengths: list[int]
                  marked: str = DFWeights.marked, strict: bool = False, max_edit_ratio: float | None = None,
                  verify=None) -> Repairs:
     """The counted repairs of the ``blamed`` completions, as ``Repairs``: the masks of each completion
-    and, for the repaired samples, each repair's ids and ``mask_repaired``. ``repairer`` is a callable ``(row, text)`` or a dict of texts proposed per row (a trainer's
-    ``sibling``). A completion is repaired when the repairer returns a text other than its own, the repair
-    (tokenized, EOS appended when the completion ended in one) rewrites at most ``max_edit_ratio`` of
-    the completion's tokens (token Levenshtein / completion length, as ``dfgen repair``), and
-    ``verify`` accepts it (a dict may hold token ids, taken as the repair's ids). ``verify(texts, ids, candidates)`` gets every completion's text and ids and
-    ``{row: (repair text, repair ids)}`` and returns the rows whose repair counts; it is called once
+    and, for the repaired samples, each repair's ids and ``mask_repaired``. ``repairer`` is a callable
+    ``(row, text)`` or a dict of proposals per row from a trainer's own repairer (texts, or token ids
+    taken as the repair's ids: ``sibling``). A completion is repaired when the repairer returns a text
+    other than its own, the repair (tokenized, EOS appended when the completion ended in one) rewrites
+    at most ``max_edit_ratio`` of the completion's tokens (token Levenshtein / completion length, as
+    ``dfgen repair``), and ``verify`` accepts it. ``verify(texts, ids, candidates)`` gets every
+    completion's text and ids and ``{row: (repair text, repair ids)}`` and returns the rows whose
+    repair counts; it is called once
     per batch, candidates or not (a trainer's verifier may gather across processes). Each counted
     repair is aligned token by token (``dfgen.align.align``).
 
