@@ -24,7 +24,12 @@ cuts the rows into micro-batches that carry the same ``norm``. Each micro-batch'
 its exact share of the step's loss, the shares sum to it, and so do their gradients and metrics
 (``dftrain.loss.reduce_metrics``): ``--micro-batch`` changes memory, never the objective.
 (``tests/test_batch.py`` checks this for every aggregation, policy loss, KL on and off, with and
-without repaired rows, at micro-batch sizes 1, 2, 3 and whole.)
+without repaired rows, at micro-batch sizes 1, 2, 3 and whole, rows in step order and packed.)
+
+Packing: ``split(n, by_length=True)`` (``dftrain fit --pack``, the default) orders the step's rows by
+completion length before cutting, so a micro-batch holds rows of like length and little padding.
+Completion lengths of a GRPO step are long-tailed: in step order every micro-batch pads to its
+longest row; packed, only the last one does.
 
 Model inputs (the rendered prompt, image included, with the completion appended) stay opaque
 (STYLE 6): ``model_inputs(processor)`` builds them per micro-batch from ``prompts`` and
@@ -126,6 +131,7 @@ class Batch:
     norm: object  # dftrain.loss.StepNorm of the whole step, shared by its micro-batches
     ref_logprobs: Tensor | None = None  # (B, T) of the frozen reference, filled on first use
     inputs: dict | None = field(default=None, repr=False)  # processor output, filled by model_inputs
+    index: Tensor | None = None  # (B,) a micro-batch's rows' positions in its step (None: the step itself)
 
     @classmethod
     def from_rows(cls, rows: list[TrainRow], cfg) -> "Batch":
@@ -151,23 +157,34 @@ class Batch:
     def __len__(self) -> int:
         return self.token_ids.shape[0]
 
-    def split(self, size: int) -> list["Batch"]:
+    def split(self, size: int, by_length: bool = False) -> list["Batch"]:
         """Micro-batches of ``size`` rows (the last may be shorter), each trimmed to its own longest
-        completion, all carrying this step's ``norm``."""
+        completion, all carrying this step's ``norm`` and their rows' positions in the step (``index``).
+        ``by_length``: rows are first ordered by completion length (stable), so that rows of like
+        length share a micro-batch and little of it is padding; the loss is a sum over rows divided
+        by the step's ``norm``, so the order changes nothing but the float summation order."""
+        lengths = self.completion_mask.sum(-1)  # (B,)
+        order = torch.sort(lengths, stable=True).indices if by_length else torch.arange(len(self))
         out = []
         for k in range(0, len(self), size):
-            sl = slice(k, k + size)
-            T = max(1, int(self.completion_mask[sl].sum(-1).max()))
+            idx = order[k: k + size]
+            T = max(1, int(lengths[idx].max()))
             kw = {f.name: getattr(self, f.name) for f in fields(self)}
             for name, v in kw.items():
                 if name == "inputs":
                     kw[name] = None  # rendered per micro-batch
                 elif isinstance(v, Tensor):
-                    kw[name] = v[sl, :T] if v.dim() == 2 else v[sl]
+                    kw[name] = v[idx, :T] if v.dim() == 2 else v[idx]
                 elif isinstance(v, list):
-                    kw[name] = v[sl]
+                    kw[name] = [v[i] for i in idx.tolist()]
+            kw["index"] = idx if self.index is None else self.index[idx]
             out.append(Batch(**kw))
         return out
+
+    def padding_fraction(self, micro: list["Batch"]) -> float:
+        """Share of the completion cells of ``micro`` (this step's micro-batches) that are padding."""
+        cells = sum(mb.completion_mask.numel() for mb in micro)
+        return 1.0 - float(self.completion_mask.sum()) / max(1, cells)
 
     def to(self, device) -> "Batch":
         """This batch with its tensors on ``device`` (the model's); model inputs are moved when used."""

@@ -144,6 +144,8 @@ def fit(
     updates_per_batch: UpdatesPerBatch = _Fit.updates_per_batch,
     micro_batch: int = typer.Option(_Fit.micro_batch, help="Sequences per forward/backward pass (memory only: "
                                     "the step's loss and gradient are the same at every size)."),
+    pack: bool = typer.Option(_Fit.pack, help="Micro-batches of rows of like completion length (less padding; "
+                              "the same loss and gradient)."),
     lr: Lr = _Fit.lr,
     weight_decay: float = typer.Option(_Fit.weight_decay, help="AdamW weight decay."),
     max_grad_norm: float = typer.Option(_Fit.max_grad_norm, help="Gradient clipping norm."),

@@ -26,7 +26,8 @@ uses the stored behaviour logprobs, so the first update of a batch is exactly on
 checkpoint that sampled is the one being trained; ``--updates-per-batch`` > 1 reuses a batch
 (the clip then matters). A step is one ``dftrain.batch.Batch`` (the shard columns, padded once,
 with the step's denominators); its micro-batches (``--micro-batch`` rows) carry those denominators,
-so their losses and gradients sum to the whole batch's (a memory knob; result unchanged). Their
+so their losses and gradients sum to the whole batch's (a memory knob; result unchanged); ``--pack``
+(default) fills them with rows of like length (``pad_frac`` in the metrics: the padded share). Their
 rendered prompts and images and the reference log-probs are built once for all updates. Optional frozen reference for ``beta * k3`` (loaded only
 when ``--beta > 0``), LoRA (peft; the checkpoint is saved merged), gradient checkpointing, bf16.
 
@@ -62,6 +63,7 @@ class FitConfig(TrainSettings):
     steps: int = 20
     grad_accum: int = 1  # batches of groups accumulated per optimizer step
     micro_batch: int = 64  # sequences per forward/backward (memory knob; result unchanged: dftrain.batch)
+    pack: bool = True  # micro-batches of rows of like length (less padding; the same loss: dftrain.batch)
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     buffer_size: int = 256  # shuffle buffer (groups)
@@ -95,7 +97,7 @@ class FitConfig(TrainSettings):
 
 
 # settings that may change on --resume without changing what is optimised
-RESUME_FREE = ("steps", "resume", "save_every", "micro_batch", "threads", "log_every", "gradient_checkpointing")
+RESUME_FREE = ("steps", "resume", "save_every", "micro_batch", "pack", "threads", "log_every", "gradient_checkpointing")
 
 
 def _check_resume_settings(have: dict, cfg: "FitConfig", out: Path) -> None:
@@ -138,7 +140,8 @@ def train_step(ddp, params, opt, processor, batch, cfg: FitConfig, suppress, tem
 
     from dftrain.loss import reduce_metrics
 
-    micro = [mb.to(params[0].device) for mb in batch.split(cfg.micro_batch)]
+    micro = [mb.to(params[0].device) for mb in batch.split(cfg.micro_batch, by_length=cfg.pack)]
+    pad_frac = batch.padding_fraction(micro)
     metrics: dict = {}
     for _upd in range(cfg.updates_per_batch):
         opt.zero_grad(set_to_none=True)
@@ -154,7 +157,7 @@ def train_step(ddp, params, opt, processor, batch, cfg: FitConfig, suppress, tem
         step_loss = float(upd.pop("loss"))  # the loss of the step's last update, as logged before
         for name, v in upd.items():  # the step's metrics: the mean over its updates
             metrics[name] = metrics.get(name, 0.0) + float(v) / cfg.updates_per_batch
-    return {"loss": step_loss, "grad_norm": grad_norm, "metrics": metrics,
+    return {"loss": step_loss, "grad_norm": grad_norm, "metrics": metrics, "pad_frac": pad_frac,
             "tokens": int(batch.completion_mask.sum()) * cfg.updates_per_batch}  # tokens trained through
 
 
@@ -351,7 +354,7 @@ def _step_record(step: int, batch, res: dict, dt: float) -> dict:
             "adv_abs_mean": float(batch.advantages[roll].abs().mean()),
             "mask_density": float(batch.mask_bad[df].sum()) / max(1.0, df_tokens) if bool(df.any()) else None,
             "repaired_samples": int(batch.is_repaired.sum()), "grad_norm": round(res["grad_norm"], 5),
-            "tok_per_s": round(res["tokens"] / dt, 1), "step_s": round(dt, 4),
+            "tok_per_s": round(res["tokens"] / dt, 1), "step_s": round(dt, 4), "pad_frac": round(res["pad_frac"], 4),
             **{k: round(v, 6) for k, v in res["metrics"].items()}}
 
 

@@ -37,17 +37,14 @@ def _rows(repaired: bool, seed: int = 0) -> list[TrainRow]:
     return rows
 
 
-def _step(batch: Batch, lp: torch.Tensor, cfg, size):
+def _step(batch: Batch, lp: torch.Tensor, cfg, size, packed=False):
     """Loss, gradient w.r.t. the current log-probs, and metrics of one step at micro-batch ``size``."""
     loss, metrics = 0.0, {}
-    micro = batch.split(size or len(batch))
-    k = 0
-    for mb in micro:
-        B, T = mb.completion_mask.shape
-        part, met = LOSSES[cfg.objective](lp[k: k + B, :T], mb, cfg)
+    for mb in batch.split(size or len(batch), by_length=packed):
+        T = mb.completion_mask.shape[1]
+        part, met = LOSSES[cfg.objective](lp[mb.index, :T], mb, cfg)
         loss = loss + part
         reduce_metrics(metrics, met)
-        k += B
     (grad,) = torch.autograd.grad(loss, lp)
     return float(loss.detach()), grad, {name: float(v) for name, v in metrics.items()}
 
@@ -67,8 +64,8 @@ def test_loss_gradient_and_metrics_of_a_step_do_not_depend_on_the_micro_batch_si
         batch.ref_logprobs = (batch.logprobs + torch.randn(batch.logprobs.shape, generator=g) * 0.2) * batch.completion_mask
         whole = _step(batch, lp, cfg, None)
         assert abs(whole[0]) > 1e-4 and whole[1].abs().sum() > 0  # a step that trains something
-        for size in SIZES[:-1]:
-            loss, grad, metrics = _step(batch, lp, cfg, size)
+        for size, packed in itertools.product(SIZES, (False, True)):
+            loss, grad, metrics = _step(batch, lp, cfg, size, packed)
             assert loss == pytest.approx(whole[0], abs=1e-6), (size, rep_in_den)
             assert torch.allclose(grad, whole[1], atol=1e-6, rtol=0), (size, rep_in_den)
             assert metrics.keys() == whole[2].keys()
@@ -106,6 +103,23 @@ def test_split_keeps_shard_names_and_trims_padding():
             assert bool(m.is_repaired[i]) == r.repaired
 
 
+def test_packing_orders_rows_by_length_and_pads_less():
+    cfg = FitConfig(data=".", model=".", out=".")
+    batch = Batch.from_rows(_rows(True), cfg)
+    lengths = batch.completion_mask.sum(-1)
+    packed, plain = batch.split(3, by_length=True), batch.split(3)
+    assert sorted(torch.cat([m.index for m in packed]).tolist()) == list(range(len(batch)))  # every row once
+    cut = [lengths[m.index] for m in packed]
+    assert all(a.max() <= b.min() for a, b in zip(cut, cut[1:]))  # like lengths together
+    for m in packed:  # each row is the step's row it names
+        for i, j in enumerate(m.index.tolist()):
+            n = int(lengths[j])
+            assert m.token_ids[i, :n].tolist() == batch.token_ids[j, :n].tolist()
+            assert m.completion_mask.shape[1] == int(lengths[m.index].max())
+    assert batch.padding_fraction(packed) < batch.padding_fraction(plain)
+    assert batch.padding_fraction([batch]) == pytest.approx(1 - float(lengths.sum()) / batch.completion_mask.numel())
+
+
 def test_a_model_step_has_the_same_loss_and_gradient_at_every_micro_batch_size(sft_model):
     """End to end through the policy: prompts and images rendered per micro-batch, padding trimmed."""
     from dfgen.images import decode_image
@@ -131,16 +145,16 @@ def test_a_model_step_has_the_same_loss_and_gradient_at_every_micro_batch_size(s
         cfg = FitConfig(data=".", model=".", out=".", agg=agg)
         batch = Batch.from_rows(build_rows(groups, cfg), cfg)
         assert bool(batch.is_repaired[-1]) and bool(batch.root_only.any())  # a repaired row ends the step
-        for size in SIZES:
+        for size, packed in itertools.product(SIZES, (False, True)):
             model.zero_grad(set_to_none=True)
             total = 0.0
-            for mb in batch.split(size or len(batch)):
+            for mb in batch.split(size or len(batch), by_length=packed):
                 loss, _ = micro_loss(model, mb, cfg, proc, [], 1.0)
                 loss.backward()
                 total += float(loss.detach())
             grad = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
-            results[agg, size] = (total, grad)
-        whole = results[agg, None]
-        for size in SIZES[:-1]:
-            assert results[agg, size][0] == pytest.approx(whole[0], abs=1e-6)
-            assert torch.allclose(results[agg, size][1], whole[1], atol=1e-6, rtol=1e-5)
+            results[agg, size, packed] = (total, grad)
+        whole = results[agg, None, False]
+        for size, packed in itertools.product(SIZES, (False, True)):
+            assert results[agg, size, packed][0] == pytest.approx(whole[0], abs=1e-6)
+            assert torch.allclose(results[agg, size, packed][1], whole[1], atol=1e-6, rtol=1e-5)
