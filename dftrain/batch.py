@@ -112,6 +112,18 @@ def _pad(seqs: list, T: int, dtype=torch.float32) -> Tensor:
     return t
 
 
+def norm_of(lengths: Tensor, is_repaired: Tensor, cfg):
+    """The denominators (``dftrain.loss.StepNorm``) of a step whose rows have these completion
+    lengths (B,) and repaired flags (B,), under cfg (objective, agg, rep_in_denominator). Under data
+    parallelism the rows are every rank's (``dftrain.parallel``)."""
+    from dftrain.loss import OBJECTIVES, step_norm
+
+    T = max(1, int(lengths.max()))
+    cm = (torch.arange(T).unsqueeze(0) < lengths.unsqueeze(-1)).float()  # (B, T)
+    return step_norm(cm, is_repaired, cfg.agg, rep_in_denominator=cfg.rep_in_denominator,
+                     trains_repaired=OBJECTIVES[cfg.objective].token_weights)
+
+
 @dataclass
 class Batch:
     """A step (``from_rows``) or one micro-batch of it (``split``). Tensors are (B, T) or (B,)."""
@@ -136,8 +148,6 @@ class Batch:
     @classmethod
     def from_rows(cls, rows: list[TrainRow], cfg) -> "Batch":
         """Pad a step's rows once and compute its denominators under cfg (objective, agg, rep_in_denominator)."""
-        from dftrain.loss import OBJECTIVES, step_norm
-
         if not rows:
             raise ValueError("a batch needs at least one row")
         T = max(1, max(len(r.token_ids) for r in rows))
@@ -150,8 +160,7 @@ class Batch:
                 reward=torch.tensor([float(r.reward) for r in rows]), is_repaired=flag("repaired"),
                 df_weighted=flag("df_weighted"), root_only=flag("root_only"), prompts=[r.prompt for r in rows],
                 norm=None)
-        b.norm = step_norm(b.completion_mask, b.is_repaired, cfg.agg, rep_in_denominator=cfg.rep_in_denominator,
-                           trains_repaired=OBJECTIVES[cfg.objective].token_weights)
+        b.norm = norm_of(b.completion_mask.sum(-1).long(), b.is_repaired, cfg)
         return b
 
     def __len__(self) -> int:

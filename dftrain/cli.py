@@ -181,6 +181,10 @@ def fit(
     seed: int = typer.Option(_Fit.seed, help="Data order and RNG seed."),
     log_every: int = typer.Option(_Fit.log_every, help="Print every N steps (metrics.jsonl has every step)."),
     threads: int = typer.Option(_Fit.threads, help="torch CPU threads (0 = torch's default)."),
+    fsdp: bool = typer.Option(_Fit.fsdp, help="Under torchrun: shard weights, gradients and AdamW state over the "
+                              "processes (FSDP2, per decoder layer) instead of DDP replicas (dftrain/parallel.py)."),
+    fsdp_mixed_precision: str = typer.Option(_Fit.fsdp_mixed_precision, help="--fsdp: none, or bfloat16 "
+                                             "(parameters gathered in bf16 for compute, gradients reduced in fp32)."),
 ):
     """Train the policy on DF shards with the masked GRPO objective (or plain GRPO).
 

@@ -77,6 +77,8 @@ class FitConfig(TrainSettings):
     optimizer_from: Path | None = None  # previous fit's OUT (or step folder): continue its AdamW state
     log_every: int = 1
     threads: int = 0
+    fsdp: bool = False  # under torchrun: shard parameters, gradients and AdamW state (FSDP2) instead of DDP replicas
+    fsdp_mixed_precision: str = "none"  # none | bfloat16: --fsdp gathers parameters in bf16 for compute
 
     def validate(self):
         from dftrain.loss import check_surrogate
@@ -90,7 +92,13 @@ class FitConfig(TrainSettings):
             raise UserError(f"--policy-loss {self.policy_loss}: {e}".replace("dual_clip", "--dual-clip")
                             .replace("clip_high", "--clip-high").replace("clip_low", "--clip-low")) from None
         checks = [(self.steps > 0 and self.micro_batch > 0 and self.grad_accum > 0, "sizes must be positive"),
-                  (self.dtype in DTYPES, f"--dtype must be one of {', '.join(DTYPES)}")]
+                  (self.dtype in DTYPES, f"--dtype must be one of {', '.join(DTYPES)}"),
+                  (self.fsdp_mixed_precision in ("none", "bfloat16"), "--fsdp-mixed-precision must be none or bfloat16"),
+                  (self.fsdp or self.fsdp_mixed_precision == "none", "--fsdp-mixed-precision needs --fsdp"),
+                  (not (self.fsdp and self.lora_rank > 0), "--fsdp with --lora-rank is not supported: LoRA's "
+                   "trainable weights are small enough for DDP (drop --fsdp)"),
+                  (not (self.fsdp and self.optimizer_from), "--fsdp with --optimizer-from is not supported: "
+                   "continue a sharded run with --resume")]
         for ok, msg in checks:
             if not ok:
                 raise UserError(msg)
@@ -132,52 +140,68 @@ def micro_loss(model, batch, cfg: FitConfig, processor, suppress, temperature, r
     return LOSSES[cfg.objective](lp, batch, cfg)
 
 
-def train_step(ddp, params, opt, processor, batch, cfg: FitConfig, suppress, temperature, ref_model=None) -> dict:
+@dataclass
+class Trainer:
+    """What every step of a fit uses: the module to call (the model, DDP around it, or FSDP-sharded),
+    its trainable parameters and optimizer, the processor, the settings, the sampling's suppressed ids
+    and temperature, the frozen reference (or None) and the data-parallel layout."""
+
+    module: object
+    params: list
+    opt: object
+    processor: object
+    cfg: FitConfig
+    suppress: list
+    temperature: float
+    ref_model: object
+    par: object  # dftrain.parallel.Parallel
+
+
+def train_step(tr: Trainer, batch) -> dict:
     """One optimizer step (``--updates-per-batch`` updates) over a step's ``Batch``: split into
     micro-batches that carry the step's denominators, so the summed losses and gradients are the
-    whole batch's. Returns the step's loss, grad norm, completion tokens and loss metrics."""
-    import torch
-
+    whole batch's (summed over ranks too: ``dftrain.parallel``). Returns the step's loss, grad norm,
+    completion tokens, padding fraction and loss metrics."""
     from dftrain.loss import reduce_metrics
 
-    micro = [mb.to(params[0].device) for mb in batch.split(cfg.micro_batch, by_length=cfg.pack)]
+    cfg, par = tr.cfg, tr.par
+    micro = [mb.to(tr.params[0].device) for mb in batch.split(cfg.micro_batch, by_length=cfg.pack)]
     pad_frac = batch.padding_fraction(micro)
     metrics: dict = {}
     for _upd in range(cfg.updates_per_batch):
-        opt.zero_grad(set_to_none=True)
+        tr.opt.zero_grad(set_to_none=True)
         upd: dict = {}
-        for mb in micro:
-            loss, met = micro_loss(ddp, mb, cfg, processor, suppress, temperature, ref_model)
-            loss.backward()
+        for k, mb in enumerate(micro):
+            with par.sync(tr.module, last=k == len(micro) - 1):
+                loss, met = micro_loss(tr.module, mb, cfg, tr.processor, tr.suppress, tr.temperature, tr.ref_model)
+                (loss * par.loss_scale).backward()
             reduce_metrics(upd, {"loss": loss, **met})  # stays on the device: one sync per update, below
             if cfg.updates_per_batch == 1:
                 mb.inputs = None  # one update: nothing reuses them, free the memory now
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
-        opt.step()
-        step_loss = float(upd.pop("loss"))  # the loss of the step's last update, as logged before
+        grad_norm = par.clip_grad_norm(tr.params, cfg.max_grad_norm)
+        tr.opt.step()
+        upd = par.reduce_metrics({name: float(v) for name, v in upd.items()})
+        step_loss = upd.pop("loss")  # the loss of the step's last update, as logged before
         for name, v in upd.items():  # the step's metrics: the mean over its updates
-            metrics[name] = metrics.get(name, 0.0) + float(v) / cfg.updates_per_batch
+            metrics[name] = metrics.get(name, 0.0) + v / cfg.updates_per_batch
     return {"loss": step_loss, "grad_norm": grad_norm, "metrics": metrics, "pad_frac": pad_frac,
             "tokens": int(batch.completion_mask.sum()) * cfg.updates_per_batch}  # tokens trained through
 
 
 # ----------------------------------------------------------------------------- checkpoints
-def _save_model(model, processor, path: Path, lora: bool):
+def _save_model(model, processor, folder: Path, lora: bool, state_dict=None) -> None:
+    """The model as a plain HF folder in ``folder`` (LoRA: the adapter, and the merged model);
+    ``state_dict``: its weights when the module holds only a shard of them (FSDP)."""
     import copy
-    import shutil
 
     from dfgen.models import save_model, save_processor
 
-    tmp = path.with_name("." + path.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     m = model.module if hasattr(model, "module") else model
     if lora:
-        m.save_pretrained(tmp / "adapter")
+        m.save_pretrained(folder / "adapter")
         m = copy.deepcopy(m).merge_and_unload()
-    save_model(m, tmp)
-    save_processor(processor, tmp)
-    return tmp
+    save_model(m, folder, state_dict=state_dict)
+    save_processor(processor, folder)
 
 
 def _rng_state():
@@ -186,33 +210,50 @@ def _rng_state():
     return {"python": random.getstate(), "torch": torch.get_rng_state()}
 
 
-def save_checkpoint(model, processor, opt, cfg, step, position, out: Path, final=False):
+def save_checkpoint(tr: Trainer, step: int, position: int, out: Path, final=False):
+    """``OUT/step_NNNNNN/``: the HF model, ``trainer_state.json`` (step, data position, settings) and
+    the optimizer and RNG (``optimizer.pt``; FSDP: ``dcp/`` shards and ``rng.pt``). Every rank calls
+    it; the folder is written under a temporary name and appears by one rename once all have written.
+    ``final``: the model's files are also copied to OUT/ itself."""
     import shutil
 
     import torch
 
     from dfgen.shards import config_json, write_json_atomic
 
-    name = f"step_{step:06d}"
-    tmp = None
+    par, name = tr.par, f"step_{step:06d}"
+    tmp = out / f".{name}.tmp"
+    full = par.full_state_dict(tr.module)  # FSDP: gathered on rank 0 (every rank takes part)
+    if par.main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    par.barrier()
     try:
-        tmp = _save_model(model, processor, out / name, cfg.lora_rank > 0)
-        torch.save({"optimizer": opt.state_dict(), "rng": _rng_state()}, tmp / "optimizer.pt")
-        write_json_atomic(tmp / "trainer_state.json", {"step": step, "data_position": position,
-                                                       "config": config_json(cfg)})
+        if par.mode == "fsdp":
+            par.save_shards(tr.module, tr.opt, tmp / "dcp")
+        if par.main:
+            _save_model(tr.module, tr.processor, tmp, tr.cfg.lora_rank > 0, state_dict=full)
+            if par.mode == "fsdp":
+                torch.save({"rng": _rng_state()}, tmp / "rng.pt")
+            else:
+                torch.save({"optimizer": tr.opt.state_dict(), "rng": _rng_state()}, tmp / "optimizer.pt")
+            write_json_atomic(tmp / "trainer_state.json", {"step": step, "data_position": position,
+                                                           "config": config_json(tr.cfg)})
     except BaseException:
-        if tmp is not None:  # a failed save (disk full, a kill) leaves no half checkpoint folder
+        if par.main:  # a failed save (disk full, a kill) leaves no half checkpoint folder
             shutil.rmtree(tmp, ignore_errors=True)
         raise
-    shutil.rmtree(out / name, ignore_errors=True)
-    os.replace(tmp, out / name)
-    if final:  # the final model also sits at OUT/ itself, a plain HF folder for the next round
-        # config.json last: a reader that takes it for "a model is here" never finds half a folder
-        for f in sorted((out / name).iterdir(), key=lambda f: f.name == "config.json"):
-            if f.is_file() and f.name not in ("optimizer.pt",):
-                part = out / f".{f.name}.tmp"  # each file appears whole or not at all
-                shutil.copy2(f, part)
-                os.replace(part, out / f.name)
+    par.barrier()  # every shard written before the folder appears
+    if par.main:
+        shutil.rmtree(out / name, ignore_errors=True)
+        os.replace(tmp, out / name)
+        if final:  # the final model also sits at OUT/ itself, a plain HF folder for the next round
+            # config.json last: a reader that takes it for "a model is here" never finds half a folder
+            for f in sorted((out / name).iterdir(), key=lambda f: f.name == "config.json"):
+                if f.is_file() and f.name not in ("optimizer.pt", "rng.pt"):
+                    part = out / f".{f.name}.tmp"  # each file appears whole or not at all
+                    shutil.copy2(f, part)
+                    os.replace(part, out / f.name)
 
 
 def _optimizer_state(src: Path, lr: float) -> dict:
@@ -305,23 +346,29 @@ def _load_models(cfg: FitConfig, load_dir: Path, resume_from):
     return model, processor, ref_model
 
 
-def _restore(cfg: FitConfig, opt, resume_from, log) -> tuple[int, int]:
+def _restore(tr: Trainer, resume_from, log) -> tuple[int, int]:
     """Seed the RNGs, then restore optimizer, RNG and data position from ``resume_from`` (a step
-    folder) or only the AdamW state of ``--optimizer-from``. Returns (first step, data position)."""
+    folder; FSDP: model and optimizer shards from its ``dcp/``) or only the AdamW state of
+    ``--optimizer-from``. Returns (first step, data position)."""
     import torch
 
+    cfg = tr.cfg
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     if resume_from is not None:
         state = json.loads((resume_from / "trainer_state.json").read_text())
-        ck = torch.load(resume_from / "optimizer.pt", weights_only=True)
-        opt.load_state_dict(ck["optimizer"])
+        if tr.par.mode == "fsdp":
+            tr.par.load_shards(tr.module, tr.opt, resume_from / "dcp")
+            ck = torch.load(resume_from / "rng.pt", weights_only=True)
+        else:
+            ck = torch.load(resume_from / "optimizer.pt", weights_only=True)
+            tr.opt.load_state_dict(ck["optimizer"])
         random.setstate(ck["rng"]["python"])
         torch.set_rng_state(ck["rng"]["torch"])
         log(f"resumed from {resume_from} (step {state['step']})")
         return state["step"], state["data_position"]
     if cfg.optimizer_from is not None:
-        opt.load_state_dict(_optimizer_state(Path(cfg.optimizer_from), cfg.lr))
+        tr.opt.load_state_dict(_optimizer_state(Path(cfg.optimizer_from), cfg.lr))
     return 0, 0
 
 
@@ -386,10 +433,11 @@ def _ddp_audit(model, seen_ids: list, cfg: FitConfig, n_groups: int, out: Path, 
             if cfg.steps * cfg.groups_per_step * world <= n_groups else None})
 
 
-def _next_batch(stream, cfg: FitConfig, processor, seen_ids: list, check: bool):
+def _next_batch(stream, cfg: FitConfig, processor, seen_ids: list, check: bool, par):
     """The next step's Batch: ``grad_accum`` takes of ``groups_per_step`` groups (advantages per take,
-    as adv_scale batch defines them); the first take of a run checks the shards' prompt rendering."""
-    from dftrain.batch import Batch, build_rows
+    as adv_scale batch defines them), its denominators over every rank's rows (``dftrain.parallel``);
+    the first take of a run checks the shards' prompt rendering."""
+    from dftrain.batch import Batch, build_rows, norm_of
 
     rows = []
     for k in range(cfg.grad_accum):
@@ -398,60 +446,75 @@ def _next_batch(stream, cfg: FitConfig, processor, seen_ids: list, check: bool):
             _check_prompt_render(processor, groups[0])
         seen_ids.extend(g["id"] for g in groups)
         rows.extend(build_rows(groups, cfg))
-    return Batch.from_rows(rows, cfg)
+    batch = Batch.from_rows(rows, cfg)
+    if par.world > 1:
+        batch.norm = norm_of(*par.gather_rows(batch.completion_mask.sum(-1).long(), batch.is_repaired), cfg)
+    return batch
+
+
+def _setup(cfg: FitConfig, par, resume_from):
+    """(Trainer, shards): data checked, models loaded and wrapped for the data-parallel mode, the
+    optimizer built over the (possibly sharded) trainable parameters."""
+    import torch
+
+    from dfgen.policy import suppress_ids
+
+    load_dir = resume_from if resume_from and cfg.lora_rank == 0 else cfg.model
+    shards = _open_data(cfg, load_dir)
+    model, processor, ref_model = _load_models(cfg, load_dir, resume_from)
+    module = par.wrap(model, cfg.fsdp_mixed_precision, model.device)  # FSDP shards in place: before the optimizer
+    if ref_model is not None and par.mode == "fsdp":
+        par.wrap(ref_model, cfg.fsdp_mixed_precision, model.device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    temperature = float(shards.meta.get("sampling", {}).get("temperature", 1.0)) or 1.0
+    return Trainer(module, params, opt, processor, cfg, suppress_ids(processor.tokenizer), temperature,
+                   ref_model, par), shards
 
 
 def run_fit(cfg: FitConfig, log=print) -> dict:
     """Train as configured; returns {"losses": per step, "seconds", "steps": steps run here}."""
     import torch
 
-    from dfgen.policy import suppress_ids
     from dfgen.shards import clear_done, config_json, mark_done, write_json_atomic
     from dftrain.data import GroupStream
+    from dftrain.parallel import Parallel
 
     cfg.validate()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
-    if world > 1 and not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("gloo" if not torch.cuda.is_available() else "nccl")
+    if cfg.fsdp and int(os.environ.get("WORLD_SIZE", "1")) < 2:
+        raise UserError("--fsdp shards over processes: launch with torchrun --nproc-per-node N (N >= 2)")
+    par = Parallel.start(cfg.fsdp)
     out = Path(cfg.out)
     resume_from = _resume_point(cfg, out)
-    load_dir = resume_from if resume_from and cfg.lora_rank == 0 else cfg.model
-    shards = _open_data(cfg, load_dir)
-    model, processor, ref_model = _load_models(cfg, load_dir, resume_from)
-    temperature = float(shards.meta.get("sampling", {}).get("temperature", 1.0)) or 1.0
-    suppress = suppress_ids(processor.tokenizer)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    start, position = _restore(cfg, opt, resume_from, log)
-    ddp = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
-    stream = GroupStream(shards, seed=cfg.seed, buffer_size=cfg.buffer_size, rank=rank, world=world, skip=position,
-                         decode=True)
-    if rank == 0:
+    tr, shards = _setup(cfg, par, resume_from)
+    start, position = _restore(tr, resume_from, log)
+    stream = GroupStream(shards, seed=cfg.seed, buffer_size=cfg.buffer_size, rank=par.rank, world=par.world,
+                         skip=position, decode=True)
+    if par.main:
         out.mkdir(parents=True, exist_ok=True)
         clear_done(out)
         write_json_atomic(out / "fit_config.json", config_json(cfg))
         if cfg.resume:
             _truncate_metrics(out, start)
-    metrics_f = open(out / "metrics.jsonl", "a") if rank == 0 else None
+    metrics_f = open(out / "metrics.jsonl", "a") if par.main else None
     losses, seen_ids, t_start = [], [], time.time()
     for step in range(start, cfg.steps):
         t0 = time.time()
-        batch = _next_batch(stream, cfg, processor, seen_ids, check=step == start)
-        res = train_step(ddp, params, opt, processor, batch, cfg, suppress, temperature, ref_model)
+        batch = _next_batch(stream, cfg, tr.processor, seen_ids, step == start, par)
+        res = train_step(tr, batch)
         rec = _step_record(step + 1, batch, res, time.time() - t0)
         losses.append(res["loss"])
-        if rank == 0:
+        if par.main:
             _log_step(metrics_f, rec, cfg, log)
-            if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps:
-                save_checkpoint(model, processor, opt, cfg, step + 1, stream.position, out)
-    if rank == 0:
-        save_checkpoint(model, processor, opt, cfg, cfg.steps, stream.position, out, final=True)
+        if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps:
+            save_checkpoint(tr, step + 1, stream.position, out)
+    save_checkpoint(tr, cfg.steps, stream.position, out, final=True)
+    if par.main:
         metrics_f.close()
         mark_done(out, {"steps": cfg.steps, "final_loss": losses[-1] if losses else None})
-    if world > 1:
-        _ddp_audit(model, seen_ids, cfg, shards.num_rows(), out, rank, world)
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+    if par.mode == "ddp":
+        _ddp_audit(tr.module.module, seen_ids, cfg, shards.num_rows(), out, par.rank, par.world)
+    par.stop()
     return {"losses": losses, "seconds": round(time.time() - t_start, 2), "steps": cfg.steps - start}

@@ -77,3 +77,18 @@ def misread_pair(tok, problem):
     bad = good.replace(f"= {v}\n", f"= {(v + 1) % 10}\n", 1)
     ids_good, ids_bad = (tok(t, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for t in (good, bad))
     return ids_good, ids_bad, align(ids_bad, ids_good)
+
+
+@pytest.fixture(scope="session")
+def df_shards(tmp_path_factory, sft_model, train_prompts):
+    """Sample -> repair -> mask shards of 16 groups x 4 rollouts (dftrain fit's input)."""
+    from dfgen.mask import MaskConfig, run_mask
+    from dfgen.repair import RepairConfig, run_repair
+    from dfgen.sample import SampleConfig, run_sample
+
+    d = tmp_path_factory.mktemp("fit")
+    run_sample(SampleConfig(prompts=train_prompts, model=sft_model, out=d / "s", group_size=4, limit=16,
+                            chunk_size=4, seed=5))
+    run_repair(RepairConfig(rollouts=d / "s", out=d / "r"))
+    run_mask(MaskConfig(repairs=d / "r", out=d / "m"))
+    return d

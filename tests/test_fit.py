@@ -13,20 +13,6 @@ from dfgen.errors import UserError
 from tests.conftest import misread_pair, run_cli
 
 
-@pytest.fixture(scope="module")
-def df_shards(tmp_path_factory, sft_model, train_prompts):
-    from dfgen.mask import MaskConfig, run_mask
-    from dfgen.repair import RepairConfig, run_repair
-    from dfgen.sample import SampleConfig, run_sample
-
-    d = tmp_path_factory.mktemp("fit")
-    run_sample(SampleConfig(prompts=train_prompts, model=sft_model, out=d / "s", group_size=4, limit=16,
-                            chunk_size=4, seed=5))
-    run_repair(RepairConfig(rollouts=d / "s", out=d / "r"))
-    run_mask(MaskConfig(repairs=d / "r", out=d / "m"))
-    return d
-
-
 def _losses(out):
     return [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
 

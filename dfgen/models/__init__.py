@@ -205,14 +205,15 @@ def processor_family(processor) -> Family:
     raise UserError(f"no supported model family uses the processor {name} (supported model_type: {supported()})")
 
 
-def save_model(model, d: Path) -> None:
+def save_model(model, d: Path, state_dict: dict | None = None) -> None:
     """``model.save_pretrained(d)`` in safetensors, with the family's ``save_renames`` applied to
-    the weight names of every shard and of the shard index."""
+    the weight names of every shard and of the shard index; ``state_dict``: the weights to write
+    when the module holds only a shard of them (FSDP gathers them first)."""
     from safetensors import safe_open
     from safetensors.torch import save_file
 
     d = Path(d)
-    model.save_pretrained(d, safe_serialization=True)
+    model.save_pretrained(d, safe_serialization=True, **({"state_dict": state_dict} if state_dict is not None else {}))
     renames = [(re.compile(p), r) for p, r in family_of(model).save_renames]
     if not renames:
         return
