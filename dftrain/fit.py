@@ -34,7 +34,8 @@ when ``--beta > 0``), LoRA (peft; the checkpoint is saved merged), gradient chec
 Checkpoints: ``OUT/step_000020/`` (HF folder + ``trainer_state.json`` + ``optimizer.pt``), and
 the final model in ``OUT/`` itself; ``--resume`` continues from the latest step folder with the
 same data order, optimizer and RNG. Under ``torchrun`` each rank trains on disjoint groups (DDP,
-gloo on CPU) and rank 0 writes. Metrics go to ``OUT/metrics.jsonl``, one line per step.
+or ``--fsdp``: FSDP2 shards; gloo on CPU) and a step is the one a single process takes on the same
+groups (``dftrain.parallel``). Metrics go to ``OUT/metrics.jsonl``, one line per step.
 
 Run: ``dftrain fit --data runs/r0/df --model runs/sft --out runs/r1 --steps 20``
 """
