@@ -13,7 +13,7 @@ $(BIN)/python:
 # project first would let pip pick a multi-GB CUDA build. torchvision is never installed.
 $(STAMP): $(BIN)/python pyproject.toml
 	$(BIN)/pip install -q --disable-pip-version-check "torch==2.13.0"
-	$(BIN)/pip install -q --disable-pip-version-check -e ".[dev,trl,ray]"
+	$(BIN)/pip install -q --disable-pip-version-check -e ".[dev,trl,ray,report]"
 	@if $(BIN)/python -c "import torchvision" 2>/dev/null; then echo "warning: torchvision is installed in $(VENV); it breaks CPU torch imports"; fi
 	touch $(STAMP)
 

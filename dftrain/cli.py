@@ -99,6 +99,9 @@ def sft(
     save_every: int = typer.Option(_SFT.save_every, help="Also keep the policy every N steps in OUT/steps/step_NNNNNN "
                                    "(0 = only the end)."),
     device: str = typer.Option(_SFT.device, help="cpu | cuda | cuda:N | auto."),
+    report_to: str = typer.Option(_SFT.report_to, help="Where metrics go, comma-separated: jsonl (sft_metrics.json, "
+                                  "always), tensorboard (OUT/tb), wandb (OUT/wandb, offline unless WANDB_MODE=online); "
+                                  "pip install 'dfkit[report]'."),
 ):
     """Supervised warm start on the synthetic solutions (loss on the answer only).
 
@@ -117,7 +120,7 @@ def sft(
         raise UserError(f"--schedule-steps {schedule_steps} is shorter than --steps {steps}")
     cfg = SFTConfig(data=data, model=model, out=out, steps=steps, schedule_steps=schedule_steps, batch_size=batch_size, lr=lr,
                     vision_lr_scale=vision_lr_scale, seed=seed, eval_data=eval_data, eval_n=eval_n,
-                    eval_every=eval_every, save_every=save_every, device=device)
+                    eval_every=eval_every, save_every=save_every, device=device, report_to=report_to)
     con = Console(stderr=True)
 
     def show(r):
@@ -181,6 +184,9 @@ def fit(
     seed: int = typer.Option(_Fit.seed, help="Data order and RNG seed."),
     log_every: int = typer.Option(_Fit.log_every, help="Print every N steps (metrics.jsonl has every step)."),
     threads: int = typer.Option(_Fit.threads, help="torch CPU threads (0 = torch's default)."),
+    report_to: str = typer.Option(_Fit.report_to, help="Where step metrics go, comma-separated: jsonl "
+                                  "(OUT/metrics.jsonl, always written), tensorboard (OUT/tb), wandb (OUT/wandb, "
+                                  "offline unless WANDB_MODE=online); pip install 'dfkit[report]'."),
     fsdp: bool = typer.Option(_Fit.fsdp, help="Under torchrun: shard weights, gradients and AdamW state over the "
                               "processes (FSDP2, per decoder layer) instead of DDP replicas (dftrain/parallel.py)."),
     fsdp_mixed_precision: str = typer.Option(_Fit.fsdp_mixed_precision, help="--fsdp: none, or bfloat16 "
@@ -247,6 +253,9 @@ def loop(
     eval: list[Path] = typer.Option([], help="Prompt set(s) to score by greedy accuracy (repeatable)."),
     eval_n: int = typer.Option(_Loop.eval_n, help="Problems scored per eval set."),
     eval_every: int = typer.Option(_Loop.eval_every, help="Evaluate every N rounds (and after the last)."),
+    report_to: str = typer.Option(_Loop.report_to, help="Where metrics go, comma-separated: jsonl (loop.json and "
+                                  "each round's metrics.jsonl, always), tensorboard, wandb (OUT/tb, OUT/wandb: rounds; "
+                                  "round_NNN/fit/: its steps); pip install 'dfkit[report]'."),
     seed: int = typer.Option(_Loop.seed, help="Prompt, sampling and data-order seed."),
 ):
     """R rounds of the decoupled pipeline; each round's checkpoint samples the next (resumable).

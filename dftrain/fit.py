@@ -35,7 +35,9 @@ Checkpoints: ``OUT/step_000020/`` (HF folder + ``trainer_state.json`` + ``optimi
 the final model in ``OUT/`` itself; ``--resume`` continues from the latest step folder with the
 same data order, optimizer and RNG. Under ``torchrun`` each rank trains on disjoint groups (DDP,
 or ``--fsdp``: FSDP2 shards; gloo on CPU) and a step is the one a single process takes on the same
-groups (``dftrain.parallel``). Metrics go to ``OUT/metrics.jsonl``, one line per step.
+groups (``dftrain.parallel``). Metrics go to ``OUT/metrics.jsonl``, one line per step (loss, reward,
+grad norm, DF's mask density, repair rate and repairer tokens, padding, the loss's metrics), and to
+TensorBoard or wandb with ``--report-to`` (``dftrain.tracking``).
 
 Run: ``dftrain fit --data runs/r0/df --model runs/sft --out runs/r1 --steps 20``
 """
@@ -80,13 +82,17 @@ class FitConfig(TrainSettings):
     threads: int = 0
     fsdp: bool = False  # under torchrun: shard parameters, gradients and AdamW state (FSDP2) instead of DDP replicas
     fsdp_mixed_precision: str = "none"  # none | bfloat16: --fsdp gathers parameters in bf16 for compute
+    report_to: str = "jsonl"  # + tensorboard, wandb (comma-separated; dftrain.tracking): metrics.jsonl is always written
 
     def validate(self):
         from dftrain.loss import check_surrogate
 
+        from dftrain.tracking import parse
+
         msg = self.check_training()
         if msg:
             raise UserError(msg)
+        parse(self.report_to)
         try:
             check_surrogate(self.policy_loss, self.clip_low, self.clip_high, self.dual_clip)
         except ValueError as e:
@@ -106,7 +112,7 @@ class FitConfig(TrainSettings):
 
 
 # settings that may change on --resume without changing what is optimised
-RESUME_FREE = ("steps", "resume", "save_every", "micro_batch", "pack", "threads", "log_every", "gradient_checkpointing")
+RESUME_FREE = ("steps", "resume", "save_every", "micro_batch", "pack", "report_to", "threads", "log_every", "gradient_checkpointing")
 
 
 def _check_resume_settings(have: dict, cfg: "FitConfig", out: Path) -> None:
@@ -393,8 +399,15 @@ def _check_prompt_render(processor, group: dict) -> None:
                         "train the checkpoint family that sampled them")
 
 
-def _step_record(step: int, batch, res: dict, dt: float) -> dict:
-    """The metrics.jsonl line of one step."""
+def _repair_stats(groups: list) -> dict:
+    """Failed rollouts of these groups, those with a verified repair, and the tokens their repairer generated."""
+    failed = [r for g in groups for r in g["rollouts"] if r["reward"] < 1]
+    return {"failed": len(failed), "repaired": sum(r.get("repair_status") == "ok" for r in failed),
+            "repair_gen_tokens": sum(r.get("repair_gen_tokens") or 0 for g in groups for r in g["rollouts"])}
+
+
+def _step_record(step: int, batch, res: dict, dt: float, rep: dict) -> dict:
+    """The metrics.jsonl line of one step (rep: ``_repair_stats`` of its groups)."""
     roll = ~batch.is_repaired  # (B,) sampled rollouts
     df = batch.df_weighted  # (B,) failed with a verified repair
     df_tokens = float(batch.completion_mask[df].sum())
@@ -402,6 +415,8 @@ def _step_record(step: int, batch, res: dict, dt: float) -> dict:
             "adv_abs_mean": float(batch.advantages[roll].abs().mean()),
             "mask_density": float(batch.mask_bad[df].sum()) / max(1.0, df_tokens) if bool(df.any()) else None,
             "repaired_samples": int(batch.is_repaired.sum()), "grad_norm": round(res["grad_norm"], 5),
+            "repair_rate": round(rep["repaired"] / rep["failed"], 4) if rep["failed"] else None,
+            "repair_gen_tokens": rep["repair_gen_tokens"],
             "tok_per_s": round(res["tokens"] / dt, 1), "step_s": round(dt, 4), "pad_frac": round(res["pad_frac"], 4),
             **{k: round(v, 6) for k, v in res["metrics"].items()}}
 
@@ -437,20 +452,21 @@ def _ddp_audit(model, seen_ids: list, cfg: FitConfig, n_groups: int, out: Path, 
 def _next_batch(stream, cfg: FitConfig, processor, seen_ids: list, check: bool, par):
     """The next step's Batch: ``grad_accum`` takes of ``groups_per_step`` groups (advantages per take,
     as adv_scale batch defines them), its denominators over every rank's rows (``dftrain.parallel``);
-    the first take of a run checks the shards' prompt rendering."""
+    the first take of a run checks the shards' prompt rendering. Returns (batch, ``_repair_stats``)."""
     from dftrain.batch import Batch, build_rows, norm_of
 
-    rows = []
+    rows, taken = [], []
     for k in range(cfg.grad_accum):
         groups = stream.take(cfg.groups_per_step)
         if check and k == 0:
             _check_prompt_render(processor, groups[0])
         seen_ids.extend(g["id"] for g in groups)
         rows.extend(build_rows(groups, cfg))
+        taken.extend(groups)
     batch = Batch.from_rows(rows, cfg)
     if par.world > 1:
         batch.norm = norm_of(*par.gather_rows(batch.completion_mask.sum(-1).long(), batch.is_repaired), cfg)
-    return batch
+    return batch, _repair_stats(taken)
 
 
 def _setup(cfg: FitConfig, par, resume_from):
@@ -480,6 +496,7 @@ def run_fit(cfg: FitConfig, log=print) -> dict:
     from dfgen.shards import clear_done, config_json, mark_done, write_json_atomic
     from dftrain.data import GroupStream
     from dftrain.parallel import Parallel
+    from dftrain.tracking import Reporter
 
     cfg.validate()
     if cfg.threads:
@@ -500,20 +517,26 @@ def run_fit(cfg: FitConfig, log=print) -> dict:
         if cfg.resume:
             _truncate_metrics(out, start)
     metrics_f = open(out / "metrics.jsonl", "a") if par.main else None
+    reporter = Reporter(out, cfg.report_to, config_json(cfg), start) if par.main else None
     losses, seen_ids, t_start = [], [], time.time()
-    for step in range(start, cfg.steps):
-        t0 = time.time()
-        batch = _next_batch(stream, cfg, tr.processor, seen_ids, step == start, par)
-        res = train_step(tr, batch)
-        rec = _step_record(step + 1, batch, res, time.time() - t0)
-        losses.append(res["loss"])
+    try:
+        for step in range(start, cfg.steps):
+            t0 = time.time()
+            batch, rep = _next_batch(stream, cfg, tr.processor, seen_ids, step == start, par)
+            res = train_step(tr, batch)
+            rec = _step_record(step + 1, batch, res, time.time() - t0, rep)
+            losses.append(res["loss"])
+            if par.main:
+                _log_step(metrics_f, rec, cfg, log)
+                reporter.log(rec)
+            if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps:
+                save_checkpoint(tr, step + 1, stream.position, out)
+        save_checkpoint(tr, cfg.steps, stream.position, out, final=True)
+    finally:
         if par.main:
-            _log_step(metrics_f, rec, cfg, log)
-        if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps:
-            save_checkpoint(tr, step + 1, stream.position, out)
-    save_checkpoint(tr, cfg.steps, stream.position, out, final=True)
+            metrics_f.close()
+            reporter.close()
     if par.main:
-        metrics_f.close()
         mark_done(out, {"steps": cfg.steps, "final_loss": losses[-1] if losses else None})
     if par.mode == "ddp":
         _ddp_audit(tr.module.module, seen_ids, cfg, shards.num_rows(), out, par.rank, par.world)

@@ -64,6 +64,7 @@ class LoopConfig(TrainSettings):
     eval: list = field(default_factory=list)  # prompt sets scored by greedy accuracy
     eval_n: int = 500
     eval_every: int = 1
+    report_to: str = "jsonl"  # + tensorboard, wandb (dftrain.tracking): rounds to OUT/, each round's fit steps to its fit/
 
     def validate(self):
         if self.rounds <= 0 or self.prompts_per_round <= 0 or self.fit_steps <= 0 or self.group_size < 2:
@@ -73,7 +74,8 @@ class LoopConfig(TrainSettings):
         from dftrain.fit import FitConfig
 
         # the objective's settings are checked by the trainer's own rules before round 0 samples anything
-        FitConfig(data=Path("."), model=Path("."), out=Path("."), **self.train_settings()).validate()
+        FitConfig(data=Path("."), model=Path("."), out=Path("."), report_to=self.report_to,
+                  **self.train_settings()).validate()
         from dataclasses import fields
 
         from dfgen.synth.grid import GridTask
@@ -131,8 +133,9 @@ def _check_resumable(cfg: LoopConfig, state_f: Path, out: Path) -> None:
     loop.json lacks had the value it had before the field existed (``BEFORE_FIELD``)."""
     if not state_f.exists():
         return
-    want = {k: v for k, v in _jsonable(cfg).items() if k != "rounds"}  # more rounds may be added to a finished loop
-    have = {k: v for k, v in (BEFORE_FIELD | json.loads(state_f.read_text())["config"]).items() if k != "rounds"}
+    free = ("rounds", "report_to")  # more rounds may be added to a finished loop; reporting changes no result
+    want = {k: v for k, v in _jsonable(cfg).items() if k not in free}
+    have = {k: v for k, v in (BEFORE_FIELD | json.loads(state_f.read_text())["config"]).items() if k not in free}
     if have != want:
         diff = sorted(k for k in set(have) | set(want) if have.get(k) != want.get(k))
         raise UserError(f"{out} holds a loop with other settings ({', '.join(diff)}); use a new --out")
@@ -179,7 +182,8 @@ def _fit_round(cfg: LoopConfig, rd: Path, data: Path, policy: Path, prev_fit, r:
     if done_info(rd / "fit") is None:
         res = run_fit(FitConfig(data=data, model=policy, out=rd / "fit", steps=cfg.fit_steps,
                                 **(cfg.train_settings() | {"seed": cfg.seed * 1000 + r}),
-                                optimizer_from=prev_fit if cfg.carry_optimizer else None), log=lambda m: None)
+                                optimizer_from=prev_fit if cfg.carry_optimizer else None, report_to=cfg.report_to),
+                      log=lambda m: None)
         rec["fit_loss_mean"] = sum(res["losses"]) / len(res["losses"])
     rec["seconds"]["fit"] = round(time.time() - t2, 2)
 
@@ -207,6 +211,7 @@ def run_loop(cfg: LoopConfig, log=print) -> dict:
     from dfgen.sample import SampleConfig, run_sample, truncation_warning
     from dfgen.shards import write_json_atomic
     from dftrain.loss import OBJECTIVES
+    from dftrain.tracking import Reporter
 
     cfg.validate()
     check_policy_dir(Path(cfg.model))
@@ -218,7 +223,7 @@ def run_loop(cfg: LoopConfig, log=print) -> dict:
     state_f = out / "loop.json"
     _check_resumable(cfg, state_f, out)
     records: list[dict] = []
-    policy, prev_fit = Path(cfg.model), None
+    policy, prev_fit, reporter = Path(cfg.model), None, None
     t_loop = time.time()
     for r in range(cfg.rounds):
         rd = out / f"round_{r:03d}"
@@ -227,6 +232,8 @@ def run_loop(cfg: LoopConfig, log=print) -> dict:
             records.append(json.loads(done_f.read_text()))
             policy = prev_fit = rd / "fit"
             continue
+        if reporter is None:  # resumed at round r: its events and later ones are written again
+            reporter = Reporter(out, cfg.report_to, _jsonable(cfg), start_step=r, prefix="round")
         t0 = time.time()
         rd.mkdir(parents=True, exist_ok=True)
         if not (rd / "prompts").exists():
@@ -246,9 +253,12 @@ def run_loop(cfg: LoopConfig, log=print) -> dict:
             _evaluate_round(cfg, rd, policy, rec)
         write_json_atomic(done_f, rec)
         records.append(rec)
+        reporter.log({k: v for k, v in rec.items() if k != "round"}, step=r + 1)
         acc = " ".join(f"{k} {v:.3f}" for k, v in rec["accuracy"].items())
         log(f"round {r + 1}/{cfg.rounds}: sample reward {rec['sample_reward'] or 0:.3f}"
             + (f" | greedy {acc}" if acc else "") + f" | {time.time() - t0:.0f}s")
         write_json_atomic(state_f, {"config": _jsonable(cfg), "rounds": records})
     write_json_atomic(state_f, {"config": _jsonable(cfg), "rounds": records})
+    if reporter is not None:
+        reporter.close()
     return {"rounds": records, "final_model": str(policy), "seconds": round(time.time() - t_loop, 1)}

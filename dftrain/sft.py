@@ -50,6 +50,7 @@ class SFTConfig:
     log_every: int = 50
     threads: int = 0  # torch threads; 0 = torch default
     device: str = "cpu"  # cpu | cuda | cuda:N | auto (cuda when available)
+    report_to: str = "jsonl"  # + tensorboard, wandb (dftrain.tracking): logged steps and held-out scores, in OUT/tb, OUT/wandb
 
 
 def target_text(rec: dict) -> str:
@@ -185,6 +186,10 @@ def run_sft(cfg: SFTConfig, progress=None) -> dict:
     from dfgen.policy import load_policy, resolve_device
     from dfgen.records import load_prompts
 
+    from dfgen.shards import config_json
+    from dftrain.tracking import Reporter, parse
+
+    parse(cfg.report_to)  # refused before any work
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
@@ -199,6 +204,9 @@ def run_sft(cfg: SFTConfig, progress=None) -> dict:
     out = Path(cfg.out)
     staging = out.with_name(out.name + ".steps")  # intermediate folders, moved into OUT/steps at the end
     shutil.rmtree(staging, ignore_errors=True)
+    report_dir = out.with_name(out.name + ".report")  # moved into OUT at the end, as the step folders
+    shutil.rmtree(report_dir, ignore_errors=True)
+    reporter = Reporter(report_dir, cfg.report_to, config_json(cfg), name=out.name)
     order: list[int] = []
     log, curve, t0 = [], [], time.time()
     for step in range(cfg.steps):
@@ -210,11 +218,13 @@ def run_sft(cfg: SFTConfig, progress=None) -> dict:
             rec = {"step": step + 1, "loss": round(loss.item(), 4), "lr": _lr_at(step, cfg),
                    "elapsed_s": round(time.time() - t0, 2)}
             log.append(rec)
+            reporter.log(rec)
             if progress:
                 progress(rec)
         if cfg.eval_data and cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps:
             t_eval = time.time()
             curve.append({"step": step + 1, **_heldout(model, processor, cfg)})
+            reporter.log({"heldout": curve[-1]}, step=step + 1)
             model.train()
             t0 += time.time() - t_eval  # train_seconds counts training only
             if progress:
@@ -227,7 +237,7 @@ def run_sft(cfg: SFTConfig, progress=None) -> dict:
                   {"step": step + 1, "loss": log[-1]["loss"], **({"heldout": at} if at else {})})
             model.train()
             t0 += time.time() - t_save
-    return _finish(model, processor, cfg, time.time() - t0, log, curve, staging)
+    return _finish(model, processor, cfg, time.time() - t0, log, curve, staging, (reporter, report_dir))
 
 
 def _sft_step(model, processor, opt, rows: list[dict], lr: float):
@@ -244,8 +254,10 @@ def _sft_step(model, processor, opt, rows: list[dict], lr: float):
     return loss
 
 
-def _finish(model, processor, cfg: SFTConfig, train_s: float, log: list, curve: list, staging: Path) -> dict:
-    """The final held-out score and save: OUT appears whole (weights, steps/, done marker) or not at all."""
+def _finish(model, processor, cfg: SFTConfig, train_s: float, log: list, curve: list, staging: Path,
+            report: tuple) -> dict:
+    """The final held-out score and save: OUT appears whole (weights, steps/, reports, done marker) or
+    not at all. report: (the Reporter, the folder it writes)."""
     from dfgen.shards import mark_done
 
     out = Path(cfg.out)
@@ -257,10 +269,16 @@ def _finish(model, processor, cfg: SFTConfig, train_s: float, log: list, curve: 
         result["heldout_accuracy"] = curve[-1]["accuracy"]
         result["heldout"] = curve[-1]
         result["curve"] = curve
+        report[0].log({"heldout": curve[-1]}, step=cfg.steps)
+    report[0].close()
     tmp = out.with_name(out.name + ".tmp")
     _save(model, processor, tmp, cfg, result)
     if staging.exists():
         staging.rename(tmp / "steps")
+    if report[1].exists():
+        for f in report[1].iterdir():
+            f.rename(tmp / f.name)
+        report[1].rmdir()
     mark_done(tmp, {k: v for k, v in result.items() if k not in ("log", "curve")})  # then OUT appears whole
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)

@@ -7,7 +7,7 @@ import pytest
 from conftest import run_cli
 
 LOOP = ["--rounds", 2, "--prompts-per-round", 4, "--group-size", 4, "--fit-steps", 1, "--groups-per-step", 4,
-        "--eval-n", 8, "--lr", 1e-4]
+        "--eval-n", 8, "--lr", 1e-4, "--report-to", "tensorboard"]
 
 
 def test_loop_chains_rounds_resumes_and_refuses_other_settings(tmp_path, sft_model, test_prompts):
@@ -50,6 +50,13 @@ def test_loop_chains_rounds_resumes_and_refuses_other_settings(tmp_path, sft_mod
     run_cli("dftrain", "loop", "--model", sft_model, "--out", out, "--eval", test_prompts, *args)
     assert (out / "round_000" / "round.json").stat().st_mtime_ns == mtime
     assert len(json.loads((out / "loop.json").read_text())["rounds"]) == 3
+    # --report-to tensorboard: one scalar per round (round 2 written after the resume), fits' steps beside
+    from test_tracking import _events
+
+    ev, rounds = _events(out / "tb"), json.loads((out / "loop.json").read_text())["rounds"]
+    assert ev["round/sample_reward"] == [(r["round"] + 1, pytest.approx(r["sample_reward"])) for r in rounds]
+    assert [v for _, v in ev["round/accuracy/test"]] == pytest.approx([r["accuracy"]["test"] for r in rounds])
+    assert all(_events(out / f"round_{r:03d}" / "fit" / "tb")["train/loss"] for r in range(3))
     # other settings in the same folder: a one-line refusal naming the difference
     bad = run_cli("dftrain", "loop", "--model", sft_model, "--out", out, "--eval", test_prompts, *args,
                   "--kappa", 0.5, check=False)
