@@ -207,3 +207,51 @@ def token_logprobs(model, inputs, n_completion: int, suppress: list[int] | None 
     targets = inputs["input_ids"][:, -n_completion:]
     lp = torch.log_softmax(logits, dim=-1)
     return lp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+
+
+def _cache_kwarg(model) -> str:
+    """The forward's name for a key/value cache: ``cache`` in newer transformers, ``past_key_values`` before."""
+    import inspect
+
+    base = getattr(model, "module", model)  # DDP
+    base = base.get_base_model() if hasattr(base, "get_base_model") else base  # peft
+    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+
+
+def shared_prefix_logprobs(model, prompt_inputs_1: dict, completions, suppress: list[int] | None = None,
+                           temperature: float = 1.0):
+    """Logprobs (n, Tc) of ``completions`` (n, Tc) right-padded ids, all continuing ONE prompt, with the
+    prompt run once: ``prompt_inputs_1`` (one row, image included) goes through the model with its
+    key/value cache kept (and its gradient), the cache is expanded to n rows (a view), and the n
+    completions run on top of it. Their positions continue the prompt's: ``P + t``, plus the prompt's
+    M-RoPE offset (``rope_deltas``) where the model has one. The same distribution as
+    ``token_logprobs`` on the concatenated rows (suppression mask and temperature applied).
+    A family is served this way only where its test shows it exact (``Family.shared_prefix``)."""
+    import torch
+
+    n, T = completions.shape
+    P = prompt_inputs_1["input_ids"].shape[1]
+    mrope = [m for m in model.modules() if hasattr(m, "rope_deltas")]
+    for m in mrope:  # set afresh by this prompt's forward (stale from another call otherwise)
+        m.rope_deltas = None
+    po = model(**prompt_inputs_1, use_cache=True, logits_to_keep=1)
+    cache = getattr(po, "cache", None) or po.past_key_values
+    for layer in cache.layers:  # one prompt, n continuations: broadcast, no copy until the cache grows
+        layer.keys, layer.values = layer.keys.expand(n, -1, -1, -1), layer.values.expand(n, -1, -1, -1)
+    kw = {"input_ids": completions}
+    for k, v in prompt_inputs_1.items():  # per-token fields (token types): text tokens are type 0
+        if k not in ("input_ids", "attention_mask") and hasattr(v, "shape") and v.dim() == 2 and v.shape[1] == P:
+            kw[k] = torch.zeros((n, T), dtype=v.dtype, device=v.device)
+    pos = torch.arange(P, P + T, device=completions.device)
+    deltas = next((m.rope_deltas for m in mrope if m.rope_deltas is not None), None)
+    if deltas is not None:  # M-RoPE: text after the prompt sits at its max position + 1 on all three axes
+        kw["position_ids"] = (pos + deltas.reshape(-1)[0]).view(1, 1, T).expand(3, n, T)
+    else:
+        kw["position_ids"] = pos.view(1, T).expand(n, T)
+    co = model(**kw, **{_cache_kwarg(model): cache}, use_cache=True)
+    logits = torch.cat([po.logits[:, -1:].expand(n, 1, -1), co.logits[:, :-1]], 1).float()  # (n, Tc, V)
+    if temperature != 1.0:
+        logits = logits / temperature
+    if suppress:
+        logits[..., suppress] = float("-inf")
+    return torch.log_softmax(logits, dim=-1).gather(-1, completions.unsqueeze(-1)).squeeze(-1)

@@ -144,6 +144,7 @@ class Batch:
     ref_logprobs: Tensor | None = None  # (B, T) of the frozen reference, filled on first use
     inputs: dict | None = field(default=None, repr=False)  # processor output, filled by model_inputs
     index: Tensor | None = None  # (B,) a micro-batch's rows' positions in its step (None: the step itself)
+    groups: list | None = field(default=None, repr=False)  # [(rows, one prompt's inputs)], filled by prompt_groups
 
     @classmethod
     def from_rows(cls, rows: list[TrainRow], cfg) -> "Batch":
@@ -166,21 +167,27 @@ class Batch:
     def __len__(self) -> int:
         return self.token_ids.shape[0]
 
-    def split(self, size: int, by_length: bool = False) -> list["Batch"]:
+    def split(self, size: int, by_length: bool = False, by_group: bool = False) -> list["Batch"]:
         """Micro-batches of ``size`` rows (the last may be shorter), each trimmed to its own longest
         completion, all carrying this step's ``norm`` and their rows' positions in the step (``index``).
         ``by_length``: rows are first ordered by completion length (stable), so that rows of like
         length share a micro-batch and little of it is padding; the loss is a sum over rows divided
-        by the step's ``norm``, so the order changes nothing but the float summation order."""
+        by the step's ``norm``, so the order changes nothing but the float summation order.
+        ``by_group``: the rows of a prompt group stay together (ordered by length within it when
+        ``by_length``), so that a micro-batch runs each of its prompts once (``prompt_groups``)."""
         lengths = self.completion_mask.sum(-1)  # (B,)
         order = torch.sort(lengths, stable=True).indices if by_length else torch.arange(len(self))
+        if by_group:
+            first: dict = {}
+            gid = torch.tensor([first.setdefault(id(self.prompts[i]), len(first)) for i in range(len(self))])
+            order = order[torch.sort(gid[order], stable=True).indices]
         out = []
         for k in range(0, len(self), size):
             idx = order[k: k + size]
             T = max(1, int(lengths[idx].max()))
             kw = {f.name: getattr(self, f.name) for f in fields(self)}
             for name, v in kw.items():
-                if name == "inputs":
+                if name in ("inputs", "groups"):
                     kw[name] = None  # rendered per micro-batch
                 elif isinstance(v, Tensor):
                     kw[name] = v[idx, :T] if v.dim() == 2 else v[idx]
@@ -202,6 +209,19 @@ class Batch:
             if isinstance(v, Tensor):
                 kw[name] = v.to(device)
         return Batch(**kw)
+
+    def prompt_groups(self, processor) -> list:
+        """[(row positions (n,), the inputs of their one prompt, image included)]: the rows grouped by
+        prompt (a group's rollouts and repairs share its prompt object), each prompt rendered once;
+        built once and kept for the step's further updates (the shared-prefix forward)."""
+        if self.groups is None:
+            from dfgen.policy import prompt_inputs
+
+            rows: dict = {}
+            for i, p in enumerate(self.prompts):
+                rows.setdefault(id(p), (p, []))[1].append(i)
+            self.groups = [(torch.tensor(idx), prompt_inputs(processor, [p[0]], [p[1]])) for p, idx in rows.values()]
+        return self.groups
 
     def model_inputs(self, processor) -> dict:
         """The processor's inputs for these rows (prompt and image rendered, completion appended), built

@@ -147,6 +147,9 @@ def fit(
     updates_per_batch: UpdatesPerBatch = _Fit.updates_per_batch,
     micro_batch: int = typer.Option(_Fit.micro_batch, help="Sequences per forward/backward pass (memory only: "
                                     "the step's loss and gradient are the same at every size)."),
+    shared_prefix: bool = typer.Option(_Fit.shared_prefix, help="Run each group's prompt, image included, once and "
+                                       "let its completions continue its key/value cache (the same loss and "
+                                       "gradient as one forward per completion, with less compute)."),
     pack: bool = typer.Option(_Fit.pack, help="Micro-batches of rows of like completion length (less padding; "
                               "the same loss and gradient)."),
     lr: Lr = _Fit.lr,

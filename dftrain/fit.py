@@ -67,6 +67,7 @@ class FitConfig(TrainSettings):
     grad_accum: int = 1  # batches of groups accumulated per optimizer step
     micro_batch: int = 64  # sequences per forward/backward (memory knob; result unchanged: dftrain.batch)
     pack: bool = True  # micro-batches of rows of like length (less padding; the same loss: dftrain.batch)
+    shared_prefix: bool = True  # run each group's prompt (image included) once, not once per completion, where exact
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     buffer_size: int = 256  # shuffle buffer (groups)
@@ -112,7 +113,7 @@ class FitConfig(TrainSettings):
 
 
 # settings that may change on --resume without changing what is optimised
-RESUME_FREE = ("steps", "resume", "save_every", "micro_batch", "pack", "report_to", "threads", "log_every", "gradient_checkpointing")
+RESUME_FREE = ("steps", "resume", "save_every", "micro_batch", "pack", "report_to", "shared_prefix", "threads", "log_every", "gradient_checkpointing")
 
 
 def _check_resume_settings(have: dict, cfg: "FitConfig", out: Path) -> None:
@@ -128,22 +129,40 @@ def _check_resume_settings(have: dict, cfg: "FitConfig", out: Path) -> None:
 
 
 # ----------------------------------------------------------------------------- one step
-def micro_loss(model, batch, cfg: FitConfig, processor, suppress, temperature, ref_model=None):
+def policy_logprobs(model, batch, processor, suppress, temperature, shared_prefix: bool):
+    """Log-probs (B, T) of a micro-batch's completion tokens under ``model`` (padding 0). ``shared_prefix``:
+    each prompt group's prompt, image included, runs once and its completions continue its key/value
+    cache (``dfgen.policy.shared_prefix_logprobs``); else every row runs prompt + completion."""
+    import torch
+
+    from dfgen.policy import shared_prefix_logprobs, token_logprobs
+
+    dev = model.device if hasattr(model, "device") else batch.token_ids.device
+    T = batch.completion_mask.shape[1]
+    pad = batch.completion_mask == 0  # padding is the pad token, a suppressed id: its logprob is -inf under
+    # both models, and exp(-inf - -inf) in the KL would be NaN even behind the mask; zero it (no gradient there)
+    if not shared_prefix:
+        inputs = {k: v.to(dev) if hasattr(v, "to") else v for k, v in batch.model_inputs(processor).items()}
+        return token_logprobs(model, inputs, T, suppress, temperature).masked_fill(pad, 0.0)
+    lp = torch.zeros(batch.completion_mask.shape, device=dev)
+    for rows, prompt in batch.prompt_groups(processor):
+        prompt = {k: v.to(dev) if hasattr(v, "to") else v for k, v in prompt.items()}
+        lp = lp.index_put((rows.to(dev),), shared_prefix_logprobs(model, prompt, batch.token_ids[rows].to(dev),
+                                                                 suppress, temperature))
+    return lp.masked_fill(pad, 0.0)
+
+
+def micro_loss(model, batch, cfg: FitConfig, processor, suppress, temperature, ref_model=None, shared_prefix=False):
     """Loss and metrics of one micro-batch (``dftrain.batch.Batch.split``) under the current weights:
     its share of the step's, since it carries the step's denominators. Returns (loss, metrics)."""
     import torch
 
-    from dfgen.policy import token_logprobs
     from dftrain.loss import LOSSES
 
-    inputs = {k: v.to(model.device) if hasattr(v, "to") else v for k, v in batch.model_inputs(processor).items()}
-    T = batch.completion_mask.shape[1]
-    pad = batch.completion_mask == 0  # padding is the pad token, a suppressed id: its logprob is -inf under
-    # both models, and exp(-inf - -inf) in the KL would be NaN even behind the mask; zero it (no gradient there)
-    lp = token_logprobs(model, inputs, T, suppress, temperature).masked_fill(pad, 0.0)  # (B, T)
+    lp = policy_logprobs(model, batch, processor, suppress, temperature, shared_prefix)  # (B, T)
     if ref_model is not None and cfg.beta > 0 and batch.ref_logprobs is None:
         with torch.no_grad():  # the reference is frozen: once per step, not once per update
-            batch.ref_logprobs = token_logprobs(ref_model, inputs, T, suppress, temperature).masked_fill(pad, 0.0)
+            batch.ref_logprobs = policy_logprobs(ref_model, batch, processor, suppress, temperature, shared_prefix)
     return LOSSES[cfg.objective](lp, batch, cfg)
 
 
@@ -162,6 +181,7 @@ class Trainer:
     temperature: float
     ref_model: object
     par: object  # dftrain.parallel.Parallel
+    shared_prefix: bool = False  # cfg.shared_prefix, where the model's family is served exactly (Family.shared_prefix)
 
 
 def train_step(tr: Trainer, batch) -> dict:
@@ -172,7 +192,8 @@ def train_step(tr: Trainer, batch) -> dict:
     from dftrain.loss import reduce_metrics
 
     cfg, par = tr.cfg, tr.par
-    micro = [mb.to(tr.params[0].device) for mb in batch.split(cfg.micro_batch, by_length=cfg.pack)]
+    micro = [mb.to(tr.params[0].device)
+             for mb in batch.split(cfg.micro_batch, by_length=cfg.pack, by_group=tr.shared_prefix)]
     pad_frac = batch.padding_fraction(micro)
     metrics: dict = {}
     for _upd in range(cfg.updates_per_batch):
@@ -180,11 +201,12 @@ def train_step(tr: Trainer, batch) -> dict:
         upd: dict = {}
         for k, mb in enumerate(micro):
             with par.sync(tr.module, last=k == len(micro) - 1):
-                loss, met = micro_loss(tr.module, mb, cfg, tr.processor, tr.suppress, tr.temperature, tr.ref_model)
+                loss, met = micro_loss(tr.module, mb, cfg, tr.processor, tr.suppress, tr.temperature, tr.ref_model,
+                                       tr.shared_prefix)
                 (loss * par.loss_scale).backward()
             reduce_metrics(upd, {"loss": loss, **met})  # stays on the device: one sync per update, below
             if cfg.updates_per_batch == 1:
-                mb.inputs = None  # one update: nothing reuses them, free the memory now
+                mb.inputs = mb.groups = None  # one update: nothing reuses them, free the memory now
         grad_norm = par.clip_grad_norm(tr.params, cfg.max_grad_norm)
         tr.opt.step()
         upd = par.reduce_metrics({name: float(v) for name, v in upd.items()})
@@ -469,11 +491,13 @@ def _next_batch(stream, cfg: FitConfig, processor, seen_ids: list, check: bool, 
     return batch, _repair_stats(taken)
 
 
-def _setup(cfg: FitConfig, par, resume_from):
+def _setup(cfg: FitConfig, par, resume_from, log):
     """(Trainer, shards): data checked, models loaded and wrapped for the data-parallel mode, the
-    optimizer built over the (possibly sharded) trainable parameters."""
+    optimizer built over the (possibly sharded) trainable parameters, the shared-prefix forward on
+    where the model's family is served by it exactly (else the plain forward, said once)."""
     import torch
 
+    from dfgen.models import family_of
     from dfgen.policy import suppress_ids
 
     load_dir = resume_from if resume_from and cfg.lora_rank == 0 else cfg.model
@@ -485,8 +509,12 @@ def _setup(cfg: FitConfig, par, resume_from):
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     temperature = float(shards.meta.get("sampling", {}).get("temperature", 1.0)) or 1.0
+    shared = cfg.shared_prefix and family_of(model).shared_prefix
+    if cfg.shared_prefix and not shared and par.main:
+        log(f"the {family_of(model).name} family is not served by the shared-prefix forward: "
+            f"every completion runs its own prompt (plain forward)")
     return Trainer(module, params, opt, processor, cfg, suppress_ids(processor.tokenizer), temperature,
-                   ref_model, par), shards
+                   ref_model, par, shared), shards
 
 
 def run_fit(cfg: FitConfig, log=print) -> dict:
@@ -506,7 +534,7 @@ def run_fit(cfg: FitConfig, log=print) -> dict:
     par = Parallel.start(cfg.fsdp)
     out = Path(cfg.out)
     resume_from = _resume_point(cfg, out)
-    tr, shards = _setup(cfg, par, resume_from)
+    tr, shards = _setup(cfg, par, resume_from, log)
     start, position = _restore(tr, resume_from, log)
     stream = GroupStream(shards, seed=cfg.seed, buffer_size=cfg.buffer_size, rank=par.rank, world=par.world,
                          skip=position, decode=True)

@@ -56,6 +56,9 @@ class Family:
     grid_split: bool = False
     fast_decode: bool = False
     save_renames: tuple[tuple[str, str], ...] = ()
+    # the prompt can run once per group with its completions continuing its key/value cache, giving
+    # the plain forward's log-probs and gradients (dfgen.policy.shared_prefix_logprobs; tested per family)
+    shared_prefix: bool = False
 
 
 def _families() -> tuple[Family, ...]:

@@ -16,15 +16,15 @@ SIGLIP_HUB = (r"^vision_tower\.(?!vision_model\.)", "vision_tower.vision_model."
 
 FAMILIES = (
     Family("idefics3", ("idefics3",), "Idefics3Processor", ("model.vision_model", "model.connector"), TEXT_MODEL,
-           "<end_of_utterance>"),
+           "<end_of_utterance>", shared_prefix=True),
     # images nested per prompt; num2words: its processor imports it (for video prompts, unused here)
     Family("smolvlm", ("smolvlm",), "SmolVLMProcessor", ("model.vision_model", "model.connector"), TEXT_MODEL,
-           "<end_of_utterance>", nest_images=True, packages=("num2words",)),
+           "<end_of_utterance>", nest_images=True, packages=("num2words",), shared_prefix=True),
     Family("llava-onevision", ("llava_onevision",), "LlavaOnevisionProcessor",
            ("model.vision_tower", "model.multi_modal_projector", "model.image_newline"), LANGUAGE_MODEL, "<|im_end|>",
-           save_renames=(SIGLIP_HUB,)),
+           save_renames=(SIGLIP_HUB,), shared_prefix=True),
     Family("gemma3", ("gemma3",), "Gemma3Processor", ("model.vision_tower", "model.multi_modal_projector"),
-           LANGUAGE_MODEL, "<end_of_turn>", nest_images=True, save_renames=(SIGLIP_HUB,)),
+           LANGUAGE_MODEL, "<end_of_turn>", nest_images=True, save_renames=(SIGLIP_HUB,), shared_prefix=True),
     Family("internvl", ("internvl",), "InternVLProcessor", ("model.vision_tower", "model.multi_modal_projector"),
-           LANGUAGE_MODEL, "<|im_end|>"),
+           LANGUAGE_MODEL, "<|im_end|>", shared_prefix=True),
 )

@@ -10,11 +10,11 @@ from dfgen.models import Family
 LORA = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj)"
 FAMILIES = (
     Family("qwen2-vl", ("qwen2_vl",), "Qwen2VLProcessor", ("model.visual",), LORA, "<|im_end|>",
-           grid_split=True, fast_decode=True),
+           grid_split=True, fast_decode=True, shared_prefix=True),
     Family("qwen2.5-vl", ("qwen2_5_vl",), "Qwen2_5_VLProcessor", ("model.visual",), LORA, "<|im_end|>",
-           grid_split=True),
+           grid_split=True, shared_prefix=True),
     Family("qwen3-vl", ("qwen3_vl",), "Qwen3VLProcessor", ("model.visual",), LORA, "<|im_end|>",
-           grid_split=True),
+           grid_split=True, shared_prefix=True),
 )
 
 
