@@ -8,8 +8,11 @@ cell) + ~50 text tokens, ``--groups`` groups of G = 8 completions whose lengths 
 (50 + an exponential of mean 60, capped at 300), random token ids, advantages and behaviour
 log-probs. Every arm trains the same rows in micro-batches of ``--micro-batch`` rows:
 
-* ``ours-pack``: ``Batch.split(n, by_length=True)`` (fit's default), each micro-batch trimmed to
-  its own longest completion;
+* ``ours-shared``: fit's defaults: the shared-prefix forward (each group's prompt and image run once
+  per micro-batch, its completions continue its key/value cache) on micro-batches that keep a
+  group's rows together, packed by length within it (``split(n, by_length=True, by_group=True)``);
+* ``ours-pack``: the plain forward (``--no-shared-prefix``) on ``Batch.split(n, by_length=True)``,
+  each micro-batch trimmed to its own longest completion;
 * ``ours-nopack``: ``Batch.split(n)`` in step order (still trimmed per micro-batch);
 * ``trl``: TRL pads every completion to the generation batch's longest and splits it in order
   (its own ``split_pixel_values_by_grid`` / ``split_tensor_dict``), loss ``dapo``
@@ -37,7 +40,7 @@ from pathlib import Path
 from bench._env import machine, versions
 
 G = 8
-ARMS = ("ours-pack", "ours-nopack", "trl")
+ARMS = ("ours-shared", "ours-pack", "ours-nopack", "trl")
 
 
 def make_policy(d: Path) -> Path:
@@ -133,16 +136,17 @@ def run_arm(arm: str, policy: Path, groups: int, micro: int, reps: int, threads:
         cfg = FitConfig(data=".", model=".", out=".", objective="grpo")
         t = time.perf_counter()
         batch = Batch.from_rows(rows, cfg)
-        micro_b = batch.split(micro, by_length=arm == "ours-pack")
+        shared = arm == "ours-shared"
+        micro_b = batch.split(micro, by_length=arm != "ours-nopack", by_group=shared)
         for mb in micro_b:
-            mb.model_inputs(processor)
+            mb.prompt_groups(processor) if shared else mb.model_inputs(processor)
         prep = time.perf_counter() - t
         suppress = suppress_ids(processor.tokenizer)
         cells, tokens = sum(mb.completion_mask.numel() for mb in micro_b), int(batch.completion_mask.sum())
 
         def step():
             for mb in micro_b:
-                micro_loss(model, mb, cfg, processor, suppress, 1.0)[0].backward()
+                micro_loss(model, mb, cfg, processor, suppress, 1.0, shared_prefix=shared)[0].backward()
     times = []
     for rep in range(reps + 1):
         model.zero_grad(set_to_none=True)
@@ -185,7 +189,9 @@ def main():
         res["arms"][arm] = json.loads(out.strip().splitlines()[-1])
         print(json.dumps(res["arms"][arm]), flush=True)
     t = {a: res["arms"][a]["step_s_median"] for a in ARMS}
-    res["ratios"] = {"ours_pack_over_trl": round(t["ours-pack"] / t["trl"], 3),
+    res["ratios"] = {"ours_shared_over_trl": round(t["ours-shared"] / t["trl"], 3),
+                     "shared_over_plain": round(t["ours-shared"] / t["ours-pack"], 3),
+                     "ours_pack_over_trl": round(t["ours-pack"] / t["trl"], 3),
                      "ours_nopack_over_trl": round(t["ours-nopack"] / t["trl"], 3),
                      "pack_over_nopack": round(t["ours-pack"] / t["ours-nopack"], 3)}
     print(json.dumps(res["ratios"], indent=2))

@@ -7,7 +7,7 @@ the TRL anchor's setting in shared/notes. Both sides start from the same weights
 see the same rollouts, advantages and behaviour log-probs:
 
 * ours: ``dftrain.fit.micro_loss`` + ``backward`` on a ``dftrain.batch.Batch`` whose model inputs
-  were built once (prompts and images rendered by the processor; DF's weights are built in the loss),
+  were built once (``ours-df-grpo-shared``: with the shared-prefix forward, fit's default) (prompts and images rendered by the processor; DF's weights are built in the loss),
   for ``--objective grpo`` and ``df-grpo``; fit prepares a batch once and reuses it for every
   update over it, so the preparation is timed separately and also reported amortised over
   ``num_iterations=2`` updates (``*_with_prep``);
@@ -121,12 +121,13 @@ def main():
             t = time.perf_counter()
             preps[obj] = Batch.from_rows(rows[obj], cfgs[obj])
             preps[obj].model_inputs(processor)  # rendered prompts and images, built once per batch
+            preps[obj].prompt_groups(processor)  # the same, once per group (the shared-prefix forward)
             prep_s[obj].append(time.perf_counter() - t)
 
-    def step_ours(obj):
+    def step_ours(obj, shared=False):
         ours.zero_grad(set_to_none=True)
         t = time.perf_counter()
-        loss, _ = micro_loss(ours, preps[obj], cfgs[obj], processor, suppress, 1.0)
+        loss, _ = micro_loss(ours, preps[obj], cfgs[obj], processor, suppress, 1.0, shared_prefix=shared)
         loss.backward()
         return time.perf_counter() - t, float(loss.detach())
 
@@ -137,7 +138,8 @@ def main():
         loss.backward()
         return time.perf_counter() - t, float(loss.detach())
 
-    sides = {"ours-grpo": lambda: step_ours("grpo"), "ours-df-grpo": lambda: step_ours("df-grpo"), "trl": step_trl}
+    sides = {"ours-grpo": lambda: step_ours("grpo"), "ours-df-grpo": lambda: step_ours("df-grpo"),
+             "ours-df-grpo-shared": lambda: step_ours("df-grpo", True), "trl": step_trl}
     times = {k: [] for k in sides}
     losses = {}
     for rep in range(args.reps + 2):
@@ -160,6 +162,7 @@ def main():
            "loss_backward_s_all": {k: [round(x, 4) for x in v] for k, v in times.items()},
            "ours_grpo_over_trl": round(med["ours-grpo"] / med["trl"], 3),
            "ours_df_over_trl": round(med["ours-df-grpo"] / med["trl"], 3),
+           "ours_df_shared_prefix_over_trl": round(med["ours-df-grpo-shared"] / med["trl"], 3),
            "prepare_s_median": {k: round(statistics.median(v), 4) for k, v in prep_s.items()},
            "ours_grpo_with_prep_over_trl": round((med["ours-grpo"] + statistics.median(prep_s["grpo"]) / 2) / med["trl"], 3),
            "ours_df_with_prep_over_trl": round((med["ours-df-grpo"] + statistics.median(prep_s["df-grpo"]) / 2) / med["trl"], 3),

@@ -27,7 +27,9 @@ checkpoint that sampled is the one being trained; ``--updates-per-batch`` > 1 re
 (the clip then matters). A step is one ``dftrain.batch.Batch`` (the shard columns, padded once,
 with the step's denominators); its micro-batches (``--micro-batch`` rows) carry those denominators,
 so their losses and gradients sum to the whole batch's (a memory knob; result unchanged); ``--pack``
-(default) fills them with rows of like length (``pad_frac`` in the metrics: the padded share). Their
+(default) fills them with rows of like length (``pad_frac`` in the metrics: the padded share), and
+``--shared-prefix`` (default) runs each group's prompt, image included, once per micro-batch, its
+completions continuing the prompt's key/value cache (``policy_logprobs``; exact: tests/test_shared_prefix.py). Their
 rendered prompts and images and the reference log-probs are built once for all updates. Optional frozen reference for ``beta * k3`` (loaded only
 when ``--beta > 0``), LoRA (peft; the checkpoint is saved merged), gradient checkpointing, bf16.
 

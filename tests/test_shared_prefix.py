@@ -141,3 +141,23 @@ def test_every_family_gets_the_plain_forwards_log_probs_and_gradient(tmp_path):
         assert torch.allclose(out[0][0], out[1][0], atol=1e-5), fam
         scale = float(out[1][1].abs().max())  # float32 noise grows with the gradient: 1e-5 of its largest entry
         assert float((out[0][1] - out[1][1]).abs().max()) <= 1e-5 * scale, (fam, scale)
+
+
+def test_a_family_not_served_by_it_gets_the_plain_forward_and_is_told_once(df_shards, sft_model, tmp_path, monkeypatch):
+    import dataclasses
+
+    import dfgen.models
+    from dftrain.fit import run_fit
+
+    real = dfgen.models.family_of
+    monkeypatch.setattr(dfgen.models, "family_of", lambda m: dataclasses.replace(real(m), shared_prefix=False))
+    said = []
+    kw = dict(data=df_shards / "m", model=sft_model, steps=2, groups_per_step=2, lr=1e-4)
+    run_fit(FitConfig(out=tmp_path / "fallback", **kw), log=said.append)
+    monkeypatch.undo()
+    run_fit(FitConfig(out=tmp_path / "plain", shared_prefix=False, **kw), log=lambda m: None)
+    told = [m for m in said if "shared-prefix" in m]
+    assert len(told) == 1 and "qwen2-vl family is not served by the shared-prefix forward" in told[0]
+    losses = [[json.loads(ln)["loss"] for ln in (tmp_path / d / "metrics.jsonl").read_text().splitlines()]
+              for d in ("fallback", "plain")]
+    assert losses[0] == losses[1]  # the plain forward, bit for bit
