@@ -6,6 +6,7 @@ every output; heavy imports stay inside command bodies so ``--help`` is instant.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Annotated
 
@@ -207,7 +208,8 @@ def fit(
 
     con = Console(stderr=True)
     res = run_fit(cfg, log=lambda m: con.print(m, highlight=False))
-    typer.echo(f"trained {res['steps']} steps in {res['seconds']:.1f}s; model saved to {out}")
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 speaks for the run
+        typer.echo(f"trained {res['steps']} steps in {res['seconds']:.1f}s; model saved to {out}")
 
 
 @app.command()

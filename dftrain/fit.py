@@ -511,10 +511,14 @@ def _setup(cfg: FitConfig, par, resume_from, log):
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     temperature = float(shards.meta.get("sampling", {}).get("temperature", 1.0)) or 1.0
-    shared = cfg.shared_prefix and family_of(model).shared_prefix
-    if cfg.shared_prefix and not shared and par.main:
-        log(f"the {family_of(model).name} family is not served by the shared-prefix forward: "
-            f"every completion runs its own prompt (plain forward)")
+    why = None if not cfg.shared_prefix else (
+        f"the {family_of(model).name} family is not served by the shared-prefix forward"
+        if not family_of(model).shared_prefix else
+        "--gradient-checkpointing recomputes layers, and with them the prompt's key/value cache, so the "
+        "shared-prefix forward is off" if cfg.gradient_checkpointing else None)
+    if why and par.main:
+        log(f"{why}: every completion runs its own prompt (plain forward)")
+    shared = cfg.shared_prefix and why is None
     return Trainer(module, params, opt, processor, cfg, suppress_ids(processor.tokenizer), temperature,
                    ref_model, par, shared), shards
 

@@ -161,3 +161,6 @@ def test_a_family_not_served_by_it_gets_the_plain_forward_and_is_told_once(df_sh
     losses = [[json.loads(ln)["loss"] for ln in (tmp_path / d / "metrics.jsonl").read_text().splitlines()]
               for d in ("fallback", "plain")]
     assert losses[0] == losses[1]  # the plain forward, bit for bit
+    said.clear()
+    run_fit(FitConfig(out=tmp_path / "ckpt", gradient_checkpointing=True, **kw), log=said.append)
+    assert len([m for m in said if "--gradient-checkpointing recomputes layers" in m]) == 1
