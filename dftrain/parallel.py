@@ -10,7 +10,7 @@ same W x G groups as one process with ``--groups-per-step W*G``, and gives the s
 * **sum, not mean.** DDP and FSDP average gradients over ranks; each rank back-propagates
   ``world x`` its share, so the averaged gradient is the gradient of the summed loss. The logged
   loss and loss metrics are summed over ranks (``ratio_max``: the max), as over micro-batches;
-* gradients are synchronised once per optimizer step, on its last micro-batch.
+* gradients are synchronised once per update, on its last micro-batch.
 
 ``--adv-scale batch`` takes the reward std over each rank's own groups (every other scale is per
 group, hence the same on any number of ranks); the row counts in ``metrics.jsonl`` (reward,
