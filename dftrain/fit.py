@@ -89,7 +89,6 @@ class FitConfig(TrainSettings):
 
     def validate(self):
         from dftrain.loss import check_surrogate
-
         from dftrain.tracking import parse
 
         msg = self.check_training()
@@ -115,7 +114,8 @@ class FitConfig(TrainSettings):
 
 
 # settings that may change on --resume without changing what is optimised
-RESUME_FREE = ("steps", "resume", "save_every", "micro_batch", "pack", "report_to", "shared_prefix", "threads", "log_every", "gradient_checkpointing")
+RESUME_FREE = ("steps", "resume", "save_every", "micro_batch", "pack", "report_to", "shared_prefix", "threads",
+               "log_every", "gradient_checkpointing")
 
 
 def _check_resume_settings(have: dict, cfg: "FitConfig", out: Path) -> None:
