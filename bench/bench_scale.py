@@ -43,8 +43,9 @@ G = 8
 ARMS = ("ours-shared", "ours-pack", "ours-nopack", "trl")
 
 
-def make_policy(d: Path) -> Path:
-    """A random-init ~25M-parameter Qwen2-VL with the tiny tokenizer and a processor for ~300-token images."""
+def make_policy(d: Path, hidden: int = 512, layers: int = 6) -> Path:
+    """A random-init Qwen2-VL (~25M parameters at the defaults) with the tiny tokenizer and a
+    processor for ~300-token images."""
     import torch
 
     from dfgen.models import save_processor
@@ -55,7 +56,7 @@ def make_policy(d: Path) -> Path:
     torch.manual_seed(0)
     tok = build_tokenizer(corpus_texts(seed=0))
     ids = {t: tok.convert_tokens_to_ids(t) for t in SPECIAL}
-    model, proc = tiny_qwen2_vl(tok, ids, hidden=512, layers=6, heads=8, vision_depth=2,
+    model, proc = tiny_qwen2_vl(tok, ids, hidden=hidden, layers=layers, heads=8, vision_depth=2,
                                 min_pixels=56 * 56, max_pixels=320 * 28 * 28, chat_template=CHAT_TEMPLATE)
     model.save_pretrained(d, safe_serialization=True)
     save_processor(proc, d)

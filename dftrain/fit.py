@@ -341,19 +341,16 @@ def _open_data(cfg: FitConfig, load_dir: Path):
     return shards
 
 
-def _load_models(cfg: FitConfig, load_dir: Path, resume_from):
-    """(policy to train, processor, frozen reference or None): vision tower frozen, LoRA and
-    gradient checkpointing applied as configured."""
+def _load_models(cfg: FitConfig, par, load_dir: Path, resume_from):
+    """(policy to train, processor, frozen reference or None) on this rank's device (FSDP: on the
+    meta device but on rank 0, until sharded): vision tower frozen, LoRA and gradient checkpointing
+    applied as configured."""
     import torch
 
     from dfgen.models import lora_targets, vision_parameters
-    from dfgen.policy import load_policy, resolve_device
 
     dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
-    device = resolve_device("auto")  # every command's rule; under DDP each rank takes its local GPU
-    if device == "cuda":
-        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
-    model, processor = load_policy(load_dir, dtype=dtype, device=device)
+    model, processor = par.load_policy(load_dir, dtype=dtype)
     if cfg.freeze_vision:  # RL on a trained tower broke perception (docs/RESULTS.md); no tower is an error
         for q in vision_parameters(model):
             q.requires_grad_(False)
@@ -371,7 +368,7 @@ def _load_models(cfg: FitConfig, load_dir: Path, resume_from):
         model.gradient_checkpointing_enable()
     ref_model = None
     if cfg.beta > 0:
-        ref_model, _ = load_policy(cfg.model, dtype=dtype, device=device)
+        ref_model, _ = par.load_policy(cfg.model, dtype=dtype)
         ref_model.eval().requires_grad_(False)
     model.train()
     return model, processor, ref_model
@@ -504,10 +501,10 @@ def _setup(cfg: FitConfig, par, resume_from, log):
 
     load_dir = resume_from if resume_from and cfg.lora_rank == 0 else cfg.model
     shards = _open_data(cfg, load_dir)
-    model, processor, ref_model = _load_models(cfg, load_dir, resume_from)
-    module = par.wrap(model, cfg.fsdp_mixed_precision, model.device)  # FSDP shards in place: before the optimizer
+    model, processor, ref_model = _load_models(cfg, par, load_dir, resume_from)
+    module = par.wrap(model, cfg.fsdp_mixed_precision)  # FSDP shards in place: before the optimizer
     if ref_model is not None and par.mode == "fsdp":
-        par.wrap(ref_model, cfg.fsdp_mixed_precision, model.device)
+        par.wrap(ref_model, cfg.fsdp_mixed_precision)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     temperature = float(shards.meta.get("sampling", {}).get("temperature", 1.0)) or 1.0

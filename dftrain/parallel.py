@@ -18,7 +18,9 @@ mask density, repaired samples) are rank 0's.
 
 ``--fsdp``: ``torch.distributed.fsdp.fully_shard`` (FSDP2) on each block the model declares
 unsplittable (transformers' ``_no_split_modules``: decoder layers and vision blocks), then on the
-whole model; ``--fsdp-mixed-precision bfloat16`` gathers parameters in bf16 for compute and
+whole model. Rank 0 alone reads the checkpoint: every other rank builds the model on the meta
+device (no memory), and after sharding receives its shard of rank 0's weights (and a copy of its
+buffers) by broadcast, so no rank but 0 ever holds the whole model. ``--fsdp-mixed-precision bfloat16`` gathers parameters in bf16 for compute and
 reduces gradients in fp32 (``MixedPrecisionPolicy``); ``--gradient-checkpointing`` recomputes
 activations. On CPU the process group is gloo. A checkpoint writes the model and AdamW state
 sharded, each rank its own part, through ``torch.distributed.checkpoint`` (``dcp/`` in the step
@@ -52,6 +54,11 @@ class Parallel:
     rank: int = 0
     world: int = 1
 
+    @property
+    def device(self) -> str:
+        """This rank's device: its local GPU (``LOCAL_RANK``) where torch sees one, else the CPU."""
+        return f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
+
     @classmethod
     def start(cls, fsdp: bool) -> "Parallel":
         """Join ``torchrun``'s process group (gloo on CPU, nccl on GPUs); ``none`` when run alone."""
@@ -74,13 +81,58 @@ class Parallel:
             torch.distributed.destroy_process_group()
 
     # ------------------------------------------------------------------ the model
-    def wrap(self, model, mixed_precision: str = "none", device=None):
-        """The module to train: the model itself, DDP around it, or the model sharded in place (FSDP2)."""
+    def load_policy(self, path: Path, dtype=None):
+        """``(model, processor)`` on this rank's device. FSDP: ranks other than 0 build the model on
+        the meta device from the checkpoint's config, without reading its weights (``wrap`` fills
+        their shards)."""
+        from dfgen.policy import load_policy, load_processor
+
+        if self.mode != "fsdp" or self.main:
+            return load_policy(path, dtype=dtype, device=self.device)
+        import transformers
+
+        config = transformers.AutoConfig.from_pretrained(path)
+        with torch.device("meta"):
+            model = transformers.AutoModelForImageTextToText.from_config(config, dtype=dtype or torch.float32)
+        return model, load_processor(path)
+
+    def wrap(self, model, mixed_precision: str = "none"):
+        """The module to train: the model itself, DDP around it, or the model sharded in place (FSDP2;
+        a model built on the meta device receives rank 0's weights and buffers)."""
         if self.mode == "ddp":
             return torch.nn.parallel.DistributedDataParallel(model)
         if self.mode == "fsdp":
-            shard(model, self.world, mixed_precision, device)
+            full = model.state_dict() if self.main else {}  # the whole tensors, kept until broadcast
+            self._match_rank0(model)
+            shard(model, self.world, mixed_precision, self.device)
+            self._fill_from_rank0(model, full)
         return model
+
+    def _match_rank0(self, model) -> None:
+        """Every rank's model has rank 0's tensor names and shapes; a meta tensor takes rank 0's dtype
+        (from_pretrained may keep some modules in float32)."""
+        mine = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+        spec = [[(n, tuple(t.shape), str(t.dtype)) for n, t in mine.items()]]
+        torch.distributed.broadcast_object_list(spec, src=0)
+        for name, shape, dtype in spec[0]:
+            t = mine.pop(name, None)
+            if t is None or tuple(t.shape) != shape:
+                raise UserError(f"--fsdp: rank {self.rank} built a model unlike rank 0's checkpoint (at {name})")
+            if t.is_meta and str(t.dtype) != dtype:
+                t.data = t.data.to(getattr(torch, dtype.removeprefix("torch.")))
+        if mine:
+            raise UserError(f"--fsdp: rank {self.rank} built a model unlike rank 0's checkpoint (at {next(iter(mine))})")
+
+    def _fill_from_rank0(self, model, full: dict) -> None:
+        """Materialise a meta-built model's shards and buffers, then broadcast rank 0's weights into
+        every rank's shard and rank 0's buffers (non-persistent ones included) over the others'."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        if any(t.is_meta for t in [*model.parameters(), *model.buffers()]):
+            model.to_empty(device=self.device)
+        set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+        for b in model.buffers():
+            torch.distributed.broadcast(b, src=0)
 
     def sync(self, module, last: bool):
         """Context of one micro-batch's backward: gradients are reduced across ranks on the last only."""
@@ -157,7 +209,7 @@ class Parallel:
         set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
 
 
-def shard(model, world: int, mixed_precision: str = "none", device=None) -> int:
+def shard(model, world: int, mixed_precision: str = "none", device: str = "cpu") -> int:
     """``fully_shard`` each block class in ``model._no_split_modules``, then the model; returns the
     number of blocks sharded. A model that declares no such block is refused (nothing to shard by)."""
     from torch.distributed.device_mesh import init_device_mesh
@@ -167,8 +219,16 @@ def shard(model, world: int, mixed_precision: str = "none", device=None) -> int:
     targets = [m for m in model.modules() if type(m).__name__ in blocks]
     if not targets:
         raise UserError(f"--fsdp: {type(model).__name__} declares no decoder blocks (_no_split_modules) to shard by")
-    dev = "cuda" if device is not None and str(device).startswith("cuda") else "cpu"
-    mesh = init_device_mesh(dev, (world,))
+    in_block = {id(p) for m in targets for p in m.parameters()}
+    for unit in [*targets, model]:  # FSDP2 needs one dtype for the trainable parameters of a unit
+        train = [(n, p) for n, p in unit.named_parameters()
+                 if p.requires_grad and (unit is not model or id(p) not in in_block)]
+        odd = next(((n, p.dtype) for n, p in train if p.dtype != train[0][1].dtype), None)
+        if odd:
+            raise UserError(f"--fsdp: a shard unit's trainable parameters mix {train[0][1].dtype} and {odd[1]} "
+                            f"({odd[0]}, kept so by the checkpoint): use --dtype float32, with "
+                            "--fsdp-mixed-precision bfloat16 for bf16 compute")
+    mesh = init_device_mesh("cuda" if str(device).startswith("cuda") else "cpu", (world,))
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if mixed_precision == "bfloat16" else None,
                               reduce_dtype=torch.float32)
     for m in targets:

@@ -20,16 +20,17 @@ STEPS = 3
 # denominator needs the step's longest completion over both ranks
 COMMON = ["--steps", STEPS, "--lr", "1e-4", "--micro-batch", 3]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+ROOT = Path(__file__).resolve().parent.parent
 
 
-def _torchrun(args, port, wait=True):
+def _torchrun(args, port, wait=True, module=("dftrain.cli", "fit")):
     torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable))
     assert torchrun is not None, "torchrun ships with torch; it should sit beside this interpreter"
-    cmd = [torchrun, "--nproc_per_node", "2", "--master_port", str(port), "-m", "dftrain.cli", "fit", *map(str, args)]
+    cmd = [torchrun, "--nproc_per_node", "2", "--master_port", str(port), "-m", *module, *map(str, args)]
     if not wait:
         return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV,
-                                start_new_session=True)
-    p = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=600)
+                                start_new_session=True, cwd=ROOT)
+    p = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=600, cwd=ROOT)
     assert p.returncode == 0, p.stderr[-3000:]
     return p
 
@@ -81,6 +82,33 @@ def test_fsdp_checkpoints_are_sharded_and_the_final_folder_is_a_plain_hf_model(r
     sd = _weights(d / "fsdp")
     assert all(torch.equal(p.detach(), sd[k]) for k, p in m.state_dict().items() if k in sd)
     assert not list(d.glob("fsdp/.*tmp"))
+
+
+def test_fsdp_ranks_but_0_never_read_the_checkpoint_yet_hold_its_exact_weights_in_every_family(sft_model, tmp_path):
+    from tests.tiny_families import FAMILIES, build_family
+
+    folders = [sft_model, *(build_family(f, tmp_path / f) for f in FAMILIES)]
+    _torchrun([tmp_path / "meta.json", *folders], 29547, module=("tests.fsdp_meta_worker",))
+    res = json.loads((tmp_path / "meta.json").read_text())
+    assert len(res) == len(folders) + 1  # and the first in bfloat16 with a module kept in float32
+    for name, (rank0, rank1) in res.items():
+        assert rank0["read_before_wrap"] and rank1["meta_before_wrap"], name  # rank 1 built it without weights
+        assert rank0["dtypes_as_loaded"] and rank1["dtypes_as_loaded"], name
+        assert rank0["float32_kept"] == name.endswith("+bf16"), name
+        assert rank0["weights"] == 0 and rank0["buffers"] == rank1["buffers"] == 0, (name, rank0, rank1)
+        assert rank0["logits"] < 1e-5 and rank1["logits"] < 1e-5, (name, rank0, rank1)
+
+
+def test_fsdp_refuses_a_shard_unit_whose_trainable_parameters_mix_dtypes_in_one_line(sft_model):
+    from dfgen.errors import UserError
+    from dfgen.policy import load_policy
+    from dftrain.parallel import shard
+
+    model, _ = load_policy(sft_model, dtype=torch.bfloat16)
+    model.model.visual.merger.float()  # as from_pretrained does for a module a model keeps in float32
+    with pytest.raises(UserError, match=r"mix torch.bfloat16 and torch.float32 \(model.visual.merger.ln_q.weight"):
+        shard(model, world=2)  # refused before any process group is needed (frozen, as fit's default
+        # --freeze-vision leaves it, the same merger shards and trains: the every-family test's "+bf16" case)
 
 
 def test_fsdp_resume_continues_exactly(runs, tmp_path):
