@@ -70,15 +70,16 @@ def _all_fail(g: dict) -> bool:
     return all(x < 1 for x in rewards) and len(set(rewards)) == 1
 
 
-def build_rows(groups: list[dict], cfg) -> list[TrainRow]:
+def build_rows(groups: list[dict], cfg, batch_std: float | None = None) -> list[TrainRow]:
     """Flatten prompt groups (decoded: ``_image``) into training sequences: rollouts, then each
     group's distinct verified repairs when the objective is DF's and ``cfg.repaired_weight > 0``.
-    cfg: the fit settings (objective, adv_scale, DF weights, dedup_repaired)."""
+    cfg: the fit settings (objective, adv_scale, DF weights, dedup_repaired); batch_std: adv_scale
+    batch's reward std over a batch larger than ``groups`` (every data-parallel rank's share)."""
     from dftrain.loss import OBJECTIVES, group_advantages
 
     rewards = torch.tensor([float(r["reward"]) for g in groups for r in g["rollouts"]])
     gidx = torch.tensor([k for k, g in enumerate(groups) for _ in g["rollouts"]])
-    adv = iter(group_advantages(rewards, gidx, scale=cfg.adv_scale).tolist())
+    adv = iter(group_advantages(rewards, gidx, scale=cfg.adv_scale, batch_std=batch_std).tolist())
     use_df = OBJECTIVES[cfg.objective].token_weights
     rows = []
     for g in groups:

@@ -472,8 +472,11 @@ def _ddp_audit(model, seen_ids: list, cfg: FitConfig, n_groups: int, out: Path, 
 
 def _next_batch(stream, cfg: FitConfig, processor, seen_ids: list, check: bool, par):
     """The next step's Batch: ``grad_accum`` takes of ``groups_per_step`` groups (advantages per take,
-    as adv_scale batch defines them), its denominators over every rank's rows (``dftrain.parallel``);
-    the first take of a run checks the shards' prompt rendering. Returns (batch, ``_repair_stats``)."""
+    as adv_scale batch defines them: its std over every rank's take), its denominators over every
+    rank's rows (``dftrain.parallel``); the first take of a run checks the shards' prompt rendering.
+    Returns (batch, ``_repair_stats``)."""
+    import torch
+
     from dftrain.batch import Batch, build_rows, norm_of
 
     rows, taken = [], []
@@ -482,11 +485,16 @@ def _next_batch(stream, cfg: FitConfig, processor, seen_ids: list, check: bool, 
         if check and k == 0:
             _check_prompt_render(processor, groups[0])
         seen_ids.extend(g["id"] for g in groups)
-        rows.extend(build_rows(groups, cfg))
+        std = None
+        if par.world > 1 and cfg.adv_scale == "batch":
+            (every,) = par.gather([float(r["reward"]) for g in groups for r in g["rollouts"]])
+            std = torch.tensor(every).std().item() if len(every) > 1 else 0.0
+        rows.extend(build_rows(groups, cfg, std))
         taken.extend(groups)
     batch = Batch.from_rows(rows, cfg)
     if par.world > 1:
-        batch.norm = norm_of(*par.gather_rows(batch.completion_mask.sum(-1).long(), batch.is_repaired), cfg)
+        lengths, repaired = par.gather(batch.completion_mask.sum(-1).tolist(), batch.is_repaired.tolist())
+        batch.norm = norm_of(torch.tensor(lengths), torch.tensor(repaired), cfg)
     return batch, _repair_stats(taken)
 
 

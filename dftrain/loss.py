@@ -144,8 +144,10 @@ def _check(name: str, value: str, choices: tuple[str, ...]) -> None:
         raise ValueError(f"{name}={value!r}; choose one of {', '.join(choices)}")
 
 
-def group_advantages(rewards: Tensor, group_index: Tensor, scale: str = "group", eps: float = 1e-6) -> Tensor:
-    """Per-rollout advantage, (B,). group_index: any ints, equal for rollouts of one prompt."""
+def group_advantages(rewards: Tensor, group_index: Tensor, scale: str = "group", eps: float = 1e-6,
+                     batch_std: float | None = None) -> Tensor:
+    """Per-rollout advantage, (B,). group_index: any ints, equal for rollouts of one prompt.
+    batch_std: scale "batch"'s std when the batch is larger than ``rewards`` (data-parallel ranks)."""
     _check("scale", scale, ADV_SCALES)
     r = rewards if rewards.is_floating_point() else rewards.float()  # (B,)
     _, inv, counts = torch.unique(group_index, return_inverse=True, return_counts=True)  # (B,), (G,)
@@ -160,7 +162,8 @@ def group_advantages(rewards: Tensor, group_index: Tensor, scale: str = "group",
     if scale == "group":
         adv = centered / (var.sqrt()[inv] + eps)
     elif scale == "batch":
-        adv = centered / (r.std() + eps) if r.numel() > 1 else centered
+        std = batch_std if batch_std is not None else r.std() if r.numel() > 1 else 0.0
+        adv = centered / (std + eps)
     else:
         adv = centered
     return torch.where(constant, torch.zeros_like(adv), adv)  # (B,) exactly 0 without a baseline

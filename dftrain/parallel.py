@@ -12,9 +12,9 @@ same W x G groups as one process with ``--groups-per-step W*G``, and gives the s
   loss and loss metrics are summed over ranks (``ratio_max``: the max), as over micro-batches;
 * gradients are synchronised once per update, on its last micro-batch.
 
-``--adv-scale batch`` takes the reward std over each rank's own groups (every other scale is per
-group, hence the same on any number of ranks); the row counts in ``metrics.jsonl`` (reward,
-mask density, repaired samples) are rank 0's.
+``--adv-scale batch`` takes the reward std over every rank's groups of the take (the other scales
+are per group); the row counts in ``metrics.jsonl`` (reward, mask density, repaired samples) are
+rank 0's.
 
 ``--fsdp``: ``torch.distributed.fsdp.fully_shard`` (FSDP2) on each block the model declares
 unsplittable (transformers' ``_no_split_modules``: decoder layers and vision blocks), then on the
@@ -152,13 +152,14 @@ class Parallel:
         return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # FSDP: a DTensor
 
     # ------------------------------------------------------------------ the step
-    def gather_rows(self, lengths: torch.Tensor, is_repaired: torch.Tensor):
-        """(completion lengths, repaired flags) of the rows of every rank's share of the step."""
+    def gather(self, *lists: list) -> tuple[list, ...]:
+        """Each list concatenated over every rank's, in rank order (a few numbers per row: a step's
+        completion lengths and repaired flags, a take's rewards)."""
         if self.world == 1:
-            return lengths, is_repaired
+            return lists
         parts = [None] * self.world
-        torch.distributed.all_gather_object(parts, (lengths.tolist(), is_repaired.tolist()))
-        return (torch.tensor([n for p in parts for n in p[0]]), torch.tensor([r for p in parts for r in p[1]]))
+        torch.distributed.all_gather_object(parts, lists)
+        return tuple([x for p in parts for x in p[i]] for i in range(len(lists)))
 
     def reduce_metrics(self, values: dict) -> dict:
         """A step's loss and loss metrics (each a rank's share) summed over ranks; ``ratio_max``: the max."""

@@ -71,6 +71,17 @@ def test_two_processes_train_exactly_the_step_one_process_trains_on_the_same_gro
     assert _max_diff(_weights(d / "one"), _weights(d / "one" / f"step_{STEPS:06d}")) == 0
 
 
+def test_batch_scaled_advantages_take_the_reward_std_over_every_ranks_groups(runs):
+    d, data = runs
+    batch = ["--adv-scale", "batch", "--steps", 2, "--lr", "1e-4", "--micro-batch", 3]
+    run_cli("dftrain", "fit", *data, "--out", d / "one-batch", "--groups-per-step", 4, *batch, env=ENV)
+    _torchrun([*data, "--out", d / "ddp-batch", "--groups-per-step", 2, *batch], 29548)
+    one, two = _losses(d / "one-batch"), _losses(d / "ddp-batch")
+    assert one != _losses(d / "one")[:2]  # the scale changed the step (else this tests nothing)
+    assert max(abs(a - b) for a, b in zip(one, two)) < 1e-5, (one, two)
+    assert _max_diff(_weights(d / "one-batch"), _weights(d / "ddp-batch")) < 1e-5
+
+
 def test_fsdp_checkpoints_are_sharded_and_the_final_folder_is_a_plain_hf_model(runs):
     from transformers import AutoModelForImageTextToText
 
