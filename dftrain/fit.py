@@ -427,19 +427,26 @@ def _repair_stats(groups: list) -> dict:
             "repair_gen_tokens": sum(r.get("repair_gen_tokens") or 0 for g in groups for r in g["rollouts"])}
 
 
-def _step_record(step: int, batch, res: dict, dt: float, rep: dict) -> dict:
-    """The metrics.jsonl line of one step (rep: ``_repair_stats`` of its groups)."""
+def _step_record(step: int, batch, res: dict, dt: float, rep: dict, par) -> dict:
+    """The metrics.jsonl line of one step (rep: ``_repair_stats`` of its groups). Its counts are
+    summed over data-parallel ranks, so the line describes the whole step, as one process's would;
+    ``pad_frac`` is the ranks' mean and ``tok_per_s`` the whole job's."""
     roll = ~batch.is_repaired  # (B,) sampled rollouts
     df = batch.df_weighted  # (B,) failed with a verified repair
-    df_tokens = float(batch.completion_mask[df].sum())
-    return {"step": step, "loss": round(res["loss"], 6), "reward": float(batch.reward[roll].mean()),
-            "adv_abs_mean": float(batch.advantages[roll].abs().mean()),
-            "mask_density": float(batch.mask_bad[df].sum()) / max(1.0, df_tokens) if bool(df.any()) else None,
-            "repaired_samples": int(batch.is_repaired.sum()), "grad_norm": round(res["grad_norm"], 5),
-            "repair_rate": round(rep["repaired"] / rep["failed"], 4) if rep["failed"] else None,
-            "repair_gen_tokens": rep["repair_gen_tokens"],
-            "tok_per_s": round(res["tokens"] / dt, 1), "step_s": round(dt, 4), "pad_frac": round(res["pad_frac"], 4),
-            **{k: round(v, 6) for k, v in res["metrics"].items()}}
+    c = par.reduce_metrics({
+        "rollouts": int(roll.sum()), "reward": float(batch.reward[roll].sum()),
+        "adv_abs": float(batch.advantages[roll].abs().sum()), "df_rows": int(df.sum()),
+        "df_marked": float(batch.mask_bad[df].sum()), "df_tokens": float(batch.completion_mask[df].sum()),
+        "repaired_samples": int(batch.is_repaired.sum()), "tokens": res["tokens"], "pad_frac": res["pad_frac"],
+        **rep})
+    return {"step": step, "loss": round(res["loss"], 6), "reward": c["reward"] / c["rollouts"],
+            "adv_abs_mean": c["adv_abs"] / c["rollouts"],
+            "mask_density": c["df_marked"] / max(1.0, c["df_tokens"]) if c["df_rows"] else None,
+            "repaired_samples": int(c["repaired_samples"]), "grad_norm": round(res["grad_norm"], 5),
+            "repair_rate": round(c["repaired"] / c["failed"], 4) if c["failed"] else None,
+            "repair_gen_tokens": int(c["repair_gen_tokens"]),
+            "tok_per_s": round(c["tokens"] / dt, 1), "step_s": round(dt, 4),
+            "pad_frac": round(c["pad_frac"] / par.world, 4), **{k: round(v, 6) for k, v in res["metrics"].items()}}
 
 
 def _log_step(metrics_f, rec: dict, cfg: FitConfig, log) -> None:
@@ -563,7 +570,7 @@ def run_fit(cfg: FitConfig, log=print) -> dict:
             t0 = time.time()
             batch, rep = _next_batch(stream, cfg, tr.processor, seen_ids, step == start, par)
             res = train_step(tr, batch)
-            rec = _step_record(step + 1, batch, res, time.time() - t0, rep)
+            rec = _step_record(step + 1, batch, res, time.time() - t0, rep, par)
             losses.append(res["loss"])
             if par.main:
                 _log_step(metrics_f, rec, cfg, log)

@@ -9,12 +9,12 @@ same W x G groups as one process with ``--groups-per-step W*G``, and gives the s
   rank's loss is its exact share of the whole step's, as a micro-batch's is of a rank's;
 * **sum, not mean.** DDP and FSDP average gradients over ranks; each rank back-propagates
   ``world x`` its share, so the averaged gradient is the gradient of the summed loss. The logged
-  loss and loss metrics are summed over ranks (``ratio_max``: the max), as over micro-batches;
+  loss and loss metrics are summed over ranks (``ratio_max``: the max), as over micro-batches,
+  and so are the counts behind ``metrics.jsonl``'s reward, mask density and repair figures;
 * gradients are synchronised once per update, on its last micro-batch.
 
 ``--adv-scale batch`` takes the reward std over every rank's groups of the take (the other scales
-are per group); the row counts in ``metrics.jsonl`` (reward, mask density, repaired samples) are
-rank 0's.
+are per group).
 
 ``--fsdp``: ``torch.distributed.fsdp.fully_shard`` (FSDP2) on each block the model declares
 unsplittable (transformers' ``_no_split_modules``: decoder layers and vision blocks), then on the
@@ -162,7 +162,8 @@ class Parallel:
         return tuple([x for p in parts for x in p[i]] for i in range(len(lists)))
 
     def reduce_metrics(self, values: dict) -> dict:
-        """A step's loss and loss metrics (each a rank's share) summed over ranks; ``ratio_max``: the max."""
+        """A step's loss and loss metrics (each a rank's share), or its row counts, summed over ranks;
+        ``ratio_max``: the max."""
         if self.world == 1 or not values:
             return values
         from dftrain.loss import METRIC_REDUCE

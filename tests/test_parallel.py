@@ -35,8 +35,12 @@ def _torchrun(args, port, wait=True, module=("dftrain.cli", "fit")):
     return p
 
 
+def _records(out: Path) -> list:
+    return [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
+
+
 def _losses(out: Path) -> list:
-    return [json.loads(ln)["loss"] for ln in (out / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in _records(out)]
 
 
 def _weights(folder: Path) -> dict:
@@ -69,6 +73,10 @@ def test_two_processes_train_exactly_the_step_one_process_trains_on_the_same_gro
     assert max(abs(a - b) for a, b in zip(one, two)) < 1e-5, (one, two)
     assert _max_diff(_weights(d / "one"), _weights(d / mode)) < 1e-5
     assert _max_diff(_weights(d / "one"), _weights(d / "one" / f"step_{STEPS:06d}")) == 0
+    rec1, rec2 = (_records(d / m) for m in ("one", mode))  # the logged step is the whole step's, not rank 0's
+    for key in ("reward", "adv_abs_mean", "mask_density", "repaired_samples", "repair_rate", "repair_gen_tokens"):
+        assert all(a[key] == pytest.approx(b[key], abs=1e-6) for a, b in zip(rec1, rec2)), key
+    assert any(r["mask_density"] for r in rec1) and any(r["repaired_samples"] for r in rec1)
 
 
 def test_batch_scaled_advantages_take_the_reward_std_over_every_ranks_groups(runs):
