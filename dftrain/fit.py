@@ -500,7 +500,8 @@ def _next_batch(stream, cfg: FitConfig, processor, seen_ids: list, check: bool, 
         taken.extend(groups)
     batch = Batch.from_rows(rows, cfg)
     if par.world > 1:
-        lengths, repaired = par.gather(batch.completion_mask.sum(-1).tolist(), batch.is_repaired.tolist())
+        lengths, repaired = par.gather(batch.completion_mask.sum(-1).long().tolist(),
+                                       batch.is_repaired.tolist())
         batch.norm = norm_of(torch.tensor(lengths), torch.tensor(repaired), cfg)
     return batch, _repair_stats(taken)
 

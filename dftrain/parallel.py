@@ -20,14 +20,14 @@ are per group).
 unsplittable (transformers' ``_no_split_modules``: decoder layers and vision blocks), then on the
 whole model. Rank 0 alone reads the checkpoint: every other rank builds the model on the meta
 device (no memory), and after sharding receives its shard of rank 0's weights (and a copy of its
-buffers) by broadcast, so no rank but 0 ever holds the whole model. ``--fsdp-mixed-precision bfloat16`` gathers parameters in bf16 for compute and
-reduces gradients in fp32 (``MixedPrecisionPolicy``); ``--gradient-checkpointing`` recomputes
-activations. On CPU the process group is gloo. A checkpoint writes the model and AdamW state
-sharded, each rank its own part, through ``torch.distributed.checkpoint`` (``dcp/`` in the step
-folder), plus the full model as a plain HF folder (gathered on rank 0) that transformers and vLLM
-load; ``--resume`` reads the shards back (same world size). The step folder appears by one
-rename after every rank has written, so a rank killed mid-step or mid-save leaves the previous
-checkpoint as it was.
+buffers) by broadcast, so no rank but 0 ever holds the whole model. ``--fsdp-mixed-precision
+bfloat16`` gathers parameters in bf16 for compute and reduces gradients in fp32
+(``MixedPrecisionPolicy``); ``--gradient-checkpointing`` recomputes activations. On CPU the
+process group is gloo. A checkpoint writes the model and AdamW state sharded, each rank its own
+part, through ``torch.distributed.checkpoint`` (``dcp/`` in the step folder), plus the full model
+as a plain HF folder (gathered on rank 0) that transformers and vLLM load; ``--resume`` reads the
+shards back (same world size). The step folder appears by one rename after every rank has
+written, so a rank killed mid-step or mid-save leaves the previous checkpoint as it was.
 
 Run (2 nodes x 8 GPUs): ``torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d
 --rdzv-endpoint HOST:29500 -m dftrain.cli fit --fsdp --data DF --model M --out OUT``
@@ -121,7 +121,8 @@ class Parallel:
             if t.is_meta and str(t.dtype) != dtype:
                 t.data = t.data.to(getattr(torch, dtype.removeprefix("torch.")))
         if mine:
-            raise UserError(f"--fsdp: rank {self.rank} built a model unlike rank 0's checkpoint (at {next(iter(mine))})")
+            raise UserError(f"--fsdp: rank {self.rank} built a model unlike rank 0's checkpoint "
+                            f"(at {next(iter(mine))})")
 
     def _fill_from_rank0(self, model, full: dict) -> None:
         """Materialise a meta-built model's shards and buffers, then broadcast rank 0's weights into
