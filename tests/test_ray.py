@@ -79,9 +79,11 @@ def test_a_worker_killed_mid_run_is_retried_and_every_group_is_written_once(clus
     out = tmp_path / "S"
     cmd = [sys.executable, "-m", "dfgen.cli", *map(str, _sample_args(train_prompts, sft_model, out)), "--ray", cluster]
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    holder = out / "_lock.w000.holder"
-    t0 = time.time()
-    while time.time() - t0 < 180 and not (holder.is_file() and list(out.glob("part-w000-*.parquet"))):
+    holder, manifest = out / "_lock.w000.holder", out / "_manifest.w000.json"
+    t0 = time.time()  # kill once worker 0's manifest lists a shard (written atomically): a kill between a
+    # shard's file and its manifest line leaves a shard the retry rewrites, which the count below would miss
+    while time.time() - t0 < 180 and not (holder.is_file() and manifest.is_file()
+                                          and json.loads(manifest.read_text())["shards"]):
         time.sleep(0.05)
     victim = json.loads(holder.read_text())["pid"]
     os.kill(victim, signal.SIGKILL)  # the Ray worker process running worker 0's task
