@@ -410,7 +410,8 @@ def df_token_weights(
     if mass == "redistribute":
         tokens = cm.sum(-1, keepdim=True)  # (B, 1)
         total = (w_fail.abs() * cm).sum(-1, keepdim=True)  # (B, 1)
-        w_fail = w_fail * (tokens / torch.where(total > 0, total, tokens.clamp(min=1)))  # all-zero rows stay 0
+        # divide first: tokens / total overflows to inf for a subnormal total (a tiny delta), and 0 * inf is nan
+        w_fail = w_fail / torch.where(total > 0, total, tokens.clamp(min=1)) * tokens  # all-zero rows stay 0
     w = torch.where(failed.bool().unsqueeze(-1), w_fail, torch.ones_like(w_fail))  # (B, T)
     return w * cm
 
